@@ -1,0 +1,88 @@
+"""Gated full attention: q/k norms, partial M-RoPE, GQA softmax attention, sigmoid output gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import TextConfig
+from qwen35.model.cache import ForwardBatch
+from qwen35.model.norm import RMSNorm
+from qwen35.model.rope import apply_rotary
+
+
+def paged_indices(block_table: list[int], start: int, end: int, block_size: int, device) -> torch.Tensor:
+    """Flat row indices (block * block_size + offset) of token positions [start, end) of one sequence."""
+    pos = torch.arange(start, end, device=device)
+    table = torch.as_tensor(block_table, dtype=torch.long, device=device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    """Causal GQA attention of n new queries at positions [context_len, context_len + n) over L keys.
+
+    q: [n, Hq, D], k/v: [L, Hkv, D] -> [n, Hq, D]
+    """
+    n, L = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = q.shape[1] != k.shape[1]
+    if context_len == 0 and n == L:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        query_pos = context_len + torch.arange(n, device=q.device)
+        allowed = torch.arange(L, device=q.device)[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(H, self.num_heads * D * 2, bias=False)  # per head: [query | gate]
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.scale = D**-0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        N = x.shape[0]
+        D = self.head_dim
+        qg = self.q_proj(x).view(N, self.num_heads, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:].reshape(N, -1)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D))
+        v = self.v_proj(x).view(N, self.num_kv_heads, D)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        cache = batch.cache
+        outs = []
+        for i in range(batch.num_seqs):
+            s, e = batch.starts[i], batch.starts[i + 1]
+            if s == e:
+                continue
+            ctx = batch.context_lens[i]
+            if cache is None:
+                keys, values = k[s:e], v[s:e]
+            else:
+                kc = cache.k[self.layer_idx].view(-1, self.num_kv_heads, D)
+                vc = cache.v[self.layer_idx].view(-1, self.num_kv_heads, D)
+                table = batch.block_tables[i]
+                new_rows = paged_indices(table, ctx, ctx + (e - s), cache.block_size, x.device)
+                kc[new_rows] = k[s:e].to(kc.dtype)
+                vc[new_rows] = v[s:e].to(vc.dtype)
+                if ctx == 0:
+                    keys, values = k[s:e], v[s:e]
+                else:
+                    rows = paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device)
+                    keys, values = kc[rows].to(q.dtype), vc[rows].to(q.dtype)
+            outs.append(attend(q[s:e], keys, values, ctx, self.scale))
+        out = torch.cat(outs).reshape(N, -1)
+        return self.o_proj(out * torch.sigmoid(gate))

@@ -1,0 +1,148 @@
+"""The hybrid cache and the description of one varlen forward.
+
+Storage (one pool per kind, shared by all sequences):
+  * full-attention layers: paged KV, `k[layer]`/`v[layer]` of shape [num_blocks, block_size, Hkv, D];
+  * GDN layers: one state slot per sequence, `conv[layer]` [num_slots, C, K-1] (model dtype: it holds
+    raw inputs) and `recurrent[layer]` [num_slots, Hv, dk, dv] (always fp32).
+
+A sequence owns one state slot and a list of KV blocks (its block table). The forward never trusts the
+contents of a slot for a sequence that starts from position 0: its state is taken as zero, so a slot
+reused after another sequence (or after preemption) can never leak stale state.
+
+`ForwardBatch` describes one forward over many sequences at once (varlen): the new tokens of every
+sequence are concatenated into one flat run of N tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen35.config import TextConfig
+
+
+class CacheFullError(RuntimeError):
+    """No free state slot or KV block is left."""
+
+
+class HybridCache:
+    def __init__(self, cfg: TextConfig, num_slots: int, num_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 extra_attention_layers: int = 0):
+        """`extra_attention_layers`: KV pools beyond the model's own (e.g. one for the MTP layer), indexed
+        after the model's attention layers."""
+        if num_slots <= 0 or num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"HybridCache needs positive num_slots, num_blocks, block_size; got "
+                             f"{num_slots}, {num_blocks}, {block_size}")
+        self.cfg = cfg
+        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        K = cfg.linear_conv_kernel_dim
+        self.conv: dict[int, torch.Tensor] = {}
+        self.recurrent: dict[int, torch.Tensor] = {}
+        for i in cfg.linear_layers:
+            self.conv[i] = torch.zeros(num_slots, cfg.conv_dim, K - 1, dtype=dtype, device=self.device)
+            self.recurrent[i] = torch.zeros(num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                            cfg.linear_value_head_dim, dtype=torch.float32, device=self.device)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        kv_shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        kv_layers = list(cfg.attention_layers) + [cfg.num_hidden_layers + j for j in range(extra_attention_layers)]
+        for i in kv_layers:
+            self.k[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
+            self.v[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))
+
+    # ---------------------------------------------------------------- simple allocation
+    def new_sequence(self) -> SequenceState:
+        if not self.free_slots:
+            raise CacheFullError(f"all {self.num_slots} GDN state slots are in use")
+        return SequenceState(slot=self.free_slots.pop())
+
+    def reserve(self, seq: SequenceState, total_tokens: int) -> None:
+        """Make sure `seq` has KV blocks for `total_tokens` tokens."""
+        need = -(-total_tokens // self.block_size) - len(seq.block_table)
+        if need > len(self.free_blocks):
+            raise CacheFullError(f"need {need} more KV blocks, {len(self.free_blocks)} free")
+        for _ in range(max(need, 0)):
+            seq.block_table.append(self.free_blocks.pop())
+
+    def release(self, seq: SequenceState) -> None:
+        self.free_blocks.extend(reversed(seq.block_table))
+        seq.block_table = []
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+        seq.num_tokens = 0
+
+    @property
+    def bytes(self) -> int:
+        tensors = [*self.conv.values(), *self.recurrent.values(), *self.k.values(), *self.v.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class SequenceState:
+    """What one sequence holds in a `HybridCache`."""
+
+    slot: int | None
+    block_table: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # tokens whose KV / state are in the cache
+
+
+@dataclass
+class ForwardBatch:
+    """One varlen forward: sequence i contributes `query_lens[i]` new tokens after `context_lens[i]`
+    tokens already in the cache. `positions` [3, N] are the M-RoPE (T, H, W) positions of the N new
+    tokens. With `cache=None` every sequence starts from empty state and nothing is stored."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    positions: torch.Tensor
+    cache: HybridCache | None = None
+    slots: list[int] | None = None
+    block_tables: list[list[int]] | None = None
+    starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.query_lens) != len(self.context_lens):
+            raise ValueError("query_lens and context_lens must have one entry per sequence")
+        if self.cache is not None and (self.slots is None or self.block_tables is None):
+            raise ValueError("a ForwardBatch over a cache needs slots and block_tables")
+        if self.cache is None and any(c != 0 for c in self.context_lens):
+            raise ValueError("context_lens must be 0 without a cache")
+        self.starts = [0]
+        for n in self.query_lens:
+            self.starts.append(self.starts[-1] + n)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.starts[-1]
+
+    @classmethod
+    def for_sequences(cls, cache: HybridCache, seqs: list[SequenceState], query_lens: list[int],
+                      positions: torch.Tensor | None = None) -> ForwardBatch:
+        """Reserve KV room and describe a forward of `query_lens[i]` new tokens for each sequence. Text
+        positions continue from each sequence's `num_tokens` unless `positions` is given."""
+        for s, n in zip(seqs, query_lens, strict=True):
+            if s.slot is None:
+                raise ValueError("sequence has been released")
+            cache.reserve(s, s.num_tokens + n)
+        ctx = [s.num_tokens for s in seqs]
+        if positions is None:
+            positions = text_positions(ctx, query_lens, cache.device)
+        return cls(query_lens=list(query_lens), context_lens=ctx, positions=positions, cache=cache,
+                   slots=[s.slot for s in seqs], block_tables=[s.block_table for s in seqs])
+
+
+def text_positions(context_lens: list[int], query_lens: list[int], device=None) -> torch.Tensor:
+    """[3, N] positions for text tokens: each sequence continues at its context length."""
+    parts = [torch.arange(c, c + n, device=device) for c, n in zip(context_lens, query_lens, strict=True)]
+    pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    return pos.unsqueeze(0).expand(3, -1)

@@ -1,0 +1,92 @@
+"""Gated DeltaNet (linear attention) layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import TextConfig
+from qwen35.model.cache import ForwardBatch
+from qwen35.model.norm import RMSNormGated
+from qwen35.ops import causal_conv1d, causal_conv1d_step, gated_delta_rule_chunked, gated_delta_step
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.Hk * self.dk, self.Hv * self.dv
+        self.conv_dim = cfg.conv_dim
+        H = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)  # rows q | k | v
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(H, self.Hv, bias=False)
+        self.in_proj_a = nn.Linear(H, self.Hv, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.linear_conv_kernel_dim, groups=self.conv_dim,
+                                bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.Hv))
+        self.A_log = nn.Parameter(torch.zeros(self.Hv))
+        self.norm = RMSNormGated(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def _qkv_heads(self, mixed: torch.Tensor):
+        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v."""
+        n = mixed.shape[0]
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.float().view(n, self.Hk, self.dk)) * self.dk**-0.5
+        k = l2_normalize(k.float().view(n, self.Hk, self.dk))
+        rep = self.Hv // self.Hk
+        if rep > 1:
+            q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+        return q, k, v.float().view(n, self.Hv, self.dv)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        N = x.shape[0]
+        mixed = self.in_proj_qkv(x)
+        z = self.in_proj_z(x)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        weight = self.conv1d.weight[:, 0, :]  # [C, K]
+        cache = batch.cache
+        conv_pool = cache.conv[self.layer_idx] if cache is not None else None
+        state_pool = cache.recurrent[self.layer_idx] if cache is not None else None
+        out = torch.empty(N, self.Hv, self.dv, dtype=torch.float32, device=x.device)
+
+        if cache is not None and batch.num_seqs > 0 and all(n == 1 for n in batch.query_lens):
+            # Decode: one token per sequence, all sequences in one batched step.
+            slots = torch.as_tensor(batch.slots, dtype=torch.long, device=x.device)
+            fresh = torch.as_tensor([c == 0 for c in batch.context_lens], device=x.device)
+            window = conv_pool[slots].masked_fill(fresh[:, None, None], 0)
+            state = state_pool[slots].masked_fill(fresh[:, None, None, None], 0)
+            conv_out = causal_conv1d_step(mixed, weight, window)
+            q, k, v = self._qkv_heads(conv_out)
+            out[:] = gated_delta_step(q, k, v, g, beta, state)
+            conv_pool[slots] = window
+            state_pool[slots] = state
+        else:
+            for i in range(batch.num_seqs):
+                s, e = batch.starts[i], batch.starts[i + 1]
+                if s == e:
+                    continue
+                fresh = cache is None or batch.context_lens[i] == 0
+                slot = None if cache is None else batch.slots[i]
+                window = None if fresh else conv_pool[slot][None]
+                state = None if fresh else state_pool[slot][None]
+                conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
+                q, k, v = self._qkv_heads(conv_out[0])
+                o, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e],
+                                                        state)
+                out[s:e] = o[0]
+                if cache is not None:
+                    conv_pool[slot] = new_window[0]
+                    state_pool[slot] = new_state[0]
+
+        o = self.norm(out.to(x.dtype), z.view(N, self.Hv, self.dv))
+        return self.out_proj(o.reshape(N, self.value_dim))

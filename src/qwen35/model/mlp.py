@@ -1,0 +1,80 @@
+"""Feed-forward blocks: dense SwiGLU and the sparse MoE with a gated shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import TextConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over all experts in fp32, top-k, renormalised to sum 1 -> (weights [N, k], ids [N, k])."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        return w.to(logits.dtype), ids
+
+
+class Experts(nn.Module):
+    """Routed experts, stored fused as in BF16 checkpoints: gate_up_proj [E, 2I, H] (gate rows first),
+    down_proj [E, H, I]. Only the experts some token chose are computed."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        N, k = ids.shape
+        out = torch.zeros_like(x)
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // k
+        w_sorted = weights.reshape(-1)[order]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            tok = token_of[start : start + c]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w_sorted[start : start + c, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            start += c
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.gate = Router(H, cfg.num_experts, cfg.num_experts_per_tok)
+        self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+        self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        routed = self.experts(x, weights, ids)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared

@@ -1,0 +1,100 @@
+"""The whole Qwen3.5 model: text model, head, optional MTP head and vision tower.
+
+Two ways in:
+  * `forward(input_ids [B, T], attention_mask)` -> logits [B, T, V]: the public, transformers-like call.
+    Padded positions are dropped before any layer sees them, so they touch no real token and no state;
+    each row is computed exactly as that sequence alone would be.
+  * `forward_batch(input_ids [N], batch)` -> hidden [N, H]: the engine's varlen call over the hybrid cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.config import ModelConfig
+from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
+from qwen35.model.decoder import TextModel
+from qwen35.model.mtp import MTPHead
+from qwen35.model.vision import VisionTower
+
+
+class Qwen35Model(nn.Module):
+    def __init__(self, config: ModelConfig, with_mtp: bool | None = None, with_vision: bool | None = None):
+        super().__init__()
+        self.config = config
+        cfg = config.text
+        self.model = TextModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if with_mtp is None:
+            with_mtp = cfg.mtp_num_hidden_layers > 0
+        if with_vision is None:
+            with_vision = config.vision is not None
+        self.mtp = MTPHead(cfg) if with_mtp else None
+        self.visual = VisionTower(config.vision) if with_vision and config.vision is not None else None
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight)
+
+    def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
+        """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""
+        p = self.head_weight
+        return HybridCache(self.config.text, num_slots, -(-max_tokens // block_size), block_size, dtype=p.dtype,
+                           device=p.device, extra_attention_layers=1 if self.mtp is not None else 0)
+
+    @torch.inference_mode()
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Varlen forward of N new tokens (see ForwardBatch) -> final hidden states [N, H]."""
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if inputs_embeds.shape[0] != batch.num_tokens:
+            raise ValueError(f"{inputs_embeds.shape[0]} tokens given, the batch describes {batch.num_tokens}")
+        return self.model(inputs_embeds, batch)
+
+    @torch.inference_mode()
+    def mtp_forward(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The MTP draft step -> draft logits [N, V]."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head (the checkpoint has no mtp.* weights)")
+        h = self.mtp(self.model.embed_tokens(next_token_ids), hidden, batch)
+        return self.compute_logits(h)
+
+    # ------------------------------------------------------------------ public call
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """input_ids [B, T] int64; attention_mask [B, T] (1 = real token, 0 = padding) -> logits [B, T, V].
+        Logits at padded positions are 0."""
+        if pixel_values is not None or pixel_values_videos is not None:
+            raise NotImplementedError("image and video inputs are not supported yet (vision issue)")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        V = self.config.text.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"input_ids must be in [0, {V}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is None:
+            keep = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            keep = attention_mask.to(torch.bool)
+        lens = keep.sum(1).tolist()
+        flat_ids = input_ids[keep]
+        batch = ForwardBatch(query_lens=lens, context_lens=[0] * B,
+                             positions=text_positions([0] * B, lens, input_ids.device))
+        hidden = self.forward_batch(flat_ids, batch)
+        logits = torch.zeros(B, T, V, dtype=hidden.dtype, device=hidden.device)
+        logits[keep] = self.compute_logits(hidden)
+        return logits

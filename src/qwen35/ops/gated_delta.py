@@ -1,0 +1,132 @@
+"""The gated delta rule (Gated DeltaNet's token mixer).
+
+Per value head, with state S of shape [dk, dv] (fp32):
+
+    S = exp(g_t) * S
+    S = S + k_t (beta_t * (v_t - S^T k_t))^T
+    o_t = S^T q_t
+
+Inputs here are already prepared by the layer: q and k L2-normalised, q scaled by dk^-0.5, and q/k
+heads repeated so that every tensor has the same head count H (= the number of value heads).
+
+Shapes (a leading batch dim B of equal-length sequences):
+    q, k: [B, T, H, dk]   v: [B, T, H, dv]   g, beta: [B, T, H]   state: [B, H, dk, dv] (fp32)
+Every function returns (o [B, T, H, dv] in fp32, final state [B, H, dk, dv] in fp32).
+
+Three forms that must agree: `gated_delta_rule_naive` (the equations, token by token, obviously
+correct), `gated_delta_rule_recurrent` (the same loop over batched step calls, used for decode) and
+`gated_delta_rule_chunked` (the UT/WY chunked form, used for prefill).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _initial_state(state: torch.Tensor | None, b: int, h: int, dk: int, dv: int, device) -> torch.Tensor:
+    if state is None:
+        return torch.zeros(b, h, dk, dv, dtype=torch.float32, device=device)
+    return state.to(torch.float32).clone()
+
+
+def gated_delta_rule_naive(q, k, v, g, beta, state=None):
+    """Reference: the recurrence written out per batch, token and head with plain matrix algebra."""
+    B, T, H, dk = k.shape
+    dv = v.shape[-1]
+    S = _initial_state(state, B, H, dk, dv, k.device)
+    q, k, v, g, beta = (x.to(torch.float32) for x in (q, k, v, g, beta))
+    out = torch.zeros(B, T, H, dv, dtype=torch.float32, device=k.device)
+    for b in range(B):
+        for h in range(H):
+            s = S[b, h]
+            for t in range(T):
+                s = torch.exp(g[b, t, h]) * s
+                kt, vt = k[b, t, h], v[b, t, h]
+                u = beta[b, t, h] * (vt - s.T @ kt)
+                s = s + torch.outer(kt, u)
+                out[b, t, h] = s.T @ q[b, t, h]
+            S[b, h] = s
+    return out, S
+
+
+def gated_delta_step(q, k, v, g, beta, state):
+    """One decode step for B sequences, updating `state` in place.
+
+    q, k: [B, H, dk]  v: [B, H, dv]  g, beta: [B, H]  state: [B, H, dk, dv] fp32.  Returns o [B, H, dv] fp32.
+    """
+    q, k, v, g, beta = (x.to(torch.float32) for x in (q, k, v, g, beta))
+    state.mul_(torch.exp(g)[..., None, None])
+    predicted = torch.einsum("bhkv,bhk->bhv", state, k)
+    update = beta[..., None] * (v - predicted)
+    state.add_(k[..., :, None] * update[..., None, :])
+    return torch.einsum("bhkv,bhk->bhv", state, q)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, state=None):
+    """Token-by-token loop over `gated_delta_step`, batched over sequences and heads."""
+    B, T, H, dk = k.shape
+    dv = v.shape[-1]
+    S = _initial_state(state, B, H, dk, dv, k.device)
+    out = torch.empty(B, T, H, dv, dtype=torch.float32, device=k.device)
+    for t in range(T):
+        out[:, t] = gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+    return out, S
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64):
+    """Chunked (UT/WY) form: the recurrence over chunks of `chunk_size` tokens, matmuls inside a chunk.
+
+    Within a chunk, with gamma_i the cumulative log decay up to position i and S0 the state entering it,
+    the corrections u_i = beta_i (v_i - (decayed state at i)^T k_i) satisfy a unit lower-triangular system
+        u_i + sum_{j<i} beta_i (k_i . k_j) e^{gamma_i - gamma_j} u_j = beta_i v_i - beta_i e^{gamma_i} k_i^T S0,
+    and then  o_i = e^{gamma_i} q_i^T S0 + sum_{j<=i} (q_i . k_j) e^{gamma_i - gamma_j} u_j,
+              S_end = e^{gamma_C} S0 + sum_j e^{gamma_C - gamma_j} k_j u_j^T.
+    All exponents are <= 0, so nothing overflows.
+    """
+    B, T, H, dk = k.shape
+    dv = v.shape[-1]
+    S = _initial_state(state, B, H, dk, dv, k.device)
+    if T == 0:
+        return torch.zeros(B, 0, H, dv, dtype=torch.float32, device=k.device), S
+    C = chunk_size
+    n_chunks = -(-T // C)
+    pad = n_chunks * C - T
+
+    def prep(x, last_dim: bool):
+        x = x.to(torch.float32).transpose(1, 2)  # [B, H, T, ...]
+        if pad:
+            shape = list(x.shape)
+            shape[2] = pad
+            x = torch.cat([x, x.new_zeros(shape)], dim=2)
+        return x.reshape(B, H, n_chunks, C, *x.shape[3:]) if last_dim else x.reshape(B, H, n_chunks, C)
+
+    q, k, v = prep(q, True), prep(k, True), prep(v, True)
+    g, beta = prep(g, False), prep(beta, False)  # padded steps: g = 0 (no decay), beta = 0 (no write)
+
+    gamma = g.cumsum(-1)  # [B, H, N, C]
+    lower_incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    # decay[i, j] = exp(gamma_i - gamma_j) for j <= i, else 0
+    diff = gamma[..., :, None] - gamma[..., None, :]
+    decay = torch.where(lower_incl, diff, torch.full_like(diff, float("-inf"))).exp()
+
+    kk = k @ k.transpose(-1, -2)
+    strict = decay.masked_fill(torch.eye(C, dtype=torch.bool, device=k.device), 0.0)
+    system = torch.eye(C, device=k.device) + beta[..., :, None] * kk * strict
+    rhs_v = beta[..., None] * v
+    rhs_k = (beta * gamma.exp())[..., None] * k
+    solved = torch.linalg.solve_triangular(system, torch.cat([rhs_v, rhs_k], dim=-1), upper=False,
+                                           unitriangular=True)
+    u_base, w = solved[..., :dv], solved[..., dv:]  # u = u_base - w @ S0
+
+    attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk scores, causal incl. diagonal
+    q_decayed = q * gamma.exp()[..., None]
+    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
+    chunk_decay = gamma[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
+
+    out = torch.empty(B, H, n_chunks, C, dv, dtype=torch.float32, device=k.device)
+    for n in range(n_chunks):
+        u = u_base[:, :, n] - w[:, :, n] @ S
+        out[:, :, n] = q_decayed[:, :, n] @ S + attn[:, :, n] @ u
+        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ u
+    out = out.reshape(B, H, n_chunks * C, dv)[:, :, :T].transpose(1, 2)
+    return out, S
