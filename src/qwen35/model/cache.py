@@ -77,6 +77,19 @@ class HybridCache:
             seq.slot = None
         seq.num_tokens = 0
 
+    @staticmethod
+    def slot_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
+        """Bytes of one sequence's GDN state over all layers: conv window (model dtype) + fp32 state."""
+        conv = cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * torch.finfo(dtype).bits // 8
+        state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+        return len(cfg.linear_layers) * (conv + state)
+
+    @staticmethod
+    def token_kv_bytes(cfg: TextConfig, dtype: torch.dtype, extra_attention_layers: int = 0) -> int:
+        """KV bytes of one token over all full-attention layers."""
+        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+        return (len(cfg.attention_layers) + extra_attention_layers) * per_layer
+
     @property
     def bytes(self) -> int:
         tensors = [*self.conv.values(), *self.recurrent.values(), *self.k.values(), *self.v.values()]
