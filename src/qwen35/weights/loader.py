@@ -46,6 +46,7 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     for m in model.modules():
         if isinstance(m, MRotaryEmbedding):
             m.reset_buffers()
+    model.requires_grad_(False)  # an inference engine: no autograd bookkeeping anywhere
     return model.eval()
 
 

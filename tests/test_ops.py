@@ -1,0 +1,104 @@
+"""The gated delta rule's three forms agree; the causal conv's fast forms equal its loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen35.ops import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    causal_conv1d_step,
+    gated_delta_rule_chunked,
+    gated_delta_rule_naive,
+    gated_delta_rule_recurrent,
+)
+
+
+def random_inputs(B, T, H, dk, dv, seed=0, slow=True):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1) * dk**-0.5
+    k = F.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1)
+    v = torch.randn(B, T, H, dv, generator=g)
+    decay = -torch.rand(B, T, H, generator=g) * (0.02 if slow else 2.0)
+    beta = torch.rand(B, T, H, generator=g)
+    return q, k, v, decay, beta
+
+
+@pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_recurrent_equals_naive(T, with_state):
+    B, H, dk, dv = 2, 3, 8, 6
+    q, k, v, g, beta = random_inputs(B, T, H, dk, dv, seed=T)
+    S0 = torch.randn(B, H, dk, dv) if with_state else None
+    o_ref, s_ref = gated_delta_rule_naive(q, k, v, g, beta, S0)
+    o_rec, s_rec = gated_delta_rule_recurrent(q, k, v, g, beta, S0)
+    o_chk, s_chk = gated_delta_rule_chunked(q, k, v, g, beta, S0, chunk_size=64)
+    for o, s in ((o_rec, s_rec), (o_chk, s_chk)):
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    if S0 is not None:
+        assert not torch.equal(S0, s_ref)  # the input state is not modified in place
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_chunked_in_pieces_equals_whole(chunk):
+    """Carrying the state between calls splits a sequence anywhere, including mid-chunk."""
+    q, k, v, g, beta = random_inputs(1, 200, 2, 8, 8, seed=3)
+    o_all, s_all = gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk)
+    state, outs = None, []
+    for a, b in [(0, 37), (37, 64), (64, 65), (65, 200)]:
+        o, state = gated_delta_rule_chunked(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], state,
+                                            chunk_size=chunk)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), o_all, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, s_all, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_decay_is_stable():
+    q, k, v, g, beta = random_inputs(1, 300, 2, 8, 8, seed=5, slow=False)
+    g[:, 100:110] = -50.0  # near-total forgetting must not overflow inside a chunk
+    o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta)
+    o, s = gated_delta_rule_chunked(q, k, v, g, beta)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_associative_recall_16k():
+    """Orthonormal keys, beta = 1, no decay: reading a key returns the last value written to it, after
+    16K tokens of writes (every key rewritten many times)."""
+    dk = dv = 32
+    T = 16384
+    keys = torch.linalg.qr(torch.randn(dk, dk, generator=torch.Generator().manual_seed(0)))[0].T  # rows orthonormal
+    gen = torch.Generator().manual_seed(1)
+    which = torch.randint(0, dk, (T,), generator=gen)
+    k = keys[which][None, :, None, :]
+    v = torch.randn(1, T, 1, dv, generator=gen)
+    g = torch.zeros(1, T, 1)
+    beta = torch.ones(1, T, 1)
+    q = k.clone()  # query each key as it is written: returns the value just stored
+    o, S = gated_delta_rule_chunked(q, k, v, g, beta)
+    torch.testing.assert_close(o, v, rtol=1e-4, atol=1e-4)
+    last = {int(w): t for t, w in enumerate(which.tolist())}
+    for key_id, t in list(last.items()):
+        torch.testing.assert_close(S[0, 0].T @ keys[key_id], v[0, t, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 10])
+def test_causal_conv_forms_agree(T):
+    gen = torch.Generator().manual_seed(T)
+    C, K = 6, 4
+    x, w, win = torch.randn(T, C, generator=gen), torch.randn(C, K, generator=gen), torch.randn(C, K - 1, generator=gen)
+    y_ref, win_ref = causal_conv1d_reference(x, w, win)
+    y, new_win = causal_conv1d(x[None], w, win[None])
+    torch.testing.assert_close(y[0], y_ref)
+    torch.testing.assert_close(new_win[0], win_ref)
+    window = win[None].clone()
+    steps = torch.stack([causal_conv1d_step(x[t][None], w, window)[0] for t in range(T)])
+    torch.testing.assert_close(steps, y_ref)
+    torch.testing.assert_close(window[0], win_ref)
+    # no window = zeros before the sequence
+    y0, _ = causal_conv1d(x[None], w)
+    torch.testing.assert_close(y0[0], causal_conv1d_reference(x, w)[0])
