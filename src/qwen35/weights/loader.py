@@ -70,8 +70,11 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
                 config = ModelConfig.from_file(resolve_model_path(str(path_or_id), weights=False))
         model = build_empty(config, dtype, device, with_mtp=config.text.mtp_num_hidden_layers > 0,
                             with_vision=config.vision is not None)
-        init_dummy_weights(model, seed=seed)
-        model.load_report = ["dummy weights (random, seeded)"]
+        if torch.device(device).type == "meta":
+            model.load_report = ["meta device: shapes only, no storage (capacity planning)"]
+        else:
+            init_dummy_weights(model, seed=seed)
+            model.load_report = ["dummy weights (random, seeded)"]
         return model
     folder = resolve_model_path(str(path_or_id), weights=True)
     config = ModelConfig.from_file(folder)
