@@ -81,3 +81,33 @@ def test_bfloat16_matches_transformers_bfloat16(pair):
     finally:
         ref.to(torch.float32)
         ours.to(torch.float32)
+
+
+def test_yarn_matches_transformers(tmp_path):
+    rope = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, rope_theta=10000.0,
+                partial_rotary_factor=0.5, mrope_section=[2, 1, 1], mrope_interleaved=True)
+    ref = make_hf_model("causal", rope_parameters=rope, max_position_embeddings=256)
+    ours = qwen35.load_model(save_hf(ref, tmp_path))
+    assert ours.config.text.rope.rope_type == "yarn"
+    ids = torch.randint(0, ours.config.text.vocab_size, (1, 300), generator=torch.Generator().manual_seed(4))
+    assert_logits_close(ours(ids), hf_logits(ref, ids))
+
+
+def test_mrope_tables_match_transformers_for_distinct_thw_positions():
+    """Vision tokens have different T/H/W positions: the interleaved frequency assignment must match."""
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+    from qwen35.config import ModelConfig
+    from qwen35.model.rope import MRotaryEmbedding
+
+    hf_cfg = Qwen3_5TextConfig(head_dim=256, rope_parameters=dict(
+        rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=[11, 11, 10],
+        mrope_interleaved=True))
+    ref = Qwen3_5TextRotaryEmbedding(hf_cfg)
+    ours = MRotaryEmbedding(ModelConfig.from_dict({**hf_cfg.to_dict(), "model_type": "qwen3_5_text"}).text)
+    pos = torch.randint(0, 5000, (3, 1, 57), generator=torch.Generator().manual_seed(0))
+    cos_ref, sin_ref = ref(torch.zeros(1, dtype=torch.float32), pos)
+    cos, sin = ours(pos[:, 0], torch.float32)
+    torch.testing.assert_close(cos, cos_ref[0])
+    torch.testing.assert_close(sin, sin_ref[0])

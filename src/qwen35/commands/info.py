@@ -1,0 +1,66 @@
+"""`qwen35 info MODEL`: parameter counts and memory figures, for the model and its all-full-attention twin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qwen35.config import ModelConfig, find_preset
+from qwen35.model_info import full_attention_twin, model_info
+from qwen35.weights.hub import resolve_model_path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint folder, preset name (e.g. Qwen3.5-397B-A17B) or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--context", type=int, default=None, help="context length (default: max_position_embeddings)")
+    p.add_argument("--batch", type=int, default=1, help="number of sequences")
+
+
+def load_config(name: str) -> ModelConfig:
+    if Path(name).exists():
+        return ModelConfig.from_pretrained(name)
+    preset = find_preset(name)
+    if preset is not None:
+        return preset
+    return ModelConfig.from_file(resolve_model_path(name, weights=False))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.model)
+    info = model_info(cfg, args.context, args.batch)
+    twin = model_info(full_attention_twin(cfg), args.context, args.batch)
+    if args.json:
+        print(json.dumps({"model": args.model, **info.as_dict(), "full_attention_twin": twin.as_dict()}, indent=2))
+        return 0
+    t = cfg.text
+    kind = (f"MoE {t.num_experts} experts, top-{t.num_experts_per_tok} + shared" if t.is_moe else "dense")
+    n_lin, n_att = len(t.linear_layers), len(t.attention_layers)
+    rows = [
+        ("model", args.model),
+        ("kind", f"{kind}; {t.num_hidden_layers} layers ({n_lin} Gated DeltaNet + {n_att} full attention)"),
+        ("params_total (no MTP)", f"{info.params_total:,} ({info.params_total / 1e9:.2f}B)"),
+        ("params_active per token", f"{info.params_active:,} ({info.params_active / 1e9:.2f}B)"),
+        ("params_vision", f"{info.params_vision:,}"),
+        ("params_mtp", f"{info.params_mtp:,}"),
+        ("weights bf16 / fp8 / int4", f"{_gib(info.weight_bytes_bf16)} / {_gib(info.weight_bytes_fp8)} / "
+                                      f"{_gib(info.weight_bytes_int4)}"),
+        ("kv_bytes_per_token (bf16)", f"{info.kv_bytes_per_token:,}"),
+        ("state_bytes_per_sequence", f"{info.state_bytes_per_sequence:,} "
+                                     f"({info.state_bytes_per_sequence / 2**20:.1f} MiB)"),
+        (f"cache at context {info.context:,} x batch {info.batch}", _gib(info.cache_bytes)),
+        ("total memory (bf16 weights + cache)", _gib(info.total_bytes_bf16)),
+        ("all-full-attention twin: kv_bytes_per_token", f"{twin.kv_bytes_per_token:,}"),
+        ("all-full-attention twin: cache", _gib(twin.cache_bytes)),
+        ("all-full-attention twin: total", _gib(twin.total_bytes_bf16)),
+        ("cache ratio twin / hybrid", f"{twin.cache_bytes / info.cache_bytes:.2f}x"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,102 @@
+"""Capacity planning: parameter counts, weight bytes and cache memory of a model, from its config alone.
+
+Counts come from the real module tree built on the meta device (no storage), so they always agree with
+what `load_model` builds.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qwen35.config import ModelConfig, ceil_div
+from qwen35.model import HybridCache
+from qwen35.model.qwen35 import Qwen35Model
+
+# Linear weights that FP8 checkpoints keep in bf16 (FACTS.md, modules_to_not_convert), matched by suffix.
+_FP8_KEPT = ("embed_tokens.weight", "lm_head.weight", "conv1d.weight", "in_proj_a.weight", "in_proj_b.weight",
+             "mlp.gate.weight", "shared_expert_gate.weight", "mtp.fc.weight")
+BLOCK = 128  # FP8 block size [128, 128] with fp32 scales; int4 groups of 128 with bf16 scales
+
+
+@dataclass
+class ModelInfo:
+    params_total: int  # every weight but the MTP head (text + vision)
+    params_text: int
+    params_active: int  # per text token: all but the routed experts, plus top_k/num_experts of those
+    params_vision: int
+    params_mtp: int
+    weight_bytes_bf16: int
+    weight_bytes_fp8: int
+    weight_bytes_int4: int
+    kv_bytes_per_token: int  # bf16 KV over the full-attention layers
+    state_bytes_per_sequence: int  # fp32 GDN state + bf16 conv window, all GDN layers
+    context: int
+    batch: int
+    cache_bytes: int  # batch * (context * kv + state)
+    total_bytes_bf16: int  # bf16 weights (no MTP) + cache
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantized(name: str, p: torch.Tensor) -> bool:
+    """Would this tensor be stored quantized (FP8 / int4)? Linear-like weights, not the kept ones."""
+    if name.startswith("visual.") or p.dim() < 2 or name.endswith(_FP8_KEPT):
+        return False
+    return True
+
+
+def _weight_bytes(named: list[tuple[str, torch.Tensor]], fmt: str) -> int:
+    total = 0
+    for name, p in named:
+        n = p.numel()
+        if fmt == "bf16" or not _quantized(name, p):
+            total += 2 * n
+            continue
+        rows, cols = p.shape[-2], p.shape[-1]
+        mats = n // (rows * cols)
+        if fmt == "fp8":
+            total += n + 4 * mats * ceil_div(rows, BLOCK) * ceil_div(cols, BLOCK)
+        else:  # int4, group 128 along the input dim
+            total += ceil_div(n, 2) + 2 * mats * rows * ceil_div(cols, BLOCK)
+    return total
+
+
+def model_info(config: ModelConfig, context: int | None = None, batch: int = 1) -> ModelInfo:
+    if batch <= 0:
+        raise ValueError(f"batch must be positive, got {batch}")
+    t = config.text
+    context = t.max_position_embeddings if context is None else context
+    if context <= 0:
+        raise ValueError(f"context must be positive, got {context}")
+    with torch.device("meta"):
+        model = Qwen35Model(config, with_mtp=t.mtp_num_hidden_layers > 0, with_vision=config.vision is not None)
+    named = list(model.named_parameters())
+    main = [(n, p) for n, p in named if not n.startswith("mtp.")]
+    text = [(n, p) for n, p in main if not n.startswith("visual.")]
+    routed = sum(p.numel() for n, p in text if ".experts." in n)
+    params_text = sum(p.numel() for _, p in text)
+    active = params_text - routed + (routed * t.num_experts_per_tok // t.num_experts if t.is_moe else 0)
+    kv = HybridCache.token_kv_bytes(t, torch.bfloat16)
+    state = HybridCache.slot_bytes(t, torch.bfloat16)
+    cache = batch * (context * kv + state)
+    bf16 = _weight_bytes(main, "bf16")
+    return ModelInfo(
+        params_total=sum(p.numel() for _, p in main), params_text=params_text, params_active=active,
+        params_vision=sum(p.numel() for n, p in named if n.startswith("visual.")),
+        params_mtp=sum(p.numel() for n, p in named if n.startswith("mtp.")),
+        weight_bytes_bf16=bf16, weight_bytes_fp8=_weight_bytes(main, "fp8"),
+        weight_bytes_int4=_weight_bytes(main, "int4"),
+        kv_bytes_per_token=kv, state_bytes_per_sequence=state, context=context, batch=batch,
+        cache_bytes=cache, total_bytes_bf16=bf16 + cache,
+    )
+
+
+def full_attention_twin(config: ModelConfig) -> ModelConfig:
+    """The same model with every layer full attention (what a pure-transformer design would cost)."""
+    twin = copy.deepcopy(config)
+    twin.text.layer_types = ["full_attention"] * twin.text.num_hidden_layers
+    return twin
