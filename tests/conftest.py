@@ -19,6 +19,8 @@ TINY_TEXT = dict(
                          mrope_section=[2, 1, 1], mrope_interleaved=True),
 )
 TINY_MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=12, shared_expert_intermediate_size=20)
+# Vision token ids inside the tiny vocabulary (the real ones are 248053..248057).
+TINY_TOKEN_IDS = dict(vision_start_token_id=120, vision_end_token_id=121, image_token_id=122, video_token_id=123)
 TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=4, temporal_patch_size=2,
                    spatial_merge_size=2, num_position_embeddings=16)
 
@@ -66,7 +68,7 @@ def make_hf_model(kind: str = "cg", moe: bool = False, tied: bool = False, visio
     if kind == "cg":
         vc = dict(TINY_VISION, out_hidden_size=tc["hidden_size"])
         cls_cfg = tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config
-        cfg = cls_cfg(text_config=tc, vision_config=vc, tie_word_embeddings=tied)
+        cfg = cls_cfg(text_config=tc, vision_config=vc, tie_word_embeddings=tied, **TINY_TOKEN_IDS)
         cls = tf.Qwen3_5MoeForConditionalGeneration if moe else tf.Qwen3_5ForConditionalGeneration
     else:
         cls_cfg = tf.Qwen3_5MoeTextConfig if moe else tf.Qwen3_5TextConfig

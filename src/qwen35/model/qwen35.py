@@ -18,6 +18,7 @@ from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
 from qwen35.model.decoder import TextModel
 from qwen35.model.mtp import MTPHead
 from qwen35.model.vision import VisionTower
+from qwen35.multimodal.positions import mrope_positions
 
 
 class Qwen35Model(nn.Module):
@@ -67,6 +68,29 @@ class Qwen35Model(nn.Module):
         h = self.mtp(self.model.embed_tokens(next_token_ids), hidden, batch)
         return self.compute_logits(h)
 
+    # ------------------------------------------------------------------ vision
+    @torch.inference_mode()
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision tower features for images (or videos): [sum t*h*w/merge^2, hidden]."""
+        if self.visual is None:
+            raise ValueError("this model has no vision tower (the checkpoint has no model.visual.* weights)")
+        return self.visual(pixel_values, grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              video_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with vision features placed, in order, at the <|image_pad|> / <|video_pad|> ids."""
+        x = self.model.embed_tokens(input_ids)
+        for feats, tok, name in ((image_embeds, self.config.image_token_id, "image"),
+                                 (video_embeds, self.config.video_token_id, "video")):
+            where = input_ids == tok
+            n = int(where.sum())
+            got = 0 if feats is None else feats.shape[0]
+            if n != got:
+                raise ValueError(f"the input has {n} <|{name}_pad|> tokens but the {name}s give {got} features")
+            if n:
+                x[where] = feats.to(x.dtype)
+        return x
+
     # ------------------------------------------------------------------ public call
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -74,9 +98,8 @@ class Qwen35Model(nn.Module):
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 ) -> torch.Tensor:
         """input_ids [B, T] int64; attention_mask [B, T] (1 = real token, 0 = padding) -> logits [B, T, V].
-        Logits at padded positions are 0."""
-        if pixel_values is not None or pixel_values_videos is not None:
-            raise NotImplementedError("image and video inputs are not supported yet (vision issue)")
+        Images / videos as in transformers: pixel rows from the processor and their (t, h, w) grids, in the
+        order their placeholders appear (row by row). Logits at padded positions are 0."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -84,6 +107,10 @@ class Qwen35Model(nn.Module):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
             raise ValueError(f"input_ids must be in [0, {V}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw must be given together")
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError("pixel_values_videos and video_grid_thw must be given together")
         if attention_mask is None:
             keep = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         else:
@@ -93,9 +120,46 @@ class Qwen35Model(nn.Module):
             keep = attention_mask.to(torch.bool)
         lens = keep.sum(1).tolist()
         flat_ids = input_ids[keep]
-        batch = ForwardBatch(query_lens=lens, context_lens=[0] * B,
-                             positions=text_positions([0] * B, lens, input_ids.device))
-        hidden = self.forward_batch(flat_ids, batch)
+        image_embeds = None if pixel_values is None else self.encode_vision(pixel_values, image_grid_thw)
+        video_embeds = None if pixel_values_videos is None else self.encode_vision(pixel_values_videos,
+                                                                                   video_grid_thw)
+        embeds = self.embed(flat_ids, image_embeds, video_embeds)
+        positions = self._positions(flat_ids, lens, image_grid_thw, video_grid_thw)
+        batch = ForwardBatch(query_lens=lens, context_lens=[0] * B, positions=positions)
+        hidden = self.forward_batch(flat_ids, batch, inputs_embeds=embeds)
         logits = torch.zeros(B, T, V, dtype=hidden.dtype, device=hidden.device)
         logits[keep] = self.compute_logits(hidden)
         return logits
+
+    def _positions(self, flat_ids: torch.Tensor, lens: list[int], image_grid_thw, video_grid_thw) -> torch.Tensor:
+        if image_grid_thw is None and video_grid_thw is None:
+            return text_positions([0] * len(lens), lens, flat_ids.device)
+        merge = self.visual.cfg.spatial_merge_size if self.visual is not None else 2
+        per_row, start = [], 0
+        img_i = vid_i = 0
+        for n in lens:
+            row = flat_ids[start:start + n]
+            start += n
+            # hand each row the grids its placeholders use, in order
+            n_img = self._count_groups(row, self.config.image_token_id, image_grid_thw, img_i, merge, False)
+            n_vid = self._count_groups(row, self.config.video_token_id, video_grid_thw, vid_i, merge, True)
+            pos, _ = mrope_positions(
+                row, None if image_grid_thw is None else image_grid_thw[img_i:img_i + n_img],
+                None if video_grid_thw is None else video_grid_thw[vid_i:vid_i + n_vid],
+                image_token_id=self.config.image_token_id, video_token_id=self.config.video_token_id,
+                merge_size=merge)
+            img_i, vid_i = img_i + n_img, vid_i + n_vid
+            per_row.append(pos.to(flat_ids.device))
+        return torch.cat(per_row, dim=1)
+
+    @staticmethod
+    def _count_groups(row: torch.Tensor, tok: int, grids: torch.Tensor | None, first: int, merge: int,
+                      video: bool) -> int:
+        """How many of `grids` (from index `first`) the placeholders of this row consume."""
+        n_tokens = int((row == tok).sum())
+        k = 0
+        while n_tokens > 0 and grids is not None and first + k < len(grids):
+            t, h, w = (int(v) for v in grids[first + k])
+            n_tokens -= t * h * w // merge**2
+            k += 1
+        return k
