@@ -1,0 +1,321 @@
+"""`LLM`: the offline API (vLLM's names).
+
+    llm = qwen35.LLM("Qwen/Qwen3.5-0.8B")                       # or a folder, or load_format="dummy"
+    outs = llm.generate(["Hello", {"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=256),
+                    chat_template_kwargs={"enable_thinking": False})
+    outs[0].outputs[0].content, outs[0].outputs[0].reasoning_content, outs[0].outputs[0].tool_calls
+
+Streaming: `generate_stream(...)` / `chat_stream(...)` return iterators of `RequestOutput`s in DELTA form:
+each holds, per completion that moved, only the new `token_ids` and `text` (for chat also the new
+`reasoning_content` / `content` and any tool call that just completed); the last one of a request has
+`finished=True` and the `finish_reason`. Leaving the loop early aborts the requests still running.
+
+`llm.engine` is the `LLMEngine` underneath (add_request / step / abort_request / has_unfinished_requests)
+for callers that drive requests themselves, such as a server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qwen35.engine.llm_engine import LLMEngine, PromptType
+from qwen35.engine.outputs import RequestOutput
+from qwen35.engine.sampling import (
+    RequestOutputKind,
+    SamplingParams,
+    eos_ids_from_generation_config,
+    load_generation_config,
+)
+
+log = logging.getLogger("qwen35")
+
+#: generate()/chat() show a progress bar (use_tqdm=True) from this many prompts on
+PROGRESS_MIN_PROMPTS = 16
+
+Conversation = Sequence[Mapping[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | Path | torch.nn.Module, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", load_format: str = "auto", tokenizer: Any = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
+                 generation_config: str | None = "auto", skip_tokenizer_init: bool = False):
+        """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
+        only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU, float32 on
+        CPU. `tokenizer`: None (the checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer
+        object. `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
+        `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
+        generation_config.json; None: vLLM's neutral defaults. The cache arguments are `LLMEngine`'s."""
+        from qwen35.tokenizer import load_tokenizer
+        from qwen35.weights import load_model
+        from qwen35.weights.hub import resolve_model_path
+
+        folder: Path | None = None
+        if isinstance(model, torch.nn.Module):
+            net = model
+        else:
+            name = str(model)
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if dtype == "auto":
+                dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            net = load_model(name, dtype=dtype, device=device, load_format=load_format,
+                             seed=seed if seed is not None else 0)
+            if Path(name).expanduser().is_dir():
+                folder = Path(name).expanduser()
+            elif load_format != "dummy" or (name.count("/") == 1 and not _is_preset(name)):
+                folder = resolve_model_path(name, weights=False)
+        self.model = net
+
+        if skip_tokenizer_init:
+            tokenizer = None
+        elif tokenizer is None:
+            if folder is not None:
+                tokenizer = load_tokenizer(folder)
+            else:  # a preset name or a bare module: the built-in Qwen3.5 vocabulary
+                tokenizer = load_tokenizer(None)
+        elif isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+
+        gen = load_generation_config(folder) if generation_config == "auto" else \
+            load_generation_config(generation_config) if generation_config else {}
+        self.default_sampling_params = SamplingParams.from_generation_config(gen)
+        eos = eos_ids_from_generation_config(gen) or getattr(tokenizer, "eos_token_ids", None)
+        self.engine = LLMEngine(net, tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size, seed=seed,
+                                eos_token_ids=eos, default_sampling_params=self.default_sampling_params)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's defaults (generation_config.json), used when no SamplingParams are given."""
+        return self.default_sampling_params
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt; outputs in the order of the prompts. A prompt is a string, a list of token
+        ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        items = _as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(items))
+        return self._run_to_end([(p, None, sp) for p, sp in zip(items, params, strict=True)], use_tqdm)
+
+    def generate_stream(self, prompts: PromptType | Sequence[PromptType],
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                        ) -> Iterator[RequestOutput]:
+        """Like `generate`, as an iterator of DELTA outputs (see the module docstring); requests interleave
+        and are told apart by `request_id` (`req-<i>`... in order of the prompts, see `.request_ids`)."""
+        items = _as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(items))
+        return self._stream([(p, None, sp) for p, sp in zip(items, params, strict=True)])
+
+    # ------------------------------------------------------------------------------------------ chat
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             tools: Sequence[Mapping[str, Any]] | None = None, chat_template: str | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them and generate. Each completion also
+        carries `reasoning_content`, `content` and `tool_calls` (OpenAI-shaped dicts) from the chat parsers."""
+        from qwen35.chat import parse
+
+        convs = _as_conversation_list(messages)
+        params = self._params_list(sampling_params, len(convs))
+        items = [self._chat_item(c, sp, tools, chat_template, chat_template_kwargs, add_generation_prompt)
+                 for c, sp in zip(convs, params, strict=True)]
+        outs = self._run_to_end(items, use_tqdm)
+        for (_, chat_info, _), out in zip(items, outs, strict=True):
+            for c in out.outputs:
+                parsed = parse(c.text, tools=tools, thinking=chat_info["thinking"])
+                c.reasoning_content, c.content, c.tool_calls = (parsed.reasoning_content, parsed.content,
+                                                                 parsed.tool_calls)
+        return outs
+
+    def chat_stream(self, messages: Conversation | Sequence[Conversation],
+                    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                    tools: Sequence[Mapping[str, Any]] | None = None, chat_template: str | None = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None,
+                    add_generation_prompt: bool = True) -> Iterator[RequestOutput]:
+        """`chat` as an iterator of DELTA outputs: each completion that moved holds its new `text` and the
+        new `reasoning_content` / `content` (None when nothing new) and the tool calls completed in this step
+        (`tool_calls`: OpenAI stream deltas, each call whole)."""
+        convs = _as_conversation_list(messages)
+        params = self._params_list(sampling_params, len(convs))
+        items = [self._chat_item(c, sp, tools, chat_template, chat_template_kwargs, add_generation_prompt)
+                 for c, sp in zip(convs, params, strict=True)]
+        return self._stream(items)
+
+    def _chat_item(self, conversation: Conversation, params: SamplingParams, tools, chat_template,
+                   chat_template_kwargs, add_generation_prompt) -> tuple[PromptType, dict, SamplingParams]:
+        from qwen35.chat import prompt_opens_thinking
+
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (this LLM was made with skip_tokenizer_init=True)")
+        text = self.tokenizer.apply_chat_template(list(conversation), tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  chat_template=chat_template, **dict(chat_template_kwargs or {}))
+        return ({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text)},
+                {"thinking": prompt_opens_thinking(text), "tools": tools}, params)
+
+    # ------------------------------------------------------------------------------------------ driving
+    def _params_list(self, params, n: int) -> list[SamplingParams]:
+        return _params_list(self.default_sampling_params, params, n)
+
+    def _add_all(self, items: list[tuple[PromptType, dict | None, SamplingParams]], kind: RequestOutputKind,
+                 ) -> list[str]:
+        # Check everything first: a bad prompt in the middle must not leave the earlier ones queued.
+        for prompt, _, sp in items:
+            _, ids = self.engine._prompt_ids(prompt)
+            self.engine._check_request(ids, sp)
+        ids: list[str] = []
+        try:
+            for prompt, _, sp in items:
+                ids.append(self.engine.add_request(None, prompt, sp.clone(output_kind=kind)))
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        return ids
+
+    def _run_to_end(self, items, use_tqdm: bool) -> list[RequestOutput]:
+        ids = self._add_all(items, RequestOutputKind.FINAL_ONLY)
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req",
+                   disable=not use_tqdm or len(ids) < PROGRESS_MIN_PROMPTS)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.request_id in wanted and out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def _stream(self, items) -> Iterator[RequestOutput]:
+        from qwen35.chat import StreamParser
+
+        ids = self._add_all(items, RequestOutputKind.DELTA)
+        chat_info = {rid: info for rid, (_, info, _) in zip(ids, items, strict=True) if info is not None}
+        parsers: dict[tuple[str, int], Any] = {}
+
+        def generator() -> Iterator[RequestOutput]:
+            pending = set(ids)
+            try:
+                while pending:
+                    for out in self.engine.step():
+                        if out.request_id not in pending:
+                            continue
+                        info = chat_info.get(out.request_id)
+                        if info is not None:
+                            for c in out.outputs:
+                                key = (out.request_id, c.index)
+                                if key not in parsers:
+                                    parsers[key] = StreamParser(tools=info["tools"], thinking=info["thinking"])
+                                deltas = parsers[key].feed(c.text)
+                                if c.finish_reason is not None:
+                                    deltas += parsers[key].finish()
+                                _merge_chat_deltas(c, deltas)
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+            finally:
+                if pending:  # the caller stopped early (or an error): free what is still running
+                    self.engine.abort_request(list(pending))
+
+        gen = generator()
+        return _StreamIterator(gen, ids)
+
+
+class _StreamIterator:
+    """An iterator of stream outputs that also knows the request ids, in the order of the prompts."""
+
+    def __init__(self, gen: Iterator[RequestOutput], request_ids: list[str]):
+        self._gen = gen
+        self.request_ids = request_ids
+
+    def __iter__(self) -> _StreamIterator:
+        return self
+
+    def __next__(self) -> RequestOutput:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> _StreamIterator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _merge_chat_deltas(c, deltas: list[dict[str, Any]]) -> None:
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in (d.get("tool_calls") or ())]
+    c.reasoning_content = reasoning or None
+    c.content = content or None
+    c.tool_calls = calls or None
+
+
+def _is_preset(name: str) -> bool:
+    from qwen35.config import find_preset
+
+    return find_preset(name) is not None
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        return [prompts] if prompts.dim() == 1 else [p for p in prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [items]  # one prompt given as token ids
+    if not items:
+        raise ValueError("no prompts given")
+    return items
+
+
+def _as_conversation_list(messages: Conversation | Sequence[Conversation]) -> list[Conversation]:
+    items = list(messages)
+    if not items:
+        raise ValueError("no messages given")
+    if all(isinstance(m, Mapping) for m in items):
+        return [items]
+    if all(isinstance(c, (list, tuple)) for c in items):
+        return items
+    raise ValueError("messages must be a conversation (a list of message dicts) or a list of conversations")
+
+
+def _params_list(default: SamplingParams, params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [default] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams given for {n} prompts")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+    return params
+
+__all__ = ["LLM"]

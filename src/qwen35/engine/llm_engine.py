@@ -1,0 +1,390 @@
+"""`LLMEngine`: requests in, outputs out, one `step()` at a time.
+
+    engine = LLMEngine(model, tokenizer, max_num_seqs=..., kv_cache_memory_bytes=...)
+    rid = engine.add_request(None, "Hello", SamplingParams(max_tokens=8, output_kind="delta"))
+    while engine.has_unfinished_requests():
+        for out in engine.step():           # RequestOutputs of the requests that moved this step
+            print(out.outputs[0].text, end="")
+    engine.abort_request(rid)               # frees its slot and blocks at once
+
+`step()` is schedule -> run -> postprocess. `add_request`, `abort_request` and `step` may be called from
+different threads (one lock); a server runs `step()` in one thread and adds/aborts from others.
+What a request reports each step follows its `SamplingParams.output_kind`: everything so far (CUMULATIVE),
+what is new (DELTA, for streaming) or one final output (FINAL_ONLY). An aborted request reports once more,
+with `finish_reason="abort"`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from qwen35.engine.cache_manager import (
+    CacheManager,
+    CachePlan,
+    default_cache_budget,
+    max_model_len_for_budget,
+    plan_cache,
+)
+from qwen35.engine.detokenize import OutputText
+from qwen35.engine.model_runner import ModelRunner
+from qwen35.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen35.engine.sampler import SamplerOutput, SamplerRow
+from qwen35.engine.sampling import RequestOutputKind, SamplingParams
+from qwen35.engine.scheduler import Scheduler, SchedulerOutput
+from qwen35.engine.sequence import Request, SequenceStatus
+from qwen35.engine.sequence import Sequence as Seq
+
+log = logging.getLogger("qwen35")
+
+DEFAULT_EOS_TOKEN_IDS = (248046, 248044)
+MAX_LOGPROBS = 20
+THINK_START, THINK_END = "<think>", "</think>"
+
+PromptType = str | Sequence[int] | Mapping[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any | None = None, *, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
+                 eos_token_ids: Iterable[int] | None = None,
+                 default_sampling_params: SamplingParams | None = None):
+        """`model`: a `Qwen35Model`. `tokenizer`: a `qwen35.tokenizer.Tokenizer` (None: token ids in, no text
+        out). `max_model_len`: prompt + output tokens of one sequence (default: the model's
+        `max_position_embeddings`, lowered to what the cache holds). `kv_cache_memory_bytes`: the cache budget
+        (KV blocks + GDN state slots; default: 90% of free GPU memory, or a quarter of available RAM capped at
+        8 GiB on CPU). `max_num_batched_tokens`: tokens per step (default 2048; prompts longer than that are
+        prefilled in chunks). `seed`: where the random streams of unseeded requests come from."""
+        cfg = model.config.text
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = cfg.vocab_size
+        if tokenizer is not None and eos_token_ids is None:
+            eos_token_ids = getattr(tokenizer, "eos_token_ids", None)
+        self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids else DEFAULT_EOS_TOKEN_IDS
+        self.default_sampling_params = default_sampling_params or SamplingParams()
+
+        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048
+        if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
+
+        param = model.head_weight
+        dtype, device = param.dtype, param.device
+        budget_given = kv_cache_memory_bytes is not None
+        if kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = default_cache_budget(device)
+        if not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {kv_cache_memory_bytes!r}")
+        if max_model_len is None:
+            fits = max_model_len_for_budget(cfg, dtype, kv_cache_memory_bytes, block_size)
+            max_model_len = min(cfg.max_position_embeddings, fits)
+            if max_model_len < cfg.max_position_embeddings:
+                log.info("max_model_len lowered to %d tokens: what the %s cache budget holds", max_model_len,
+                         "given" if budget_given else "default")
+            if max_model_len < 2:
+                raise ValueError(f"the cache budget ({kv_cache_memory_bytes} bytes) cannot hold even one sequence; "
+                                 "raise kv_cache_memory_bytes")
+        self.max_model_len = max_model_len
+        self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len, block_size)
+        self.cache = CacheManager(self.plan.num_blocks, block_size, self.plan.num_slots)
+        self.max_num_seqs = min(max_num_seqs, self.plan.num_slots)
+        self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.plan)
+        log.info("cache: %d state slots, %d KV blocks of %d tokens (%.1f MiB); max_model_len %d",
+                 self.plan.num_slots, self.plan.num_blocks, block_size, self.plan.total_bytes / 2**20,
+                 max_model_len)
+
+        self._rng = random.Random(seed)
+        self._lock = threading.RLock()
+        self._requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._aborted: list[Request] = []  # to report once more
+        self._think_ids = self._token_ids_of(THINK_START), self._token_ids_of(THINK_END)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+                    *, prompt_text: str | None = None) -> str:
+        """Queue a request; returns its id. `prompt`: text, token ids, or {"prompt_token_ids": [...]} /
+        {"prompt": "..."}. Raises ValueError (and changes nothing) for an invalid request."""
+        params = self.default_sampling_params if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if prompt_text is not None:
+            text = prompt_text
+        self._check_request(ids, params)
+        with self._lock:
+            if request_id is None:
+                request_id = f"req-{next(self._request_ids)}"
+                while request_id in self._requests:
+                    request_id = f"req-{next(self._request_ids)}"
+            elif request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=list(ids), params=params)
+            thinking = self._prompt_opens_thinking(ids)
+            for index in range(params.n):
+                seq = Seq(seq_id=next(self._seq_ids), request=req, index=index, token_ids=list(ids),
+                          num_prompt_tokens=len(ids), generator=self._generator(params, index),
+                          text=OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
+                                          params.include_stop_str_in_output))
+                req.sequences.append(seq)
+                if params.thinking_budget is not None and self.tokenizer is not None:
+                    from qwen35.chat import ThinkingBudget
+
+                    seq.thinking_budget = ThinkingBudget.for_tokenizer(self.tokenizer, params.thinking_budget,
+                                                                       thinking=thinking)
+                    for tok in seq.thinking_budget.initial() or ():
+                        if not seq.is_finished:
+                            self._append_token(seq, tok, None, None, forced=True)
+            self._requests[req.request_id] = req
+            for seq in req.sequences:
+                if seq.is_finished:  # a forced start that already ended it (max_tokens=1 ...)
+                    seq.status = SequenceStatus.FINISHED
+                else:
+                    self.scheduler.add(seq)
+            if req.finished:
+                self._aborted.append(req)  # reported at the next step like an abort, with its real reason
+            return req.request_id
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free their slots and blocks; unknown or finished ids are ignored. Each aborted
+        request reports once more from `step()`, with finish_reason "abort"."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        with self._lock:
+            for rid in ids:
+                req = self._requests.get(rid)
+                if req is None or req.finished:
+                    continue
+                for seq in req.sequences:
+                    if not seq.is_finished:
+                        self._finish(seq, "abort")
+                self._aborted.append(req)
+
+    abort = abort_request
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._requests) or bool(self._aborted)
+
+    has_unfinished = has_unfinished_requests
+
+    def get_num_unfinished_requests(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._requests.values() if not r.finished)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one batch: schedule, forward + sample, update the sequences. Returns the outputs of the
+        requests that moved (per their output_kind)."""
+        with self._lock:
+            work = self.scheduler.schedule()
+            if work.empty:
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress although requests wait (a bug: please report)")
+                return self._postprocess(work, [], None)
+            sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
+            return self._postprocess(work, sampled_seqs, sampled)
+
+    def _sampler_row(self, seq: Seq) -> SamplerRow:
+        p = seq.params
+        masked: tuple[int, ...] = ()
+        if seq.num_output_tokens < p.min_tokens:
+            masked = (*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids)
+        return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens],
+                          output_ids=seq.output_token_ids, generator=seq.generator, masked_ids=masked)
+
+    def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
+                     ) -> list[RequestOutput]:
+        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+            seq.num_computed_tokens += n
+        moved: dict[str, Request] = {}
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            assert sampled is not None
+            tok = sampled.token_ids[i]
+            self._append_token(seq, tok, sampled.logprobs[i], sampled.top_logprobs[i])
+            budget = seq.thinking_budget
+            if budget is not None and not seq.is_finished:
+                for forced in budget.step(tok) or ():
+                    if seq.is_finished:
+                        break
+                    self._append_token(seq, forced, None, None, forced=True)
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            moved[seq.request.request_id] = seq.request
+        for req in self._aborted:
+            moved[req.request_id] = req
+        self._aborted = []
+
+        outputs = []
+        for req in moved.values():
+            out = self._report(req)
+            if out is not None:
+                outputs.append(out)
+            if req.finished:
+                req.finished_time = now
+                self._requests.pop(req.request_id, None)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ tokens
+    def _append_token(self, seq: Seq, tok: int, logprob: float | None, top: dict[int, Logprob] | None,
+                      forced: bool = False) -> None:
+        """Add one generated token to `seq` and apply every stop rule."""
+        p = seq.params
+        seq.token_ids.append(tok)
+        if p.logprobs is not None:
+            if forced:  # not sampled: the engine put it there (probability 1 under the controller)
+                top, logprob = {tok: Logprob(0.0, None)}, 0.0
+            if self.tokenizer is not None and top:
+                for t, lp in top.items():
+                    lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False) \
+                        if t < self.tokenizer.vocab_size else ""
+            seq.logprobs.append(top or {})
+            seq.cumulative_logprob += logprob if logprob is not None else 0.0
+        n_out = seq.num_output_tokens
+        can_stop = n_out > p.min_tokens  # min_tokens tokens come before any EOS / stop token
+        if tok in self.eos_token_ids and not p.ignore_eos and can_stop:
+            self._finish(seq, "stop", None)
+        elif tok in p.stop_token_ids and can_stop:
+            if p.include_stop_str_in_output:
+                seq.text.append(tok, check_stop=False)
+            self._finish(seq, "stop", tok)
+        else:
+            matched = seq.text.append(tok, check_stop=n_out >= p.min_tokens)
+            if matched is not None:
+                self._finish(seq, "stop", matched)
+            elif (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Seq, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.text.finish()
+        self.scheduler.finish(seq)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _report(self, req: Request) -> RequestOutput | None:
+        kind = req.params.output_kind
+        finished = req.finished
+        if req.final_reported or (kind == RequestOutputKind.FINAL_ONLY and not finished):
+            return None
+        outs = []
+        for seq in req.sequences:
+            visible = seq.text.visible
+            out_ids = seq.output_token_ids
+            if kind == RequestOutputKind.DELTA:
+                new_ids = out_ids[seq.reported_tokens:]
+                new_text = visible[seq.reported_chars:]
+                just_finished = seq.is_finished and not seq.final_reported
+                if not new_ids and not new_text and not just_finished:
+                    continue
+                outs.append(self._completion(seq, new_text, new_ids, seq.reported_tokens))
+            else:
+                outs.append(self._completion(seq, visible, list(out_ids), 0))
+            seq.reported_tokens, seq.reported_chars = len(out_ids), len(visible)
+            seq.final_reported = seq.is_finished
+        if finished:
+            req.final_reported = True
+        if not outs and not finished:
+            return None
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             outputs=outs, finished=finished, metrics=self._metrics(req))
+
+    def _completion(self, seq: Seq, text: str, ids: list[int], lp_from: int) -> CompletionOutput:
+        p = seq.params
+        return CompletionOutput(
+            index=seq.index, text=text, token_ids=list(ids),
+            cumulative_logprob=seq.cumulative_logprob if p.logprobs is not None else None,
+            logprobs=seq.logprobs[lp_from:] if p.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+
+    @staticmethod
+    def _metrics(req: Request) -> dict[str, float]:
+        m = {"arrival_time": req.arrival_time}
+        if req.first_token_time is not None:
+            m["time_to_first_token"] = req.first_token_time - req.arrival_time
+        return m
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        text: str | None = None
+        if isinstance(prompt, Mapping):
+            if prompt.get("prompt_token_ids") is not None:
+                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
+            elif isinstance(prompt.get("prompt"), str):
+                text = prompt["prompt"]
+                ids = None
+            else:
+                raise ValueError("a prompt dict needs 'prompt_token_ids' (a list of ints) or 'prompt' (a string)")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt
+        else:
+            raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        if ids is None:
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this engine has none (give prompt_token_ids)")
+            ids = self.tokenizer.encode(text)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of ints")
+        return text, list(ids)
+
+    def _check_request(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        bad = [t for t in ids if t < 0 or t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary); "
+                             f"got {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             f"prompt + output must fit, so at most {self.max_model_len - 1} prompt tokens")
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise ValueError(f"SamplingParams.logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    def _token_ids_of(self, text: str) -> int | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.token_to_id(text)
+
+    def _prompt_opens_thinking(self, ids: list[int]) -> bool:
+        start, end = self._think_ids
+        if start is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+        return last_start > last_end
+
+    # ------------------------------------------------------------------------------------------ state
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.default_sampling_params
+
+    def cache_usage(self) -> dict[str, int]:
+        """Free and total KV blocks and state slots (for monitoring and tests)."""
+        return {"free_blocks": self.cache.num_free_blocks, "num_blocks": self.cache.num_blocks,
+                "free_slots": self.cache.num_free_slots, "num_slots": self.cache.num_slots,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+
+
+__all__ = ["LLMEngine", "PromptType", "DEFAULT_EOS_TOKEN_IDS"]

@@ -1,0 +1,166 @@
+"""Sampling on a batch of logits, one row per sequence, each with its own `SamplingParams`.
+
+The steps and their order are those documented in `qwen35.engine.sampling`. Each function below is one
+definition, usable alone (the tests hold them to plain reference implementations).
+
+Randomness: every sampling (non-greedy) sequence has its own `torch.Generator`, seeded from
+`SamplingParams.seed` or, without one, from the engine's seed. A draw is one exponential variate per
+vocabulary entry and the token is argmax(p / E) (an exact sample of p: the "exponential race"). Each step of
+a sequence consumes the same amount of randomness whatever the batch and the filters, so a seeded request
+gives the same tokens alone or batched, chunked or preempted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.engine.outputs import Logprob
+from qwen35.engine.sampling import SAMPLING_EPS, SamplingParams
+
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------- definitions
+def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int], repetition_penalty: float,
+                    frequency_penalty: float, presence_penalty: float) -> torch.Tensor:
+    """One row [V]. Repetition over prompt + output tokens (positive logits divided, negative multiplied);
+    frequency (times the count) and presence (once) over output tokens only. Returns a new tensor."""
+    V = logits.shape[-1]
+    logits = logits.clone()
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+        ids = [t for t in (*prompt_ids, *output_ids) if t < V]
+        if ids:
+            seen[torch.as_tensor(ids, device=logits.device)] = True
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if (frequency_penalty != 0.0 or presence_penalty != 0.0) and output_ids:
+        ids = torch.as_tensor([t for t in output_ids if t < V], dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=V).to(logits.dtype)
+        logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits, [n] min_p: drop tokens with probability < min_p * (best probability)."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits, [n] k (0 = all): keep logits >= the k-th largest (ties at the boundary are kept)."""
+    V = logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > V), V, top_k).long()
+    kmax = int(k.max())
+    top = torch.topk(logits, kmax, dim=-1).values  # sorted descending
+    kth = top.gather(-1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits, [n] p: keep the smallest set of most likely tokens whose probability sum reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= top_p[:, None]
+    drop_sorted[:, 0] = False  # the best token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def sample_from_probs(probs: torch.Tensor, generators: Seq[torch.Generator | None]) -> torch.Tensor:
+    """[n, V] probabilities -> [n] token ids, row i drawn with generators[i] (exponential race)."""
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        noise[i].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- the sampler
+@dataclass
+class SamplerRow:
+    """What the sampler needs of one sequence."""
+
+    params: SamplingParams
+    prompt_ids: Seq[int]
+    output_ids: Seq[int]
+    generator: torch.Generator | None
+    masked_ids: Seq[int] = ()  # token ids that may not be sampled now (EOS/stop ids before min_tokens)
+    forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]  # raw logprob of each chosen token (None when not asked)
+    top_logprobs: list[dict[int, Logprob] | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        logits = logits.float()
+        n, V = logits.shape
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+        # Per-row edits (masks, penalties) before the batched part.
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            p = r.params
+            if r.masked_ids:
+                ids = [t for t in r.masked_ids if t < V]
+                if ids:
+                    logits[i, ids] = NEG_INF
+            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+                logits[i] = apply_penalties(logits[i], r.prompt_ids, r.output_ids, p.repetition_penalty,
+                                            p.frequency_penalty, p.presence_penalty)
+
+        chosen = logits.argmax(dim=-1)  # greedy rows keep this
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy and r.forced is None]
+        if random_rows:
+            idx = torch.as_tensor(random_rows, device=logits.device)
+            sub = logits[idx]
+            ps = [rows[i].params for i in random_rows]
+            temp = torch.tensor([p.temperature for p in ps], device=logits.device)
+            sub = sub / temp[:, None]
+            if any(p.min_p > 0 for p in ps):
+                sub = apply_min_p(sub, torch.tensor([p.min_p for p in ps], device=logits.device))
+            if any(p.top_k > 0 for p in ps):
+                sub = apply_top_k(sub, torch.tensor([p.top_k for p in ps], device=logits.device))
+            if any(p.top_p < 1.0 for p in ps):
+                sub = apply_top_p(sub, torch.tensor([p.top_p for p in ps], device=logits.device))
+            probs = torch.softmax(sub, dim=-1)
+            chosen[idx] = sample_from_probs(probs, [rows[i].generator for i in random_rows])
+        token_ids = chosen.tolist()
+        for i, r in enumerate(rows):
+            if r.forced is not None:
+                token_ids[i] = r.forced
+
+        lps: list[float | None] = [None] * n
+        tops: list[dict[int, Logprob] | None] = [None] * n
+        if raw_logprobs is not None:
+            for i, r in enumerate(rows):
+                if not want_lp[i]:
+                    continue
+                row = raw_logprobs[i]
+                tok = token_ids[i]
+                lp = float(row[tok]) if tok < V else NEG_INF
+                lps[i] = lp
+                d: dict[int, Logprob] = {}
+                k = min(r.params.logprobs, V)
+                if k:
+                    vals, ids = torch.topk(row, k)
+                    for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), start=1):
+                        d[t] = Logprob(v, rank)
+                if tok not in d:
+                    d[tok] = Logprob(lp, int((row > lp).sum()) + 1 if tok < V else None)
+                tops[i] = d
+        return SamplerOutput(token_ids, lps, tops)
+
+
+__all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_penalties", "apply_min_p", "apply_top_k",
+           "apply_top_p", "sample_from_probs", "SAMPLING_EPS"]

@@ -1,0 +1,131 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step shares one token budget (`max_num_batched_tokens`) among sequences; a sequence's work is
+"its tokens not yet in the cache": 1 for a decoding sequence, the rest of the prompt (in chunks) for a
+prefilling one, prompt + generated tokens for one coming back from preemption. Order of service:
+  1. running sequences that decode (one token each), oldest first: decodes are never starved by prefills;
+  2. running sequences in the middle of their prefill, oldest first, each up to the remaining budget;
+  3. waiting sequences, first come first served, while a slot, `max_num_seqs` and the budget allow.
+When a running sequence needs a KV block and none is free, the newest running sequence not yet scheduled
+this step is preempted: its slot and blocks are freed, its computed-token count is reset, and it goes back
+to the front of the waiting queue, to be recomputed later. If there is no such sequence the one asking is
+preempted itself. The oldest work always proceeds, so everything finishes as long as one sequence of
+`max_model_len` tokens fits in the cache (checked when the engine starts). No new sequence is admitted in a
+step that preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qwen35.engine.cache_manager import CacheManager
+from qwen35.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The work of one step: `num_tokens[i]` new tokens of `seqs[i]` after its `num_computed_tokens`."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order (oldest first)
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier one in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, out):
+                continue  # it preempted itself
+            self.cache.allocate(seq, seq.num_computed_tokens + n)
+            out.add(seq, n)
+            scheduled.add(id(seq))
+            budget -= n
+
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:
+        """Preempt until `seq` can hold `num_tokens`; False when `seq` had to be preempted itself."""
+        while not self.cache.can_allocate(seq, num_tokens):
+            victim = next((s for s in reversed(self.running) if s is not seq and id(s) not in scheduled), None)
+            if victim is None:
+                self._preempt(seq, out)
+                return False
+            self._preempt(victim, out)
+        return True
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            # Keep a block per running sequence in hand so that admitting does not force the next step's
+            # decodes to preempt right away (which would only waste the prefill done here).
+            reserve = len(self.running) if self.running else 0
+            if not self.cache.can_allocate(seq, seq.num_computed_tokens + n, reserve_blocks=reserve):
+                break
+            self.waiting.popleft()
+            self.cache.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.add(seq, n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq)
+        seq.num_computed_tokens = 0  # recompute: prompt + generated tokens are prefilled again from zero state
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    # ------------------------------------------------------------------------------------------------
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence wherever it is and free its cache."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.free(seq)
+        seq.status = SequenceStatus.FINISHED

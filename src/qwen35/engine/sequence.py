@@ -1,0 +1,99 @@
+"""A request and its sequences.
+
+A `Request` is what a caller adds: one prompt and one `SamplingParams`. It owns `n` `Sequence`s (one per
+completion asked for); each sequence is scheduled, cached and sampled on its own. A sequence's cache
+footprint is its GDN state slot plus the KV blocks covering its tokens (`slot`, `block_table`), managed by
+`CacheManager`; `num_computed_tokens` counts the tokens already in the cache. Preemption frees both and sets
+`num_computed_tokens` back to 0, so the sequence is recomputed from its prompt and generated tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qwen35.engine.outputs import Logprob
+
+if TYPE_CHECKING:
+    from qwen35.engine.detokenize import OutputText
+    from qwen35.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt followed by generated tokens
+    num_prompt_tokens: int
+    generator: torch.Generator | None  # None for greedy sequences: they draw no random numbers
+    text: OutputText
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    # sampling state
+    thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    # outcome
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # what has been reported (for DELTA outputs)
+    reported_tokens: int = 0
+    reported_chars: int = 0
+    final_reported: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    final_reported: bool = False
+    # free-form data a front end keeps with the request (e.g. the chat stream parser)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)
