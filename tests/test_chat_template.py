@@ -1,6 +1,5 @@
 """The built-in renderer is byte-identical to the official template rendered with jinja (ours, and
-transformers'
-own renderer as an outside check), and invalid conversations raise the template's messages."""
+transformers' own renderer as an outside check), and invalid conversations raise the template's messages."""
 
 from __future__ import annotations
 

@@ -214,6 +214,8 @@ def test_folder_without_tokenizer_files_uses_builtin(tok, tmp_path):
     assert load_tokenizer("Qwen3.5-397B-A17B").vocab_size == tok.vocab_size
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="hub ids"):
+        load_tokenizer("Qwen/Qwen3.5-0.8B-not-downloaded")  # its template may differ: no silent built-in
 
 
 def test_reference_folder_template_and_eos():

@@ -522,17 +522,20 @@ class IncrementalDetokenizer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _looks_like_builtin_name(name: str) -> bool:
+def _looks_like_preset_name(name: str) -> bool:
+    """A Qwen3.5/3.6 preset name (``Qwen3.5-397B-A17B``), not a path and not a hub id (``org/name``)."""
     low = name.lower()
-    return "qwen3.5" in low or "qwen3.6" in low or "qwen3_5" in low or "qwen3_6" in low
+    if "/" in name or "\\" in name or low.endswith((".json", ".jinja", ".txt")):
+        return False
+    return low.startswith(("qwen3.5", "qwen3.6", "qwen3_5", "qwen3_6"))
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """Tokenizer of a checkpoint folder (``tokenizer.json``, else ``vocab.json`` + ``merges.txt``), else the
-    built-in Qwen3.5 vocabulary (``path`` None, a folder with neither file, or a Qwen3.5/3.6 preset or hub
-    name that is not a local path). The folder's ``generation_config.json`` gives ``eos_token_ids`` and its
-    chat
-    template (``chat_template.jinja`` or ``tokenizer_config.json``) is kept in ``chat_template``."""
+    built-in Qwen3.5 vocabulary (``path`` None, a folder with neither file, or a Qwen3.5/3.6 preset name such
+    as ``Qwen3.5-397B-A17B``; a hub id must be resolved to its folder first). The folder's
+    ``generation_config.json`` gives ``eos_token_ids``; its chat template (``chat_template.jinja`` or
+    ``tokenizer_config.json``) is kept in ``chat_template``."""
     from .chat.template import load_chat_template
 
     folder: Path | None = None
@@ -542,10 +545,10 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
             p = p.parent
         if p.is_dir():
             folder = p
-        elif not _looks_like_builtin_name(str(path)):
+        elif not _looks_like_preset_name(str(path)):
             raise FileNotFoundError(
-                f"{path!s} is neither a folder nor a Qwen3.5/3.6 preset name; "
-                "pass None for the built-in vocabulary"
+                f"{path!s} is neither a folder nor a Qwen3.5/3.6 preset name (resolve hub ids to a folder "
+                "first; pass None for the built-in vocabulary)"
             )
 
     eos = _eos_from_folder(folder)

@@ -3,12 +3,11 @@
 Byte-identical to ``chat_template.jinja`` of the official checkpoints (the tests hold it to a jinja rendering
 of that file), including its quirks: content is trimmed, ``reasoning_content`` is kept only for assistant
 turns after the last real user query, inline ``<think>...</think>`` is split out of assistant content when
-there is no
-``reasoning_content``, tool-call argument values that are dicts or lists are JSON, other values are
-``str()``-ed (so ``True`` renders as ``True``), consecutive ``tool`` messages share one user turn.
+there is no ``reasoning_content``, tool-call argument values that are dicts or lists are JSON, other values
+are ``str()``-ed (so ``True`` renders as ``True``), consecutive ``tool`` messages share one user turn.
 
-Messages are expected already normalised by :func:`qwen35.chat.template.normalize_messages` (``render`` does
-it).
+Messages are expected already normalised by :func:`qwen35.chat.template.normalize_messages` (``render``
+does it).
 """
 
 from __future__ import annotations

@@ -17,8 +17,7 @@ The rules (both implementations follow them; the tests hold the stream to the wh
   parameters the schema does not describe are strings. With ``tools`` None or empty, function names are not
   checked. A final ``</parameter>`` missing right before ``</function>`` is tolerated.
 * A call that is malformed, unknown (name not in ``tools``), truncated (no ``</tool_call>``), or interrupted
-  by
-  another ``<tool_call>`` or a think tag is never dropped: its raw text, tags included, is content.
+  by another ``<tool_call>`` or a think tag is never dropped: its raw text, tags included, is content.
 * Text before the first call is content. Text between or after calls is content unless it is only whitespace.
 * ``reasoning_content`` and ``content`` are stripped of leading and trailing whitespace as a whole, and are
   None when empty (as vLLM). ``tool_calls`` is always a list (empty when there are none).
@@ -70,8 +69,7 @@ def _random_id(index: int) -> str:
 @dataclass
 class ParsedOutput:
     """What the model said: ``reasoning_content`` (None if none), ``content`` (None if none) and
-    ``tool_calls``
-    (a list of OpenAI tool-call dicts, possibly empty)."""
+    ``tool_calls`` (a list of OpenAI tool-call dicts, possibly empty)."""
 
     reasoning_content: str | None = None
     content: str | None = None
@@ -428,12 +426,19 @@ class StreamParser:
         self._n_calls = 0
         self._out: list[dict[str, Any]] = []
         self._finished = False
-        self.text = ""  #: everything fed so far
+        self._fed: list[str] = []
 
     @property
     def in_reasoning(self) -> bool:
         """True while the output is still in the think block."""
         return self._state in ("start", "reasoning") and (self._state != "start" or self._thinking)
+
+    @property
+    def text(self) -> str:
+        """Everything fed so far."""
+        if len(self._fed) > 1:
+            self._fed = ["".join(self._fed)]
+        return self._fed[0] if self._fed else ""
 
     @property
     def num_tool_calls(self) -> int:
@@ -444,7 +449,7 @@ class StreamParser:
         if self._finished:
             raise RuntimeError("StreamParser.feed() after finish()")
         if text:
-            self.text += text
+            self._fed.append(text)
             self._buf += text
             self._run(final=False)
         return self._take()

@@ -3,8 +3,8 @@
 ``render(messages, tools, add_generation_prompt, template=None, **template_kwargs)``:
 
 * ``template`` given (the text of ``chat_template.jinja`` or the ``chat_template`` of
-  ``tokenizer_config.json``):
-  rendered in a sandboxed jinja2 environment that behaves as the one of ``transformers``
+  ``tokenizer_config.json``): rendered in a sandboxed jinja2 environment that behaves as the one of
+  ``transformers``
   (``trim_blocks``/``lstrip_blocks``, loop controls, ``tojson`` without ASCII or HTML escaping,
   ``raise_exception``, ``strftime_now``, a no-op ``{% generation %}`` block);
 * ``template=None``: :func:`qwen35.chat.builtin.render_builtin`, Python written to be byte-identical to the
