@@ -503,6 +503,21 @@ def test_invalid_conversations(official, msgs, message, with_tools):
     assert isinstance(e1.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "msgs",
+    [
+        [U, {"role": "assistant", "content": "", "tool_calls": [call("search", ["not", "a", "dict"])]}],
+        [U, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
+        [{"role": "user", "content": [5]}],
+    ],
+)
+def test_other_invalid_inputs_raise_value_errors(official, msgs):
+    with pytest.raises(ChatTemplateError):
+        render(msgs)
+    with pytest.raises(ChatTemplateError):
+        render(msgs, template=official)
+
+
 def test_bad_arguments_json():
     msgs = [U, {"role": "assistant", "content": "", "tool_calls": [call("search", "{not json")]}]
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -305,6 +305,15 @@ def test_incremental_detokenizer_random_ids_equal_full_decode(tok):
             assert "".join(_stream(tok, ids, chunks, skip)) == full, ids
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(tok):
+    # the model's embedding is padded to 248320 rows; a sampled padding id must not crash the stream
+    ids = [9419, 248100, 248319, 9419]
+    assert tok.decode(ids) == "HelloHello"
+    assert "".join(_stream(tok, ids, [1, 1, 1])) == "HelloHello"
+    with pytest.raises(ValueError):
+        tok.detokenizer().add(-1)
+
+
 def test_token_bytes_table_matches_backend(tok, hf_json_dir):
     other = load_tokenizer(hf_json_dir)  # table built from the tokenizer.json vocabulary
     assert other.token_bytes() == tok.token_bytes()

@@ -223,7 +223,7 @@ def _cache_dir() -> Path:
 
 def _splits_cached(data: bytes, tokens: Sequence[bytes]) -> bytearray:
     digest = hashlib.sha256(data).hexdigest()[:20]
-    path = _cache_dir() / f"bpe-splits-{digest}.bin"
+    path = _cache_dir() / f"bpe-splits-v1-{digest}.bin"
     try:
         cached = path.read_bytes()
         if len(cached) == len(tokens):
@@ -496,11 +496,15 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.add() after finish()")
         if isinstance(token_ids, int):
             token_ids = (token_ids,)
-        table, skip = self._table, self._skip
+        table, skip, n = self._table, self._skip, len(self._table)
         chunk = []
         for i in token_ids:
+            if i < 0:
+                raise ValueError(f"negative token id {i}")
             self.token_ids.append(i)
-            if i not in skip:
+            if (
+                i < n and i not in skip
+            ):  # ids past the vocabulary (the model's padding rows) decode to nothing
                 chunk.append(table[i])
         if not chunk:
             return ""

@@ -149,6 +149,8 @@ def render_jinja(
         )
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(str(e)) from e
+    except TypeError as e:  # e.g. a template filter applied to a value of the wrong type
+        raise ChatTemplateError(f"chat template failed on this conversation: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
