@@ -192,11 +192,10 @@ def test_matches_hf_tokenizer_json(tok, reference, hf_json_dir):
 
 def test_vocab_merges_folder_and_special_split(tok, tmp_path):
     # a folder with vocab.json + merges.txt (our own merges): same ids
-    data = json.loads(tok.backend.to_str())
-    (tmp_path / "vocab.json").write_text(json.dumps(data["model"]["vocab"], ensure_ascii=False))
-    merges = data["model"]["merges"]
-    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    assert sorted(tok.backend.model.save(str(tmp_path))) == [
+        str(tmp_path / "merges.txt"),
+        str(tmp_path / "vocab.json"),
+    ]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 248046}))
     other = load_tokenizer(tmp_path)
     assert other.eos_token_ids == (248046,)

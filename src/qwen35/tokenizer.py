@@ -25,6 +25,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -124,7 +125,8 @@ def _byte_to_char() -> list[str]:
 
 
 _BYTE_TO_CHAR = _byte_to_char()
-_CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
+_BYTELEVEL_TO_LATIN1 = {ord(c): chr(b) for b, c in enumerate(_BYTE_TO_CHAR)}
+_BYTELEVEL_RE = re.compile("[" + re.escape("".join(_BYTE_TO_CHAR)) + "]*")
 # str.translate table: a latin-1 decoded byte string -> its byte-level spelling
 _LATIN1_TO_BYTELEVEL = {b: c for b, c in enumerate(_BYTE_TO_CHAR)}
 
@@ -134,10 +136,9 @@ def _bytes_to_token_str(b: bytes) -> str:
 
 
 def _token_str_to_bytes(s: str) -> bytes | None:
-    try:
-        return bytes(_CHAR_TO_BYTE[c] for c in s)
-    except KeyError:
+    if _BYTELEVEL_RE.fullmatch(s) is None:
         return None
+    return s.translate(_BYTELEVEL_TO_LATIN1).encode("latin-1")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,17 +252,10 @@ def _pipeline(bpe: models.Model, added: Iterable[tuple[int, str, bool]]) -> toke
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    added = sorted(added)
-    base = tok.get_vocab_size(with_added_tokens=False)
-    for idx, content, special in added:
-        if idx < base:
-            continue  # already a vocabulary entry
+    for idx, content, special in sorted(added):
+        # a token already in the vocabulary keeps its id (and is now matched whole in text)
+        tok.add_tokens([AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False)])
         got = tok.token_to_id(content)
-        if got is None:
-            tok.add_tokens(
-                [AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False)]
-            )
-            got = tok.token_to_id(content)
         if got != idx:
             raise ValueError(f"added token {content!r} got id {got}, expected {idx} (ids must be contiguous)")
     return tok
