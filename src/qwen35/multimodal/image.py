@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen35.multimodal.media import load_image
+from qwen35.multimodal.media import MediaError, load_image
 
 __all__ = [
     "IMAGE_PAD",
@@ -153,7 +153,7 @@ def to_rgb_array(image: Any) -> np.ndarray:
 
 
 def patchify(chw: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int) -> np.ndarray:
-    """Flatten one normalised (C, H, W) float32 image into rows of C*T*p*p in the reference order (module doc)."""
+    """Flatten one (C, H, W) image (any dtype) into rows of C*T*p*p in the reference order (see the module doc)."""
     channels, height, width = chw.shape
     grid_h, grid_w = height // patch_size, width // patch_size
     blocks = chw.reshape(channels, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size,
@@ -332,12 +332,16 @@ class ImageProcessor:
         """Expand each ``<|image_pad|>`` to its image's token count (see :func:`expand_image_tokens`)."""
         return expand_image_tokens(text, image_grid_thw, self.merge_size)
 
-    def _normalise(self, rgb: np.ndarray) -> np.ndarray:
-        # Same arithmetic as the reference: float64 rescale, float32 storage, float32 (x - mean) / std.
-        scaled = (rgb.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        return ((scaled - mean) / std).transpose(2, 0, 1)
+    def _lookup_table(self) -> np.ndarray:
+        """float32 [3, 256]: the normalised value of every uint8 level in every channel.
+
+        Computed with the reference's arithmetic (float64 rescale, float32 storage, float32 ``(x - mean) / std``), so
+        looking values up gives bit-identical results while skipping a float64 pass over large images.
+        """
+        levels = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return (levels[None, :] - mean) / std
 
     def process_one(self, image: Any, *, min_pixels: int | None = None, max_pixels: int | None = None,
                     allow_remote: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -348,7 +352,9 @@ class ImageProcessor:
         height, width = rgb.shape[:2]
         new_h, new_w = self.target_size(height, width, min_pixels, max_pixels)
         resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
-        patches = patchify(self._normalise(resized), self.patch_size, self.merge_size, self.temporal_patch_size)
+        # Map uint8 levels to normalised floats by table (one gather per value), then cut into patches.
+        normalised = self._lookup_table()[np.arange(3)[:, None, None], resized.transpose(2, 0, 1)]
+        patches = patchify(normalised, self.patch_size, self.merge_size, self.temporal_patch_size)
         return patches, (1, new_h // self.patch_size, new_w // self.patch_size)
 
     def __call__(self, images: Any, *, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -372,10 +378,13 @@ class ImageProcessor:
                 patches, grid = self.process_one(image, min_pixels=min_pixels, max_pixels=max_pixels,
                                                  allow_remote=allow_remote)
             except ValueError as exc:
-                raise ValueError(f"image {index}: {exc}") from exc
+                # Name the failing item; keep MediaError recognisable for callers that map it to a 4xx answer.
+                raise (MediaError if isinstance(exc, MediaError) else ValueError)(f"image {index}: {exc}") from exc
             all_patches.append(patches)
             grids.append(grid)
+        # A single image needs no concatenation copy (its patches can be hundreds of MB).
+        pixel_values = all_patches[0] if len(all_patches) == 1 else np.concatenate(all_patches, axis=0)
         return {
-            "pixel_values": torch.from_numpy(np.concatenate(all_patches, axis=0)),
+            "pixel_values": torch.from_numpy(pixel_values),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long),
         }

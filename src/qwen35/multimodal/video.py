@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from qwen35.multimodal.image import VisionGeometry, _grid_rows, _pixel_limits, _read_json, to_rgb_array
-from qwen35.multimodal.media import open_video_source
+from qwen35.multimodal.media import MediaError, open_video_source
 
 __all__ = [
     "VIDEO_PAD",
@@ -491,7 +491,8 @@ class VideoProcessor:
                     results.append(self.process_file(video, fps=fps, num_frames=num_frames, min_pixels=min_pixels,
                                                      max_pixels=max_pixels, allow_remote=allow_remote))
             except ValueError as exc:
-                raise ValueError(f"video {index}: {exc}") from exc
+                # Name the failing item; keep MediaError recognisable for callers that map it to a 4xx answer.
+                raise (MediaError if isinstance(exc, MediaError) else ValueError)(f"video {index}: {exc}") from exc
         return {
             "pixel_values_videos": torch.cat([r["pixel_values"] for r in results], dim=0),
             "video_grid_thw": torch.tensor([r["grid_thw"] for r in results], dtype=torch.long),
