@@ -57,7 +57,7 @@ def test_padded_batch_rows_equal_sequences_alone(pair, side):
         else:
             mask[i, :n] = 1
     out = ours(ids, attention_mask=mask)
-    for i, n in enumerate(lens):
+    for i in range(len(lens)):
         real = mask[i].bool()
         alone = ids[i, real][None]
         assert_logits_close(out[i, real][None], hf_logits(ref, alone))

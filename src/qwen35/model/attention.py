@@ -10,6 +10,7 @@ from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import apply_rotary
+from qwen35.ops.linear import Linear
 
 
 def paged_indices(block_table: list[int], start: int, end: int, block_size: int, device) -> torch.Tensor:
@@ -43,10 +44,10 @@ class GatedAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         H, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(H, self.num_heads * D * 2, bias=False)  # per head: [query | gate]
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        self.q_proj = Linear(H, self.num_heads * D * 2)  # per head: [query | gate]
+        self.k_proj = Linear(H, self.num_kv_heads * D)
+        self.v_proj = Linear(H, self.num_kv_heads * D)
+        self.o_proj = Linear(self.num_heads * D, H)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.scale = D**-0.5

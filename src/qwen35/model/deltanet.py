@@ -10,6 +10,7 @@ from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNormGated
 from qwen35.ops import causal_conv1d, causal_conv1d_step, gated_delta_rule_chunked, gated_delta_step
+from qwen35.ops.linear import Linear
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -25,16 +26,16 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.Hk * self.dk, self.Hv * self.dv
         self.conv_dim = cfg.conv_dim
         H = cfg.hidden_size
-        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)  # rows q | k | v
-        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(H, self.Hv, bias=False)
-        self.in_proj_a = nn.Linear(H, self.Hv, bias=False)
+        self.in_proj_qkv = Linear(H, self.conv_dim)  # rows q | k | v
+        self.in_proj_z = Linear(H, self.value_dim)
+        self.in_proj_b = Linear(H, self.Hv)
+        self.in_proj_a = Linear(H, self.Hv)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.linear_conv_kernel_dim, groups=self.conv_dim,
                                 bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.Hv))
         self.A_log = nn.Parameter(torch.zeros(self.Hv))
         self.norm = RMSNormGated(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        self.out_proj = Linear(self.value_dim, H)
 
     def _qkv_heads(self, mixed: torch.Tensor):
         """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v."""

@@ -7,14 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import TextConfig
+from qwen35.ops.linear import Linear, linear
 
 
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -57,8 +58,8 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             tok = token_of[start : start + c]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w_sorted[start : start + c, None]
+            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_proj[e]) * w_sorted[start : start + c, None]
             out.index_add_(0, tok, y.to(out.dtype))
             start += c
         return out
@@ -71,7 +72,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(H, cfg.num_experts, cfg.num_experts_per_tok)
         self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
         self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+        self.shared_expert_gate = Linear(H, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)

@@ -15,6 +15,7 @@ from qwen35.model.cache import ForwardBatch
 from qwen35.model.decoder import DecoderLayer
 from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import MRotaryEmbedding
+from qwen35.ops.linear import Linear
 
 
 class MTPHead(nn.Module):
@@ -23,7 +24,7 @@ class MTPHead(nn.Module):
         H = cfg.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(H, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(H, cfg.rms_norm_eps)
-        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.fc = Linear(2 * H, H)
         # Its KV lives after the model's own layers in the cache (HybridCache(extra_attention_layers=1)).
         self.layers = nn.ModuleList([DecoderLayer(cfg, "full_attention", cfg.is_moe, cfg.num_hidden_layers)])
         self.norm = RMSNorm(H, cfg.rms_norm_eps)

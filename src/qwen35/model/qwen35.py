@@ -10,7 +10,6 @@ Two ways in:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import ModelConfig
@@ -19,6 +18,7 @@ from qwen35.model.decoder import TextModel
 from qwen35.model.mtp import MTPHead
 from qwen35.model.vision import VisionTower
 from qwen35.multimodal.positions import mrope_positions
+from qwen35.ops.linear import Linear, linear
 
 
 class Qwen35Model(nn.Module):
@@ -27,7 +27,7 @@ class Qwen35Model(nn.Module):
         self.config = config
         cfg = config.text
         self.model = TextModel(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         if with_mtp is None:
             with_mtp = cfg.mtp_num_hidden_layers > 0
         if with_vision is None:
@@ -42,7 +42,7 @@ class Qwen35Model(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight)
+        return linear(hidden, self.head_weight)
 
     def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
         """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""

@@ -1,0 +1,165 @@
+// Memory-bound matrix-vector products for decoding on x86 CPUs.
+//
+// y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m (decode batches), W stored row-major in bf16
+// (or int8 with one fp32 scale per row). Decoding reads every weight once per token, so the speed limit
+// is memory bandwidth: each weight row is streamed once and dotted with all M inputs while in cache.
+// With AVX512-BF16 the dot products use vdpbf16ps (bf16 pairs -> fp32 accumulate); otherwise bf16 is
+// widened to fp32 with a shift and fused multiply-add. Results are accumulated in fp32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+namespace {
+
+constexpr int kMaxM = 8;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#if defined(__AVX512F__)
+inline __m512 widen_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+// R consecutive output rows for all M inputs (R independent accumulator chains hide the FMA latency).
+// x is bf16 [M, K] with row stride ldx; out is [R][kMaxM].
+template <int R>
+inline void rows_bf16(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t ldx,
+                      float out[][kMaxM]) {
+  int64_t k = 0;
+#if defined(__AVX512BF16__)
+  __m512 acc[R][kMaxM];
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (; k + 32 <= K; k += 32) {
+    for (int r = 0; r < R; ++r) {
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+      for (int64_t m = 0; m < M; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+#elif defined(__AVX512F__)
+  __m512 acc[R][kMaxM];
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    for (int r = 0; r < R; ++r) {
+      __m512 wv = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 xv = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k)));
+        acc[r][m] = _mm512_fmadd_ps(wv, xv, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) out[r][m] = 0.f;
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) {
+      float wk = bf16_to_float(w[r * K + k]);
+      for (int64_t m = 0; m < M; ++m) out[r][m] += wk * bf16_to_float(x[m * ldx + k]);
+    }
+}
+
+// int8 weights with a per-row fp32 scale; x is fp32 [M, K].
+inline void row_int8(const int8_t* w, float scale, const float* x, int64_t K, int64_t M, int64_t ldx, float* out) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 acc[kMaxM];
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m]);
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+  for (int64_t m = 0; m < M; ++m) out[m] = 0.f;
+#endif
+  for (; k < K; ++k)
+    for (int64_t m = 0; m < M; ++m) out[m] += static_cast<float>(w[k]) * x[m * ldx + k];
+  for (int64_t m = 0; m < M; ++m) out[m] *= scale;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "gemv: x must be [M, K] and w [N, K]");
+  TORCH_CHECK(x.size(1) == w.size(1), "gemv: x has K=", x.size(1), " but w has K=", w.size(1));
+  TORCH_CHECK(x.size(0) <= kMaxM, "gemv: at most ", kMaxM, " rows");
+  TORCH_CHECK(w.is_contiguous() && x.stride(1) == 1, "gemv: w must be contiguous and x row-major");
+}
+
+}  // namespace
+
+// x: bf16 [M, K], w: bf16 [N, K] -> fp32 [M, N]
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 inputs");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    float out[4][kMaxM];
+    int64_t n = n0;
+    if (M <= 2) {
+      for (; n + 4 <= n1; n += 4) {
+        rows_bf16<4>(wp + n * K, K, xp, M, ldx, out);
+        for (int r = 0; r < 4; ++r)
+          for (int64_t m = 0; m < M; ++m) yp[m * N + n + r] = out[r][m];
+      }
+    }
+    for (; n < n1; ++n) {
+      rows_bf16<1>(wp + n * K, K, xp, M, ldx, out);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[0][m];
+    }
+  });
+  return y;
+}
+
+// x: fp32 [M, K], w: int8 [N, K], scale: fp32 [N] -> fp32 [M, N]
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "gemv_int8: x fp32, w int8, scale fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[kMaxM];
+    for (int64_t n = n0; n < n1; ++n) {
+      row_int8(wp + n * K, sp[n], xp, K, M, ldx, out);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m];
+    }
+  });
+  return y;
+}
+
+std::string isa() {
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512f";
+#else
+  return "scalar";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
+  m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
+  m.def("isa", &isa, "instruction set the kernels were compiled for");
+}

@@ -1,0 +1,89 @@
+"""The CPU GEMV kernels equal their plain twin (fp32 matmul of the same bf16 / int8 values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35.ops import linear as lin
+
+kernels = lin.cpu_kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels could not be compiled here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 100), (256, 1024), (1000, 3584), (64, 31)])
+def test_gemv_bf16_equals_fp32_matmul(rows, n, k):
+    gen = torch.Generator().manual_seed(n * k + rows)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    expected = x.double() @ w.double().T
+    got = kernels.gemv_bf16(x, w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+@needs_kernels
+def test_gemv_int8_equals_dequantized_matmul():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (300, 515), generator=gen, dtype=torch.int8)
+    scale = torch.rand(300, generator=gen) / 100
+    x = torch.randn(3, 515, generator=gen)
+    expected = x.double() @ (w.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(kernels.gemv_int8(x, w, scale).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_gemv_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="K="):
+        kernels.gemv_bf16(torch.zeros(1, 8).bfloat16(), torch.zeros(4, 9).bfloat16())
+    with pytest.raises(RuntimeError, match="at most"):
+        kernels.gemv_bf16(torch.zeros(9, 8).bfloat16(), torch.zeros(4, 8).bfloat16())
+
+
+def test_linear_dispatch_matches_twin():
+    """`linear` (kernel for few rows, F.linear otherwise) equals F.linear to bf16 rounding."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=gen).bfloat16()
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        ref = x.float() @ w.float().T
+        out = lin.linear(x, w)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    x32 = torch.randn(2, 64, generator=gen)
+    torch.testing.assert_close(lin.linear(x32, w.float()), x32 @ w.float().T)
+
+
+@needs_kernels
+def test_bf16_model_decode_with_and_without_kernels(tmp_path):
+    """The whole bf16 model, prefill + decode over the cache: kernel path vs F.linear twin."""
+    import json
+
+    import qwen35
+    from conftest import text_config
+    from qwen35.model import ForwardBatch
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe_text", **text_config(moe=True)}))
+    model = qwen35.load_model(tmp_path, load_format="dummy", dtype="bfloat16")
+    ids = torch.randint(0, 131, (30,), generator=torch.Generator().manual_seed(0))
+
+    def run(enabled: bool) -> torch.Tensor:
+        previous = lin.set_cpu_kernels(enabled)
+        try:
+            cache = model.new_cache(1, 64)
+            seq = cache.new_sequence()
+            outs = []
+            for n in (20, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
+                b = ForwardBatch.for_sequences(cache, [seq], [n])
+                outs.append(model.compute_logits(model.forward_batch(ids[seq.num_tokens:seq.num_tokens + n], b)))
+                seq.num_tokens += n
+            return torch.cat(outs).float()
+        finally:
+            lin.set_cpu_kernels(previous)
+
+    fast, slow = run(True), run(False)
+    scale = float(slow.abs().max())
+    assert float((fast - slow).abs().max()) <= 0.03 * scale
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.9
