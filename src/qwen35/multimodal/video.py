@@ -141,7 +141,10 @@ def frame_timestamps(indices: Sequence[int], video_fps: float, temporal_patch_si
 
 def _resize_frame(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(3, height, width) uint8: bicubic with antialiasing on uint8, what torchvision's resize runs on CPU."""
-    frame = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # arrays viewing PIL memory are read-only; torch wants to own writable memory
+        rgb = rgb.copy()
+    frame = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
     if frame.shape[1:] == (height, width):
         return frame
     out = torch.nn.functional.interpolate(frame[None], size=(height, width), mode="bicubic", align_corners=False,
