@@ -162,7 +162,9 @@ def patchify(chw: np.ndarray, patch_size: int, merge_size: int, temporal_patch_s
     blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)
     # The still image is repeated over the temporal axis, which sits between channel and pixel rows.
     blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal_patch_size, *blocks.shape[5:]))
-    return blocks.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    rows = blocks.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    # The reshape almost always copies; when it can return a (read-only, broadcast) view, copy so callers own it.
+    return rows if rows.flags.writeable and rows.flags.c_contiguous else rows.copy()
 
 
 def _grid_rows(grid_thw: Any) -> list[tuple[int, int, int]]:
