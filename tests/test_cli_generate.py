@@ -52,11 +52,18 @@ def test_generate_hub_id_offline(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "qwen35.cli", "generate", "tiny-org/tiny-qwen", "Hello",
-                           "--load-format", "dummy", "--max-tokens", "3", "--temperature", "0"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    # One interpreter for both runs (the hub reads its settings at import, so they go in the environment).
+    script = (
+        "import sys\n"
+        "from qwen35.cli import main\n"
+        "rc = main(['generate', 'tiny-org/tiny-qwen', 'Hello', '--load-format', 'dummy', '--max-tokens', '3',"
+        " '--temperature', '0'])\n"
+        "print('\\nRC1', rc)\n"
+        "rc = main(['generate', 'tiny-org/not-cached', 'Hello', '--load-format', 'dummy'])\n"
+        "print('RC2', rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
-    proc = subprocess.run([sys.executable, "-m", "qwen35.cli", "generate", "tiny-org/not-cached", "Hello",
-                           "--load-format", "dummy"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not-cached" in proc.stderr
+    text, _, rest = proc.stdout.rpartition("\nRC1 ")
+    assert text.strip() and rest.split() == ["0", "RC2", "2"], proc.stdout
+    assert "not-cached" in proc.stderr and "offline" in proc.stderr

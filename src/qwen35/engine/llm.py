@@ -176,14 +176,16 @@ class LLM:
 
     def _add_all(self, items: list[tuple[PromptType, dict | None, SamplingParams]], kind: RequestOutputKind,
                  ) -> list[str]:
-        # Check everything first: a bad prompt in the middle must not leave the earlier ones queued.
+        # Tokenise and check everything first: a bad prompt in the middle must not leave the earlier ones queued.
+        ready = []
         for prompt, _, sp in items:
-            _, ids = self.engine._prompt_ids(prompt)
-            self.engine._check_request(ids, sp)
+            text, tokens = self.engine._prompt_ids(prompt)
+            self.engine._check_request(tokens, sp)
+            ready.append(({"prompt": text, "prompt_token_ids": tokens}, sp.clone(output_kind=kind)))
         ids: list[str] = []
         try:
-            for prompt, _, sp in items:
-                ids.append(self.engine.add_request(None, prompt, sp.clone(output_kind=kind)))
+            for prompt, sp in ready:
+                ids.append(self.engine.add_request(None, prompt, sp))
         except BaseException:
             self.engine.abort_request(ids)
             raise

@@ -205,8 +205,11 @@ class LLMEngine:
         masked: tuple[int, ...] = ()
         if seq.num_output_tokens < p.min_tokens:
             masked = (*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids)
-        return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens],
-                          output_ids=seq.output_token_ids, generator=seq.generator, masked_ids=masked)
+        # Token lists are copied only for the penalties that read them (long contexts make copies costly).
+        penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
+                          output_ids=seq.output_token_ids if penalised else (), generator=seq.generator,
+                          masked_ids=masked)
 
     def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
                      ) -> list[RequestOutput]:
