@@ -89,11 +89,13 @@ def test_request_that_can_never_fit_is_refused(model):
     with pytest.raises(ValueError, match="max_model_len"):
         engine_llm(model, kv_cache_memory_bytes=slot + 10 * block, max_model_len=1000)
     llm = engine_llm(model, kv_cache_memory_bytes=slot + 10 * block)  # max_model_len follows the budget
-    assert llm.engine.max_model_len == 160
+    plan = llm.engine.plan
+    assert llm.engine.max_model_len == plan.num_blocks * 16 < 160 and plan.num_slots > 1
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([[1] * 300], SamplingParams(max_tokens=2))
-    out = llm.generate([[1] * 150], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
-    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 10  # 150 + 10 = 160
+        llm.generate([[1] * llm.engine.max_model_len], SamplingParams(max_tokens=2))
+    prompt_len = llm.engine.max_model_len - 10
+    out = llm.generate([[1] * prompt_len], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 10
 
 
 def test_thousand_short_requests_free_everything(model):

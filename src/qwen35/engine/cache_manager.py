@@ -10,7 +10,8 @@ that starts at position 0 from zero state, so a reused slot or block never leaks
 
 Sizing (`plan_cache`): a memory budget is split into slots (at most `max_num_seqs`, at most half the budget)
 and blocks (the rest). The plan must hold one sequence of `max_model_len` tokens, else the engine refuses to
-start with a message saying what to change.
+start with a message saying what to change; without a `max_model_len` it is what the blocks hold (at most the
+model's `max_position_embeddings`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger("qwen35")
 #: default share of free memory given to the cache, and the cap on CPU (RAM is shared with everything else)
 GPU_MEMORY_FRACTION = 0.9
 CPU_MEMORY_FRACTION = 0.25
-CPU_CACHE_CAP_BYTES = 8 << 30
+CPU_CACHE_CAP_BYTES = 4 << 30
 
 
 class CacheManager:
@@ -90,6 +91,7 @@ class CachePlan:
     slot_bytes: int
     block_bytes: int
     budget_bytes: int
+    max_model_len: int
 
     @property
     def total_bytes(self) -> int:
@@ -125,16 +127,26 @@ def default_cache_budget(device: torch.device) -> int:
     return int(min(free * CPU_MEMORY_FRACTION, CPU_CACHE_CAP_BYTES))
 
 
-def plan_cache(cfg: TextConfig, dtype: torch.dtype, budget_bytes: int, max_num_seqs: int, max_model_len: int,
-               block_size: int = 16) -> CachePlan:
+def plan_cache(cfg: TextConfig, dtype: torch.dtype, budget_bytes: int, max_num_seqs: int, max_model_len: int | None,
+               block_size: int = 16, max_position_embeddings: int | None = None) -> CachePlan:
     """Split `budget_bytes` between state slots and KV blocks.
 
-    Slots: at most `max_num_seqs`, at most half the budget, at least one. Blocks: the rest, but never more
-    than `max_num_seqs` sequences of `max_model_len` tokens could use (memory nobody can use is not taken).
+    Slots: at most `max_num_seqs`, at most half the budget, at least one. Blocks: the rest, but never more than
+    the slots' sequences of `max_model_len` tokens could use (memory nobody can use is not taken).
+    `max_model_len` None: the longest the blocks hold, at most `max_position_embeddings`.
     Raises ValueError when one sequence of `max_model_len` tokens does not fit.
     """
     slot_bytes = max(1, HybridCache.slot_bytes(cfg, dtype))
     block_bytes = max(1, HybridCache.token_kv_bytes(cfg, dtype) * block_size)
+    num_slots = max(1, min(max_num_seqs, (budget_bytes // 2) // slot_bytes))
+    if max_model_len is None:
+        limit = max_position_embeddings or cfg.max_position_embeddings
+        blocks = (budget_bytes - num_slots * slot_bytes) // block_bytes
+        max_model_len = int(min(limit, blocks * block_size))
+        if max_model_len < 2:
+            raise ValueError(f"the cache budget ({budget_bytes / 2**20:.1f} MiB) cannot hold one sequence: "
+                             f"{slot_bytes / 2**20:.2f} MiB of GDN state + {block_bytes / 2**10:.1f} KiB per KV block "
+                             f"of {block_size} tokens; raise kv_cache_memory_bytes")
     blocks_per_seq = -(-max_model_len // block_size)
     need_one = slot_bytes + blocks_per_seq * block_bytes
     if budget_bytes < need_one:
@@ -143,22 +155,14 @@ def plan_cache(cfg: TextConfig, dtype: torch.dtype, budget_bytes: int, max_num_s
             f"{max_model_len} tokens ({need_one / 2**20:.1f} MiB: {slot_bytes / 2**20:.2f} MiB of GDN state + "
             f"{blocks_per_seq} KV blocks of {block_bytes / 2**10:.1f} KiB); lower max_model_len or raise "
             f"kv_cache_memory_bytes")
-    num_slots = max(1, min(max_num_seqs, (budget_bytes // 2) // slot_bytes))
     num_blocks = (budget_bytes - num_slots * slot_bytes) // block_bytes
     num_blocks = min(num_blocks, blocks_per_seq * num_slots)
-    if num_blocks < blocks_per_seq:  # few slots took too much: give the longest sequence its room first
+    if num_blocks < blocks_per_seq:  # the slots took too much: give the longest sequence its room first
         num_blocks = blocks_per_seq
         num_slots = max(1, min(num_slots, (budget_bytes - num_blocks * block_bytes) // slot_bytes))
     return CachePlan(num_slots=int(num_slots), num_blocks=int(num_blocks), block_size=block_size,
-                     slot_bytes=slot_bytes, block_bytes=block_bytes, budget_bytes=budget_bytes)
+                     slot_bytes=slot_bytes, block_bytes=block_bytes, budget_bytes=budget_bytes,
+                     max_model_len=max_model_len)
 
 
-def max_model_len_for_budget(cfg: TextConfig, dtype: torch.dtype, budget_bytes: int, block_size: int = 16) -> int:
-    """The longest sequence a budget holds (one slot, the rest as blocks)."""
-    slot_bytes = HybridCache.slot_bytes(cfg, dtype)
-    block_bytes = max(1, HybridCache.token_kv_bytes(cfg, dtype) * block_size)
-    return max(0, (budget_bytes - slot_bytes) // block_bytes) * block_size
-
-
-__all__ = ["CacheManager", "CachePlan", "plan_cache", "default_cache_budget", "available_memory_bytes",
-           "max_model_len_for_budget"]
+__all__ = ["CacheManager", "CachePlan", "plan_cache", "default_cache_budget", "available_memory_bytes"]

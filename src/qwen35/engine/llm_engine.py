@@ -30,7 +30,6 @@ from qwen35.engine.cache_manager import (
     CacheManager,
     CachePlan,
     default_cache_budget,
-    max_model_len_for_budget,
     plan_cache,
 )
 from qwen35.engine.detokenize import OutputText
@@ -61,7 +60,7 @@ class LLMEngine:
         out). `max_model_len`: prompt + output tokens of one sequence (default: the model's
         `max_position_embeddings`, lowered to what the cache holds). `kv_cache_memory_bytes`: the cache budget
         (KV blocks + GDN state slots; default: 90% of free GPU memory, or a quarter of available RAM capped at
-        8 GiB on CPU). `max_num_batched_tokens`: tokens per step (default 2048; prompts longer than that are
+        4 GiB on CPU). `max_num_batched_tokens`: tokens per step (default 2048; prompts longer than that are
         prefilled in chunks). `seed`: where the random streams of unseeded requests come from."""
         cfg = model.config.text
         self.model = model
@@ -89,17 +88,12 @@ class LLMEngine:
             kv_cache_memory_bytes = default_cache_budget(device)
         if not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {kv_cache_memory_bytes!r}")
-        if max_model_len is None:
-            fits = max_model_len_for_budget(cfg, dtype, kv_cache_memory_bytes, block_size)
-            max_model_len = min(cfg.max_position_embeddings, fits)
-            if max_model_len < cfg.max_position_embeddings:
-                log.info("max_model_len lowered to %d tokens: what the %s cache budget holds", max_model_len,
-                         "given" if budget_given else "default")
-            if max_model_len < 2:
-                raise ValueError(f"the cache budget ({kv_cache_memory_bytes} bytes) cannot hold even one sequence; "
-                                 "raise kv_cache_memory_bytes")
-        self.max_model_len = max_model_len
-        self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len, block_size)
+        self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len,
+                                          block_size)
+        if max_model_len is None and self.plan.max_model_len < cfg.max_position_embeddings:
+            log.info("max_model_len lowered to %d tokens: what the %s cache budget holds next to %d state slots",
+                     self.plan.max_model_len, "given" if budget_given else "default", self.plan.num_slots)
+        self.max_model_len = max_model_len = self.plan.max_model_len
         self.cache = CacheManager(self.plan.num_blocks, block_size, self.plan.num_slots)
         self.max_num_seqs = min(max_num_seqs, self.plan.num_slots)
         self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
