@@ -20,6 +20,7 @@ TINY_TEXT = dict(
 )
 TINY_MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=12, shared_expert_intermediate_size=20)
 # Vision token ids inside the tiny vocabulary (the real ones are 248053..248057).
+TEXT_IDS = 120  # random text ids stay below the tiny vocabulary's vision token ids
 TINY_TOKEN_IDS = dict(vision_start_token_id=120, vision_end_token_id=121, image_token_id=122, video_token_id=123)
 TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=4, temporal_patch_size=2,
                    spatial_merge_size=2, num_position_embeddings=16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qwen35
-from conftest import assert_logits_close, hf_logits, make_hf_model, save_hf
+from conftest import TEXT_IDS, assert_logits_close, hf_logits, make_hf_model, save_hf
 from qwen35.model import ForwardBatch
 
 
@@ -33,7 +33,7 @@ def run_pieces(model, cache, seq, ids: torch.Tensor, pieces: list[int]) -> torch
 def test_any_split_then_decode_equals_one_forward(pair, pieces):
     ref, model = pair
     total = sum(pieces)
-    ids = torch.randint(0, model.config.text.vocab_size, (total,), generator=torch.Generator().manual_seed(total))
+    ids = torch.randint(0, TEXT_IDS, (total,), generator=torch.Generator().manual_seed(total))
     whole = hf_logits(ref, ids[None])[0]
     cache = model.new_cache(num_slots=2, max_tokens=512)
     seq = cache.new_sequence()
@@ -43,9 +43,8 @@ def test_any_split_then_decode_equals_one_forward(pair, pieces):
 def test_mixed_varlen_batch_equals_each_alone(pair):
     """One forward holding a fresh prefill, a continued prefill chunk and two single-token decodes."""
     ref, model = pair
-    V = model.config.text.vocab_size
     gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, V, (n,), generator=gen) for n in (90, 40, 7, 66)]
+    prompts = [torch.randint(0, TEXT_IDS, (n,), generator=gen) for n in (90, 40, 7, 66)]
     cache = model.new_cache(num_slots=4, max_tokens=1024)
     seqs = [cache.new_sequence() for _ in prompts]
     # Warm up: sequences 1..3 already hold part of their prompt.
@@ -66,9 +65,8 @@ def test_mixed_varlen_batch_equals_each_alone(pair):
 
 def test_batched_decode_equals_each_alone(pair):
     ref, model = pair
-    V = model.config.text.vocab_size
     gen = torch.Generator().manual_seed(5)
-    seqs_ids = [torch.randint(0, V, (n + 4,), generator=gen) for n in (3, 50, 17)]
+    seqs_ids = [torch.randint(0, TEXT_IDS, (n + 4,), generator=gen) for n in (3, 50, 17)]
     cache = model.new_cache(num_slots=3, max_tokens=256)
     seqs = [cache.new_sequence() for _ in seqs_ids]
     for s, ids in zip(seqs, seqs_ids, strict=True):
@@ -87,9 +85,8 @@ def test_batched_decode_equals_each_alone(pair):
 def test_reused_slot_starts_clean(pair):
     """A slot and blocks freed by one sequence and taken by the next hold stale data: it must not leak."""
     _, model = pair
-    V = model.config.text.vocab_size
     gen = torch.Generator().manual_seed(9)
-    a, b = torch.randint(0, V, (120,), generator=gen), torch.randint(0, V, (30,), generator=gen)
+    a, b = torch.randint(0, TEXT_IDS, (120,), generator=gen), torch.randint(0, TEXT_IDS, (30,), generator=gen)
     cache = model.new_cache(num_slots=1, max_tokens=256)
     fresh = model.compute_logits(model.forward_batch(
         b, ForwardBatch(query_lens=[30], context_lens=[0], positions=qwen35.model.text_positions([0], [30]))))
@@ -109,13 +106,12 @@ def test_reused_slot_starts_clean(pair):
 def test_mtp_head_cached_equals_uncached(tmp_path):
     model = qwen35.load_model(_tiny_config_dir(tmp_path), load_format="dummy")
     assert model.mtp is not None
-    V = model.config.text.vocab_size
-    ids = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2))
-    nxt = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, TEXT_IDS, (40,), generator=torch.Generator().manual_seed(2))
+    nxt = torch.randint(0, TEXT_IDS, (40,), generator=torch.Generator().manual_seed(3))
     batch = ForwardBatch(query_lens=[40], context_lens=[0], positions=qwen35.model.text_positions([0], [40]))
     h = model.forward_batch(ids, batch)
     whole = model.mtp_forward(nxt, h, batch)
-    assert whole.shape == (40, V) and torch.isfinite(whole).all()
+    assert whole.shape == (40, model.config.text.vocab_size) and torch.isfinite(whole).all()
     cache = model.new_cache(num_slots=1, max_tokens=64)
     seq = cache.new_sequence()
     outs, at = [], 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen35
-from conftest import assert_logits_close, hf_logits, make_hf_model, save_hf
+from conftest import TEXT_IDS, assert_logits_close, hf_logits, make_hf_model, save_hf
 
 CASES = {
     # name: (kind, moe, tied, overrides)
@@ -31,13 +31,13 @@ def pair(request, tmp_path_factory):
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 200, 1030])
 def test_logits_match_transformers(pair, length):
     ref, ours = pair
-    ids = torch.randint(0, ours.config.text.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+    ids = torch.randint(0, TEXT_IDS, (1, length), generator=torch.Generator().manual_seed(length))
     assert_logits_close(ours(ids), hf_logits(ref, ids))
 
 
 def test_batch_of_two(pair):
     ref, ours = pair
-    ids = torch.randint(0, ours.config.text.vocab_size, (2, 90), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TEXT_IDS, (2, 90), generator=torch.Generator().manual_seed(1))
     assert_logits_close(ours(ids), hf_logits(ref, ids))
 
 
@@ -45,11 +45,10 @@ def test_batch_of_two(pair):
 def test_padded_batch_rows_equal_sequences_alone(pair, side):
     """A padded batch of mixed lengths: every row equals that sequence alone, here and in transformers."""
     ref, ours = pair
-    V = ours.config.text.vocab_size
     gen = torch.Generator().manual_seed(7)
     lens = [70, 5, 130, 1]
     T = max(lens)
-    ids = torch.randint(0, V, (len(lens), T), generator=gen)  # padding positions hold real-looking ids
+    ids = torch.randint(0, TEXT_IDS, (len(lens), T), generator=gen)  # padding positions hold real-looking ids
     mask = torch.zeros(len(lens), T, dtype=torch.long)
     for i, n in enumerate(lens):
         if side == "left":
@@ -70,7 +69,7 @@ def test_bfloat16_matches_transformers_bfloat16(pair):
     ref, ours = pair
     if ours.config.is_moe:
         pytest.skip("transformers' bf16 grouped-GEMM MoE path rejects these tiny expert shapes")
-    ids = torch.randint(0, ours.config.text.vocab_size, (1, 80), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, TEXT_IDS, (1, 80), generator=torch.Generator().manual_seed(3))
     ref.to(torch.bfloat16)
     ours.to(torch.bfloat16)
     try:
@@ -89,7 +88,7 @@ def test_yarn_matches_transformers(tmp_path):
     ref = make_hf_model("causal", rope_parameters=rope, max_position_embeddings=256)
     ours = qwen35.load_model(save_hf(ref, tmp_path))
     assert ours.config.text.rope.rope_type == "yarn"
-    ids = torch.randint(0, ours.config.text.vocab_size, (1, 300), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, TEXT_IDS, (1, 300), generator=torch.Generator().manual_seed(4))
     assert_logits_close(ours(ids), hf_logits(ref, ids))
 
 

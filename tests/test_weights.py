@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen35
-from conftest import assert_logits_close, hf_logits, make_hf_model, save_hf, text_config
+from conftest import TEXT_IDS, assert_logits_close, hf_logits, make_hf_model, save_hf, text_config
 from qwen35.weights import CheckpointError
 
-IDS = torch.randint(0, 131, (1, 70), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, TEXT_IDS, (1, 70), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
