@@ -101,3 +101,14 @@ def test_max_tokens_is_length(setup):
     out = llm.generate([prompt], _greedy().clone(max_tokens=7))[0].outputs[0]
     assert out.token_ids == base.token_ids[:7] and out.finish_reason == "length" and out.stop_reason is None
     assert out.text == tok.decode(base.token_ids[:7])
+
+
+def test_padding_ids_have_no_text(setup):
+    from qwen35.engine.detokenize import OutputText
+
+    llm, tok, prompt, base, pieces = setup
+    text = OutputText(tok, stop=["x"])
+    assert text.append(tok.encode("a")[0]) is None
+    assert text.append(248300) is None  # in the model's padded vocabulary, not in the tokenizer's
+    text.finish()
+    assert text.text == "a"

@@ -15,6 +15,9 @@ class OutputText:
     def __init__(self, tokenizer: Any | None, stop: list[str], skip_special_tokens: bool = True,
                  include_stop_str_in_output: bool = False):
         self._detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens) if tokenizer else None
+        # The model's vocabulary is padded past the tokenizer's (248320 vs 248077 ids): the padding ids have no
+        # text. A trained model never picks them, a random one may.
+        self._num_ids = tokenizer.vocab_size if tokenizer else 0
         self.stop = stop
         self.include_stop = include_stop_str_in_output
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -23,7 +26,7 @@ class OutputText:
 
     def append(self, token_id: int, check_stop: bool = True) -> str | None:
         """Add one generated token; return the stop string it completed, if any (the text is then final)."""
-        if self._detok is None or self.done:
+        if self._detok is None or self.done or not 0 <= token_id < self._num_ids:
             return None
         new = self._detok.add(token_id)
         if not new:

@@ -9,7 +9,8 @@ Processing order of the logits of one step (see `qwen35.engine.sampler`):
      probability is below `min_p` times the best one), `top_k` (keep the k best logits), `top_p` (keep the
      smallest set of best tokens whose probability reaches `top_p`, renormalised after top-k), then sample.
 Logprobs (`logprobs=N`) are those of the raw model distribution (log-softmax of the unprocessed logits), as
-vLLM's default `raw_logprobs` mode.
+vLLM's default `raw_logprobs` mode. Tokens the engine inserts itself (the end of reasoning forced by a spent
+`thinking_budget`) were not sampled: their entry is {token: Logprob(0.0, rank=None)}.
 """
 
 from __future__ import annotations
