@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
+
 import pytest
 import torch
 from test_engine_support import engine_llm, make_model, random_prompts, write_config
@@ -169,3 +173,39 @@ def test_bad_input_raises_and_engine_keeps_serving(model):
     llm.engine.abort_request("x")
     assert llm.generate([[1, 2, 3]], ok)[0].outputs[0].token_ids == expected
     assert llm.engine.cache.all_free()
+
+
+def test_requests_added_and_aborted_from_another_thread(model):
+    """A server steps in one thread and adds / aborts from others."""
+    eng = engine_llm(model, kv_cache_memory_bytes=1 << 22).engine
+    outs: dict[str, list] = collections.defaultdict(list)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            if eng.has_unfinished_requests():
+                for o in eng.step():
+                    outs[o.request_id].append(o)
+            else:
+                time.sleep(0.001)
+
+    stepper = threading.Thread(target=loop)
+    stepper.start()
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, output_kind="delta")
+        ids = [eng.add_request(None, p, sp) for p in random_prompts([5] * 9, seed=1)]
+        eng.abort_request(ids[::3])
+        deadline = time.monotonic() + 60
+        while not all(outs[i] and outs[i][-1].finished for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        stepper.join()
+    for i, rid in enumerate(ids):
+        reason = outs[rid][-1].outputs[0].finish_reason
+        n = sum(len(o.outputs[0].token_ids) for o in outs[rid])
+        if i % 3:
+            assert reason == "length" and n == 20
+        else:
+            assert reason in ("abort", "length") and n <= 20
+    assert eng.cache.all_free() and not eng.has_unfinished_requests()

@@ -107,7 +107,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._aborted: list[Request] = []  # to report once more
+        self._to_report: list[Request] = []  # aborted, or finished when added: they report at the next step
         self._think_ids = self._token_ids_of(THINK_START), self._token_ids_of(THINK_END)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -137,7 +137,7 @@ class LLMEngine:
                           text=OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
                                           params.include_stop_str_in_output))
                 req.sequences.append(seq)
-                if params.thinking_budget is not None and self.tokenizer is not None:
+                if params.thinking_budget is not None:
                     from qwen35.chat import ThinkingBudget
 
                     seq.thinking_budget = ThinkingBudget.for_tokenizer(self.tokenizer, params.thinking_budget,
@@ -152,7 +152,7 @@ class LLMEngine:
                 else:
                     self.scheduler.add(seq)
             if req.finished:
-                self._aborted.append(req)  # reported at the next step like an abort, with its real reason
+                self._to_report.append(req)
             return req.request_id
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
@@ -167,13 +167,13 @@ class LLMEngine:
                 for seq in req.sequences:
                     if not seq.is_finished:
                         self._finish(seq, "abort")
-                self._aborted.append(req)
+                self._to_report.append(req)
 
     abort = abort_request
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
-            return bool(self._requests) or bool(self._aborted)
+            return bool(self._requests) or bool(self._to_report)
 
     has_unfinished = has_unfinished_requests
 
@@ -224,9 +224,9 @@ class LLMEngine:
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
             moved[seq.request.request_id] = seq.request
-        for req in self._aborted:
+        for req in self._to_report:
             moved[req.request_id] = req
-        self._aborted = []
+        self._to_report = []
 
         outputs = []
         for req in moved.values():
@@ -351,6 +351,8 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                              f"prompt + output must fit, so at most {self.max_model_len - 1} prompt tokens")
+        if params.thinking_budget is not None and self.tokenizer is None:
+            raise ValueError("SamplingParams.thinking_budget needs a tokenizer (to find <think> and </think>)")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise ValueError(f"SamplingParams.logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}")
 
