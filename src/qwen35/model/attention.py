@@ -10,6 +10,7 @@ from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import apply_rotary
+from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import Linear
 
 
@@ -64,6 +65,11 @@ class GatedAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         cache = batch.cache
+        if cache is not None and x.device.type == "cpu" and all(n == 1 for n in batch.query_lens):
+            k_ops = cpu_kernels.kernels()
+            if k_ops is not None:
+                out = self._decode_paged(q, k, v, batch, k_ops)
+                return self.o_proj(out.to(x.dtype).reshape(N, -1) * torch.sigmoid(gate))
         outs = []
         for i in range(batch.num_seqs):
             s, e = batch.starts[i], batch.starts[i + 1]
@@ -87,3 +93,21 @@ class GatedAttention(nn.Module):
             outs.append(attend(q[s:e], keys, values, ctx, self.scale))
         out = torch.cat(outs).reshape(N, -1)
         return self.o_proj(out * torch.sigmoid(gate))
+
+    def _decode_paged(self, q, k, v, batch: ForwardBatch, k_ops) -> torch.Tensor:
+        """One new token per sequence: write its K/V, then attend straight from the paged pool (no copy).
+        The twin is the gather + SDPA path above (tests hold them together)."""
+        cache = batch.cache
+        bs = cache.block_size
+        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        ctx = batch.context_lens
+        rows = torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(batch.block_tables, ctx, strict=True)],
+                               dtype=torch.long, device=q.device)
+        kc.view(-1, self.num_kv_heads, self.head_dim)[rows] = k.to(kc.dtype)
+        vc.view(-1, self.num_kv_heads, self.head_dim)[rows] = v.to(vc.dtype)
+        width = max(len(t) for t in batch.block_tables)
+        tables = torch.zeros(len(ctx), width, dtype=torch.int32)
+        for i, t in enumerate(batch.block_tables):
+            tables[i, :len(t)] = torch.as_tensor(t, dtype=torch.int32)
+        lens = torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32)
+        return k_ops.paged_attention_decode(q, kc, vc, tables, lens, self.scale)

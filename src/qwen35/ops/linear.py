@@ -10,51 +10,19 @@ own kernel (csrc/gemv.cpp, compiled on first use for this machine). Larger batch
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from pathlib import Path
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("qwen35")
+from qwen35.ops import cpu_kernels as _ck
 
 GEMV_MAX_ROWS = 8
-_lock = threading.Lock()
-_kernels: ModuleType | None = None
-_tried = False
-_enabled = os.environ.get("QWEN35_CPU_KERNELS", "1") != "0"
+set_cpu_kernels = _ck.set_enabled
 
 
-def set_cpu_kernels(enabled: bool) -> bool:
-    """Switch the fast CPU path on or off (tests hold both paths together); returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    return previous
-
-
-def cpu_kernels() -> ModuleType | None:
-    """The compiled CPU kernels, or None (disabled, or the compiler failed: logged once)."""
-    global _kernels, _tried
-    if _tried:
-        return _kernels
-    with _lock:
-        if _tried:
-            return _kernels
-        try:
-            from torch.utils.cpp_extension import load
-
-            src = Path(__file__).parent / "csrc" / "gemv.cpp"
-            _kernels = load(name="qwen35_cpu_kernels", sources=[str(src)],
-                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        except Exception as e:  # no compiler / ninja: the twin (F.linear) still gives the same numbers
-            log.warning("qwen35: CPU kernels unavailable, decoding uses torch's linear (slower): %s", e)
-            _kernels = None
-        _tried = True
-        return _kernels
+def cpu_kernels():
+    """The compiled kernels (built on first use), or None where they cannot be built."""
+    return _ck.build()
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -65,8 +33,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     """x [..., K] @ weight[N, K]^T. `out_dtype` defaults to x's dtype (fp32 accumulation either way)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (0 < rows <= GEMV_MAX_ROWS and x.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and weight.is_contiguous() and weight.dim() == 2 and _enabled):
-        k = cpu_kernels()
+            and weight.is_contiguous() and weight.dim() == 2):
+        k = _ck.kernels()
         if k is not None:
             x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
             y = k.gemv_bf16(x2, weight)

@@ -158,8 +158,12 @@ std::string isa() {
 #endif
 }
 
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
+  m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }

@@ -1,0 +1,53 @@
+"""The compiled CPU kernels (csrc/): built for this machine on first use, each with a torch twin.
+
+`kernels()` returns the extension module, or None when disabled (QWEN35_CPU_KERNELS=0 or
+`set_enabled(False)`) or when it cannot be built (no compiler: logged once). Callers then use their
+torch twin, which gives the same numbers, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("qwen35")
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+_enabled = os.environ.get("QWEN35_CPU_KERNELS", "1") != "0"
+SOURCES = ("gemv.cpp", "attention.cpp")
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Switch the kernels on or off (tests hold both paths together); returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+def build() -> ModuleType | None:
+    """The extension module, building it if needed, regardless of the on/off switch."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if not _tried:
+            try:
+                from torch.utils.cpp_extension import load
+
+                csrc = Path(__file__).parent / "csrc"
+                _module = load(name="qwen35_cpu_kernels", sources=[str(csrc / s) for s in SOURCES],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            except Exception as e:  # no compiler / ninja: the torch twins still give the same numbers
+                log.warning("qwen35: CPU kernels unavailable, using torch ops (slower): %s", e)
+                _module = None
+            _tried = True
+    return _module
+
+
+def kernels() -> ModuleType | None:
+    return build() if _enabled else None
