@@ -108,6 +108,10 @@ def test_generate_stream(small):
     assert llm.engine.cache.all_free()  # freed at once
     llm.engine.step()  # the abort reports
     assert llm.engine.cache.all_free() and not llm.engine.has_unfinished_requests()
+    never_iterated = llm.generate_stream(prompts, sp)
+    assert llm.engine.get_num_unfinished_requests() == 2
+    del never_iterated
+    assert llm.engine.get_num_unfinished_requests() == 0
 
 
 def test_engine_cumulative_outputs(small):

@@ -18,6 +18,7 @@ for callers that drive requests themselves, such as a server.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -241,15 +242,16 @@ class LLM:
                 if pending:  # the caller stopped early (or an error): free what is still running
                     self.engine.abort_request(list(pending))
 
-        gen = generator()
-        return _StreamIterator(gen, ids)
+        return _StreamIterator(generator(), ids, self.engine)
 
 
 class _StreamIterator:
-    """An iterator of stream outputs that also knows the request ids, in the order of the prompts."""
+    """An iterator of stream outputs that also knows the request ids, in the order of the prompts. Closing it
+    (or dropping it) aborts the requests still running, even if it was never iterated."""
 
-    def __init__(self, gen: Iterator[RequestOutput], request_ids: list[str]):
+    def __init__(self, gen: Iterator[RequestOutput], request_ids: list[str], engine: LLMEngine):
         self._gen = gen
+        self._engine = engine
         self.request_ids = request_ids
 
     def __iter__(self) -> _StreamIterator:
@@ -259,7 +261,15 @@ class _StreamIterator:
         return next(self._gen)
 
     def close(self) -> None:
+        if inspect.getgeneratorstate(self._gen) == inspect.GEN_CREATED:  # its cleanup code never ran
+            self._engine.abort_request(self.request_ids)
         self._gen.close()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __enter__(self) -> _StreamIterator:
         return self

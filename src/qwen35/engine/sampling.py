@@ -41,6 +41,8 @@ class RequestOutputKind(enum.Enum):
 class SamplingParams:
     """Sampling and stopping for one request. Invalid values raise `ValueError` naming the field.
 
+    `seed`: the random stream of this request (with `n` > 1, completion i uses `seed + i`); without one the
+    stream comes from the engine's seed. Either way a request samples the same tokens alone or batched.
     `thinking_budget` (alias `max_thinking_tokens`): at most this many tokens inside `<think>...</think>`;
     when the budget is spent the engine closes the reasoning itself (it forces the end-of-thinking tokens) and
     the answer follows. None: no limit.
