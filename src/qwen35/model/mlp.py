@@ -36,21 +36,21 @@ class Router(nn.Module):
         return w.to(logits.dtype), ids
 
 
-class Experts(nn.Module):
-    """Routed experts, stored fused as in BF16 checkpoints: gate_up_proj [E, 2I, H] (gate rows first),
-    down_proj [E, H, I]. Only the experts some token chose are computed."""
+class ExpertDispatch(nn.Module):
+    """Routes tokens to the experts they chose; only those experts run. Subclasses store the weights and
+    say how to apply expert `e`'s `gate_up_proj` / `down_proj` (`expert_linear`)."""
 
-    def __init__(self, num_experts: int, hidden: int, inner: int):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+    num_experts: int
+
+    def expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
         out = torch.zeros_like(x)
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         token_of = order // k
         w_sorted = weights.reshape(-1)[order]
         start = 0
@@ -58,11 +58,25 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             tok = token_of[start : start + c]
-            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, self.down_proj[e]) * w_sorted[start : start + c, None]
+            gate, up = self.expert_linear("gate_up_proj", e, x[tok]).chunk(2, dim=-1)
+            y = self.expert_linear("down_proj", e, F.silu(gate) * up) * w_sorted[start : start + c, None]
             out.index_add_(0, tok, y.to(out.dtype))
             start += c
         return out
+
+
+class Experts(ExpertDispatch):
+    """Routed experts, stored fused as in BF16 checkpoints: gate_up_proj [E, 2I, H] (gate rows first),
+    down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+
+    def expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, getattr(self, name)[e])
 
 
 class SparseMoE(nn.Module):

@@ -38,11 +38,15 @@ class Qwen35Model(nn.Module):
     # ------------------------------------------------------------------ pieces
     @property
     def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The head's weight (the embedding when tied); for a quantised head, the embedding, whose dtype
+        and device are the model's."""
+        return getattr(self.lm_head, "weight", self.model.embed_tokens.weight)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.head_weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return linear(hidden, self.model.embed_tokens.weight)
 
     def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
         """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""

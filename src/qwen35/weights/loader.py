@@ -20,6 +20,7 @@ from qwen35.weights.safetensors_io import CheckpointError, checkpoint_files, ten
 log = logging.getLogger("qwen35")
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = (None, "int8")
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints of 1 GiB or more
 
 
@@ -54,12 +55,25 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               load_format: str = "auto", seed: int = 0, progress: bool = True) -> Qwen35Model:
+               load_format: str = "auto", seed: int = 0, progress: bool = True,
+               quantization: str | None = None) -> Qwen35Model:
     """Load a Qwen3.5 model in eval mode.
 
     `path_or_id`: a checkpoint folder, a hub id (`Qwen/Qwen3.5-0.8B`), or with `load_format="dummy"` a
     preset name (`Qwen3.5-397B-A17B`) or a folder holding only `config.json`.
+    `quantization="int8"`: weight-only int8 (per-row scales) for the linear layers after loading.
     """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
+    model = _load(path_or_id, dtype, device, load_format, seed, progress)
+    if quantization == "int8":
+        from qwen35.ops.quant import quantize_int8
+
+        quantize_int8(model)
+    return model
+
+
+def _load(path_or_id, dtype, device, load_format, seed, progress) -> Qwen35Model:
     dtype = _as_dtype(dtype)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: expected one of {LOAD_FORMATS}")

@@ -1,0 +1,61 @@
+"""Weight-only int8: every path equals the dequantise-then-matmul twin; a quantised model stays close."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qwen35
+from conftest import TEXT_IDS, text_config
+from qwen35.ops.quant import int8_linear, int8_linear_reference, quantize_rows
+
+
+def test_quantize_rows_round_trip():
+    w = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    err = (q.float() * scale[:, None] - w).abs().max(-1).values
+    assert (err <= scale / 2 + 1e-7).all()  # rounding error at most half a step
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_paths_equal_reference(rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(96, 160, generator=gen))
+    x = torch.randn(rows, 160, generator=gen).to(dtype)
+    ref = x.double() @ (q.double() * scale.double()[:, None]).T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(int8_linear(x, q, scale).double(), ref, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(int8_linear_reference(x, q, scale).double(), ref, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_int8_model_close_to_full_precision_and_cache_consistent(tmp_path, moe):
+    from qwen35.model import ForwardBatch
+
+    kind = "qwen3_5_moe_text" if moe else "qwen3_5_text"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": kind, **text_config(moe=moe,
+                                                      tie_word_embeddings=True)}))
+    full = qwen35.load_model(tmp_path, load_format="dummy")
+    q8 = qwen35.load_model(tmp_path, load_format="dummy", quantization="int8")
+    assert q8.lm_head is not None and q8.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, TEXT_IDS, (1, 50), generator=torch.Generator().manual_seed(1))
+    a, b = full(ids), q8(ids)
+    assert float((a - b).abs().max()) <= 0.02 * float(a.abs().max())
+    # the quantised model through the cache (prefill chunk + decode steps) equals its own one forward
+    cache = q8.new_cache(1, 64)
+    seq = cache.new_sequence()
+    outs = []
+    for n in (40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
+        batch = ForwardBatch.for_sequences(cache, [seq], [n])
+        outs.append(q8.compute_logits(q8.forward_batch(ids[0, seq.num_tokens:seq.num_tokens + n], batch)))
+        seq.num_tokens += n
+    torch.testing.assert_close(torch.cat(outs), b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_quantization_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="quantization='int4'"):
+        qwen35.load_model(tmp_path, load_format="dummy", quantization="int4")
