@@ -1,0 +1,260 @@
+"""The three engines behind one small interface, so that a task times them the same way.
+
+    eng.open(n_seqs, max_len)          fresh, empty state for n_seqs sequences of up to max_len tokens each
+    eng.prefill(i, ids) -> int         feed a prompt to sequence i (in chunks); the greedy next token
+    eng.prefill_all(prompts) -> [int]  every sequence's prompt (transformers: one [B, T] call; equal lengths)
+    eng.step(tokens) -> [int]          one decode step: one token for every sequence; the greedy next tokens
+    eng.synthetic(context)             (ours only) pretend every sequence already holds `context` tokens:
+                                       the KV blocks and GDN state are filled with random numbers
+
+A step always includes the head (logits of the new tokens) and the greedy pick, as a real decode does.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class Unsupported(RuntimeError):
+    """This engine cannot run this task."""
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ ours
+class Ours:
+    name = "qwen35"
+
+    def __init__(self, path: str, threads: int, chunk: int = 4096, dtype: str = "bfloat16"):
+        import torch
+
+        import qwen35
+
+        _threads(threads)
+        self.torch = torch
+        self.chunk = chunk
+        t0 = time.perf_counter()
+        self.model = qwen35.load_model(path, dtype=getattr(torch, dtype), progress=False)
+        self.load_s = time.perf_counter() - t0
+        self.cache = None
+        self.seqs = []
+
+    def open(self, n_seqs: int, max_len: int) -> None:
+        self.cache = self.seqs = None
+        self.cache = self.model.new_cache(num_slots=n_seqs, max_tokens=n_seqs * (max_len + 16))
+        self.seqs = [self.cache.new_sequence() for _ in range(n_seqs)]
+
+    def _forward(self, seqs, chunks) -> list[int]:
+        from qwen35.model import ForwardBatch
+
+        torch = self.torch
+        batch = ForwardBatch.for_sequences(self.cache, seqs, [len(c) for c in chunks])
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
+        hidden = self.model.forward_batch(ids, batch)
+        for s, c in zip(seqs, chunks, strict=True):
+            s.num_tokens += len(c)
+        last = torch.tensor(batch.starts[1:], dtype=torch.long) - 1
+        logits = self.model.compute_logits(hidden[last])
+        return logits.argmax(-1).tolist()
+
+    def prefill(self, i: int, ids: list[int]) -> int:
+        nxt = None
+        for a in range(0, len(ids), self.chunk):
+            nxt = self._forward([self.seqs[i]], [ids[a:a + self.chunk]])[0]
+        return nxt
+
+    def prefill_all(self, prompts: list[list[int]]) -> list[int]:
+        return [self.prefill(i, p) for i, p in enumerate(prompts)]
+
+    def step(self, tokens: list[int]) -> list[int]:
+        return self._forward(self.seqs, [[t] for t in tokens])
+
+    def synthetic(self, context: int, seed: int = 0) -> None:
+        """Random KV for `context` tokens and a random GDN state in every sequence. Decode reads exactly what it
+        would after a real prefill of that length; only the values differ."""
+        torch = self.torch
+        gen = torch.Generator().manual_seed(seed)
+        cache = self.cache
+        for s in self.seqs:
+            cache.reserve(s, context)
+            s.num_tokens = context
+        # Every tensor of the cache (KV pools, conv windows, recurrent states), whatever their layout.
+        for attr, val in vars(cache).items():
+            pools = val.values() if isinstance(val, dict) else [val] if isinstance(val, torch.Tensor) else []
+            for t in pools:
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    continue
+                scale = 0.02 if attr == "recurrent" else 1.0
+                flat = t.view(-1)
+                step = 1 << 24
+                for a in range(0, flat.numel(), step):
+                    n = min(step, flat.numel() - a)
+                    flat[a:a + n].copy_(torch.randn(n, generator=gen) * scale)
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+class HF:
+    name = "transformers"
+
+    def __init__(self, path: str, threads: int, chunk: int = 4096, dtype: str = "bfloat16"):
+        import torch
+        import transformers
+
+        _threads(threads)
+        torch.set_flush_denormal(True)  # the same favour our engine gets (GDN decay underflows)
+        self.torch = torch
+        self.chunk = chunk
+        t0 = time.perf_counter()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.load_s = time.perf_counter() - t0
+        self.cache = None
+        self.n_seqs = 0
+
+    def open(self, n_seqs: int, max_len: int) -> None:
+        self.cache = None
+        self.n_seqs = n_seqs
+
+    def _call(self, ids) -> list[int]:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1].argmax(-1).tolist()
+
+    def prefill(self, i: int, ids: list[int]) -> int:
+        if self.n_seqs != 1:
+            raise Unsupported("transformers: one cache holds one batch; use prefill_all")
+        return self.prefill_all([ids])[0]
+
+    def prefill_all(self, prompts: list[list[int]]) -> list[int]:
+        torch = self.torch
+        if len({len(p) for p in prompts}) != 1:
+            raise Unsupported("transformers: prompts of one batch must have equal lengths here")
+        ids = torch.tensor(prompts, dtype=torch.long)
+        nxt = None
+        for a in range(0, ids.shape[1], self.chunk):
+            nxt = self._call(ids[:, a:a + self.chunk])
+        return nxt
+
+    def step(self, tokens: list[int]) -> list[int]:
+        return self._call(self.torch.tensor(tokens, dtype=self.torch.long)[:, None])
+
+    def synthetic(self, context: int, seed: int = 0) -> None:
+        raise Unsupported("transformers: no synthetic context (its cache is filled by a real prefill only)")
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+class Llama:
+    """llama-cpp-python: the model loaded by `llama_cpp.Llama` (as its users do), each task in a context of its own
+    made with the same parameters (n_threads, n_batch 512, n_ubatch 512, flash attention as given), plus n_seq_max
+    for batches. Tokens go in through `llama_decode` with our own batch so that several sequences can decode
+    together; the greedy pick reads the logits llama.cpp returns."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str, threads: int, chunk: int = 512, flash_attn: str = "off"):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise Unsupported(f"llama_cpp is not importable ({e}); pip install llama-cpp-python==0.3.36") from e
+        import numpy as np
+
+        self.lc = llama_cpp
+        self.np = np
+        self.threads = threads
+        self.n_batch = chunk
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=chunk, n_ubatch=chunk, logits_all=False, verbose=False,
+                                   flash_attn=flash_attn == "on")
+        self.load_s = time.perf_counter() - t0
+        self.fa = {"off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                   "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+        self.n_vocab = self.llm.n_vocab()
+        self.ctx = None
+        self.batch = None
+        self.pos: list[int] = []
+
+    def _free(self) -> None:
+        if self.batch is not None:
+            self.lc.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+
+    def open(self, n_seqs: int, max_len: int) -> None:
+        lc = self.lc
+        self._free()
+        p = lc.llama_context_default_params()
+        src = self.llm.context_params
+        for f, _ in type(p)._fields_:
+            try:
+                setattr(p, f, getattr(src, f))
+            except (AttributeError, TypeError):
+                pass
+        p.n_seq_max = n_seqs
+        p.n_ctx = n_seqs * (max_len + 16)
+        p.n_batch = max(self.n_batch, n_seqs)
+        p.n_ubatch = max(self.n_batch, n_seqs)
+        p.n_threads = p.n_threads_batch = self.threads
+        p.flash_attn_type = self.fa
+        p.kv_unified = False
+        self.ctx = lc.llama_init_from_model(self.llm._model.model, p)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp: could not create a context")
+        self.batch = lc.llama_batch_init(max(self.n_batch, n_seqs), 0, n_seqs)
+        self.pos = [0] * n_seqs
+
+    def _decode(self, items: list[tuple[int, int, bool]]) -> list[int]:
+        """items: (seq, token, want_logits); positions follow each sequence's count."""
+        b = self.batch
+        b.n_tokens = len(items)
+        outs = []
+        for j, (s, tok, want) in enumerate(items):
+            b.token[j] = tok
+            b.pos[j] = self.pos[s]
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = s
+            b.logits[j] = want
+            self.pos[s] += 1
+            if want:
+                outs.append(j)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        res = []
+        for j in outs:
+            ptr = self.lc.llama_get_logits_ith(self.ctx, j)
+            res.append(int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax()))
+        return res
+
+    def prefill(self, i: int, ids: list[int]) -> int:
+        nxt = None
+        for a in range(0, len(ids), self.n_batch):
+            part = ids[a:a + self.n_batch]
+            last = a + len(part) == len(ids)
+            r = self._decode([(i, t, last and k == len(part) - 1) for k, t in enumerate(part)])
+            if r:
+                nxt = r[0]
+        return nxt
+
+    def prefill_all(self, prompts: list[list[int]]) -> list[int]:
+        return [self.prefill(i, p) for i, p in enumerate(prompts)]
+
+    def step(self, tokens: list[int]) -> list[int]:
+        return self._decode([(s, t, True) for s, t in enumerate(tokens)])
+
+    def synthetic(self, context: int, seed: int = 0) -> None:
+        raise Unsupported("llama.cpp: no synthetic context")
+
+
+ENGINES = {"ours": Ours, "hf": HF, "llama": Llama}

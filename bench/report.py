@@ -1,0 +1,544 @@
+"""Results JSON -> docs/benchmarks.md (+ PNG plots in docs/benchmarks/)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+ENGINES = ("ours", "llama", "hf")
+NAMES = {"ours": "qwen35", "hf": "transformers 5.24", "llama": "llama.cpp (llama-cpp-python 0.3.36)"}
+SHORT = {"ours": "qwen35", "hf": "transformers", "llama": "llama.cpp"}
+REFERENCE_397B = Path(__file__).resolve().parents[2] / "shared" / "reference" / "Qwen3.5-397B-A17B-FP8"
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def metric(res: dict, what: str) -> float | None:
+    """prefill_tps, ttft_ms, decode_tps (all sequences together), ctx_prefill_tps (the real prefill before a decode),
+    rss_mb."""
+    if res.get("error"):
+        return None
+    t = res["task"]
+    if what == "prefill_tps" and t["kind"] == "prefill":
+        return t["n"] / _med(res["prefill_s"])
+    if what == "ttft_ms" and t["kind"] == "prefill":
+        return 1000 * _med(res["prefill_s"])
+    if what == "decode_tps" and "step_s" in res:
+        return t.get("batch", 1) / _med(res["step_s"])
+    if what == "step_ms" and "step_s" in res:
+        return 1000 * _med(res["step_s"])
+    if what == "ctx_prefill_tps" and t["kind"] == "decode" and res.get("prefill_s"):
+        return t["context"] * t.get("batch", 1) / res["prefill_s"][0]
+    if what == "rss_mb":
+        return res.get("rss_mb")
+    return None
+
+
+def select(data: dict, section: str, model: str | None = None, engine: str | None = None, gguf=None, **task) -> list:
+    out = []
+    for r in data["results"]:
+        if r.get("section") != section or (model and r.get("model") != model) or (engine and r["engine"] != engine):
+            continue
+        if gguf and r.get("gguf") != gguf:
+            continue
+        if any(r["task"].get(k) != v for k, v in task.items()):
+            continue
+        out.append(r)
+    return out
+
+
+def value(data, section, model, engine, what, gguf=None, **task):
+    return _med([metric(r, what) for r in select(data, section, model, engine, gguf, **task)])
+
+
+def ratio(data, section, model, a, b, what, **task) -> float | None:
+    """Median over rounds of the per-round ratio a/b (pairs measured next to each other)."""
+    ra = {r["round"]: metric(r, what) for r in select(data, section, model, a, **task)}
+    rb = {r["round"]: metric(r, what) for r in select(data, section, model, b, **task)}
+    pairs = [ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]]
+    return _med(pairs)
+
+
+def errors(data, section, model, engine, **task) -> str | None:
+    rs = select(data, section, model, engine, **task)
+    errs = [r["error"] for r in rs if r.get("error")]
+    if rs and len(errs) == len(rs):
+        return errs[0]
+    return None
+
+
+def fmt(x, nd=1, unit="") -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:,.0f}{unit}"
+    return f"{x:.{nd}f}{unit}"
+
+
+def fx(x) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def cell(data, section, model, engine, what, nd=1, gguf=None, **task) -> str:
+    v = value(data, section, model, engine, what, gguf, **task)
+    if v is None:
+        e = errors(data, section, model, engine, **task)
+        if e:
+            return "error" if "Unsupported" not in e else "n/a"
+        return "–"
+    return fmt(v, nd)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+def _cfg(name: str):
+    from bench.models import text_config_dict
+    from qwen35.config import ModelConfig
+
+    return ModelConfig.from_dict(text_config_dict(name))
+
+
+def bandwidth(data) -> float | None:
+    return _med([r.get("read_gbs") for r in data["results"] if r.get("section") == "bandwidth"])
+
+
+def limit_tps(name: str, context: int, batch: int, bw_gbs: float | None) -> tuple[float, float | None]:
+    from bench.bytes_model import decode_bytes
+
+    b = decode_bytes(_cfg(name), context, batch).per_token
+    return b, (bw_gbs * 1e9 / b if bw_gbs else None)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def summary_text(data: dict) -> str:
+    lines = ["", "section  model  task  " + "  ".join(SHORT[e] for e in ENGINES)]
+    seen = set()
+    for r in data["results"]:
+        if r.get("section") == "bandwidth":
+            continue
+        key = (r["section"], r["model"], r.get("gguf"), tuple(sorted(r["task"].items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        t = r["task"]
+        what = "prefill_tps" if t["kind"] == "prefill" else "decode_tps"
+        label = (f"prefill {t['n']}" if t["kind"] == "prefill" else
+                 f"decode@{t['context']} b{t.get('batch', 1)} {t.get('fill', '')}")
+        vals = []
+        for e in ENGINES:
+            v = value(data, r["section"], r["model"], e, what, r.get("gguf") if e == "llama" else None, **t)
+            vals.append(fmt(v, 2))
+        lines.append(f"{r['section']}  {r['model']}{' ' + r['gguf'] if r.get('gguf') else ''}  {label}  "
+                     + "  ".join(vals))
+    bw = bandwidth(data)
+    if bw:
+        lines.append(f"memory read bandwidth {bw:.1f} GB/s")
+    for n in data.get("notes", []):
+        lines.append("note: " + n)
+    return "\n".join(lines)
+
+
+def write(data: dict, out: Path) -> None:
+    out = Path(out)
+    figdir = out.parent / "benchmarks"
+    figdir.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(data, figdir)
+    out.write_text(markdown(data, {k: f"benchmarks/{v.name}" for k, v in plots.items()}))
+
+
+def markdown(data: dict, plots: dict) -> str:
+    p = data["plan"]
+    m = data["machine"]
+    dense = (p.get("models") or ["0.8b"])[0]
+    moe = "moe" if p.get("models") is None else (p["models"][-1] if len(p["models"]) > 1 else None)
+    bw = bandwidth(data)
+    L: list[str] = []
+    a = L.append
+    a("# Benchmarks: qwen35 against transformers and llama.cpp on this CPU")
+    a("")
+    a("Generated by `bench/` (`qwen35 bench`); every figure below comes from the run described in *Machine and run*."
+      " Rerun with the commands in *How to rerun*; `qwen35 bench --report-only` rewrites this page from "
+      "`docs/benchmarks/results.json`.")
+    a("")
+    a("**Method.** Checkpoints with random weights (normal, std 0.02; GDN decay spread as in trained models) in the "
+      "official safetensors layout, saved by transformers, so that the engines read the same numbers; llama.cpp "
+      "reads the GGUF made from that folder by the converter of the llama-cpp-python 0.3.36 sdist "
+      "(`convert_hf_to_gguf.py --outtype bf16 --no-mtp`). bf16 weights everywhere, "
+      f"{p['threads']} threads everywhere. Each measurement is a fresh process (one engine, one task; its peak RSS is "
+      "its own) after a warm-up prompt; engines are interleaved round by round (rotating order) and ratios are taken "
+      "inside a round, then the median over rounds is reported. Prompts are random token ids, the same for every "
+      "engine. A *decode step* is one token per sequence through the model, the head and a greedy pick; decode "
+      "tok/s = sequences / median step time. *Prefill* = time to first token (prompt through the model, head on the "
+      "last token, greedy pick), one request at a time; ours and transformers prefill in chunks of "
+      f"{p['chunk']} tokens, llama.cpp in its n_batch = n_ubatch = 512. llama.cpp flash attention: {p['llama_fa']} "
+      "(the default of `llama_cpp.Llama`).")
+    a("")
+    # ---------------------------------------------------------------- machine
+    a("## Machine and run")
+    a("")
+    a("| | |")
+    a("|---|---|")
+    a(f"| CPU | {m.get('Model name', '?')} ({m.get('CPU(s)', m.get('cpus'))} CPUs; {m.get('Flags', '')}) |")
+    a(f"| memory | {m.get('mem_gib', '?')} GiB |")
+    la0, la1 = data.get("loadavg_start"), data.get("loadavg_end")
+    a(f"| load average (1/5/15 min) | start {' '.join(f'{x:.2f}' for x in la0)}; end "
+      f"{' '.join(f'{x:.2f}' for x in la1 or [])} (shared machine: other jobs ran during the run) |")
+    per = [r.get("loadavg_start", [0])[0] for r in data["results"] if r.get("loadavg_start")]
+    if per:
+        a(f"| 1-min load when measurements started | median {statistics.median(per):.2f}, min {min(per):.2f}, "
+          f"max {max(per):.2f} |")
+    v = m.get("versions", {})
+    a(f"| software | Python {m.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
+      f"llama-cpp-python {v.get('llama_cpp')}, numpy {v.get('numpy')} |")
+    a(f"| qwen35 commit | {m.get('git', '?')} |")
+    a(f"| date, duration | {data.get('started')}, {data.get('duration_s', 0) / 60:.0f} min |")
+    a(f"| command | `{data.get('command')}` |")
+    a(f"| rounds | {p['rounds']} (engines interleaved), {p['steps']} timed decode steps per measurement |")
+    a("")
+    # ---------------------------------------------------------------- targets
+    a("## Targets")
+    a("")
+    tg = targets(data, dense, moe)
+    a("| target | measured | met? |")
+    a("|---|---|---|")
+    for name, meas, ok in tg:
+        a(f"| {name} | {meas} | {'**yes**' if ok else 'no' if ok is not None else 'not measured'} |")
+    a("")
+    # ---------------------------------------------------------------- bandwidth + bytes
+    bws = [r for r in data["results"] if r.get("section") == "bandwidth"]
+    if bws:
+        a("## Memory bandwidth and the decode limit")
+        a("")
+        a(f"Measured with `python -m bench.membw {p['threads']}` (torch, {p['threads']} threads, 1 GiB arrays, median "
+          "of 7):")
+        a("")
+        a("| read (sum) | copy (read + write) | bf16 `F.linear`, 1 token x [248320, 1024] (the 0.8B head) |")
+        a("|---|---|---|")
+        a(f"| {fmt(_med([r['read_gbs'] for r in bws]))} GB/s | {fmt(_med([r['copy_gbs'] for r in bws]))} GB/s | "
+          f"{fmt(_med([r['bf16_head_linear_gbs'] for r in bws]))} GB/s |")
+        a("")
+        a("Bytes read per decoded token (`bench/bytes_model.py`): every weight a step touches (the head included; for "
+          "the tied 0.8B the head *is* the embedding table; for the MoE only the routed experts in use), the KV of "
+          "the full-attention layers over the context, and the fp32 GDN state read and written back. Decode cannot "
+          "beat bandwidth / bytes; *fraction of limit* = measured tok/s / that.")
+        a("")
+        a("| model | context | weights | KV | GDN state r+w | bytes/token | limit at read bandwidth |")
+        a("|---|---|---|---|---|---|---|")
+        from bench.bytes_model import decode_bytes
+
+        for name in [dense, dense + "-twin"] + ([moe] if moe else []):
+            for c in sorted(set(p["contexts"]) | set(p["sweep"])) if not name.startswith("moe") else [1024]:
+                b = decode_bytes(_cfg(name), c, 1)
+                lim = bw * 1e9 / b.per_token if bw else None
+                a(f"| {name} | {_k(c)} | {b.weights / 1e9:.3f} GB | {b.kv / 1e6:.1f} MB | {b.state / 1e6:.1f} MB | "
+                  f"{b.per_token / 1e9:.3f} GB | {fmt(lim, 1)} tok/s |")
+        a("")
+    # ---------------------------------------------------------------- prefill
+    if select(data, "prefill"):
+        a(f"## Prefill ({dense}, batch 1)")
+        a("")
+        a("tok/s (time to first token in ms). Ratio: ours / peer, paired per round.")
+        a("")
+        a("| prompt | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers |")
+        a("|---|" + "---|" * (len(ENGINES) + 2))
+        for n in p["prefill"]:
+            cells = []
+            for e in ENGINES:
+                tps = cell(data, "prefill", dense, e, "prefill_tps", n=n)
+                tt = value(data, "prefill", dense, e, "ttft_ms", n=n)
+                cells.append(f"{tps} ({fmt(tt, 0)} ms)" if tt else tps)
+            r_l = ratio(data, "prefill", dense, "ours", "llama", "prefill_tps", n=n)
+            r_h = ratio(data, "prefill", dense, "ours", "hf", "prefill_tps", n=n)
+            a(f"| {_k(n)} | " + " | ".join(cells) + f" | {fx(r_l)} | {fx(r_h)} |")
+        a("")
+    # ---------------------------------------------------------------- decode
+    if select(data, "decode"):
+        a(f"## Decode ({dense}, batch 1, after a real prefill of the context)")
+        a("")
+        a("Decode tok/s; in brackets the fraction of the bandwidth limit (see above). The prefill of the context "
+          "itself is also timed (tok/s, chunked as above).")
+        a("")
+        a("| context | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers | "
+          "limit | prefill of the context: " + " / ".join(SHORT[e] for e in ENGINES) + " |")
+        a("|---|" + "---|" * (len(ENGINES) + 4))
+        for c in p["contexts"]:
+            _, lim = limit_tps(dense, c, 1, bw)
+            cells = []
+            for e in ENGINES:
+                d = value(data, "decode", dense, e, "decode_tps", context=c, batch=1)
+                cells.append(cell(data, "decode", dense, e, "decode_tps", 2, context=c, batch=1)
+                             + (f" ({d / lim:.0%})" if d and lim else ""))
+            pf = " / ".join(cell(data, "decode", dense, e, "ctx_prefill_tps", context=c, batch=1) for e in ENGINES)
+            a(f"| {_k(c)} | " + " | ".join(cells)
+              + f" | {fx(ratio(data, 'decode', dense, 'ours', 'llama', 'decode_tps', context=c, batch=1))}"
+              f" | {fx(ratio(data, 'decode', dense, 'ours', 'hf', 'decode_tps', context=c, batch=1))}"
+              f" | {fmt(lim, 1)} | {pf} |")
+        a("")
+    # ---------------------------------------------------------------- batch
+    if select(data, "batch"):
+        a(f"## Throughput by batch size ({dense}, each sequence after a {p['batch_context']}-token prompt)")
+        a("")
+        a("Decode tok/s of all sequences together (one step = one token for each).")
+        a("")
+        a("| batch | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers | "
+          "limit |")
+        a("|---|" + "---|" * (len(ENGINES) + 3))
+        for b in p["batches"]:
+            _, lim = limit_tps(dense, p["batch_context"], b, bw)
+            cells = [cell(data, "batch", dense, e, "decode_tps", 2, batch=b) for e in ENGINES]
+            a(f"| {b} | " + " | ".join(cells)
+              + f" | {fx(ratio(data, 'batch', dense, 'ours', 'llama', 'decode_tps', batch=b))}"
+              f" | {fx(ratio(data, 'batch', dense, 'ours', 'hf', 'decode_tps', batch=b))} | "
+              f"{fmt(lim * b if lim else None, 1)} |")
+        a("")
+    # ---------------------------------------------------------------- context sweep
+    if select(data, "context"):
+        a("## Decode time against context: the hybrid against its all-full-attention twin (ours)")
+        a("")
+        a("The seed's claim scaled to this machine. `0.8b-twin` is the 0.8B shape with every layer full attention "
+          "(`qwen35.model_info.full_attention_twin`). Here the context is *synthetic*: the KV blocks and GDN states "
+          "are filled with random numbers instead of a real prefill (a real 32K prefill of the twin would take "
+          "hours); a decode step reads exactly what it reads after a real prefill. Predicted: the bytes-per-token "
+          "model at the measured read bandwidth.")
+        a("")
+        sweep = p["sweep"]
+        a("| context | hybrid tok/s | hybrid ms/token | twin tok/s | twin ms/token | hybrid / twin | predicted "
+          f"hybrid / twin | hybrid vs its {_k(sweep[0])} | predicted vs {_k(sweep[0])} |")
+        a("|---|---|---|---|---|---|---|---|---|")
+        h1 = value(data, "context", dense, "ours", "decode_tps", context=sweep[0])
+        from bench.bytes_model import decode_bytes
+
+        hb1 = decode_bytes(_cfg(dense), sweep[0]).per_token
+        for c in sweep:
+            h = value(data, "context", dense, "ours", "decode_tps", context=c)
+            t = value(data, "context", dense + "-twin", "ours", "decode_tps", context=c)
+            hb = decode_bytes(_cfg(dense), c).per_token
+            tb = decode_bytes(_cfg(dense + "-twin"), c).per_token
+            rr = ratio_models(data, dense, dense + "-twin", c)
+            a(f"| {_k(c)} | {fmt(h, 2)} | {fmt(1000 / h if h else None, 1)} | {fmt(t, 2)} | "
+              f"{fmt(1000 / t if t else None, 1)} | {fx(rr)} | {fx(tb / hb)} | {fx(h / h1 if h and h1 else None)} | "
+              f"{fx(hb1 / hb)} |")
+        a("")
+        if "context" in plots:
+            a(f"![decode against context]({plots['context']})")
+            a("")
+    # ---------------------------------------------------------------- moe
+    if moe and select(data, "moe"):
+        a("## MoE: the Qwen3.5-35B-A3B shape cut to 4 layers (batch 1)")
+        a("")
+        a("Hidden 2048, 256 experts top-8 (expert 512) + shared expert 512, GDN 16/32 heads, attention 16/2, "
+          "3 GDN + 1 full-attention layers, untied head.")
+        a("")
+        a("| | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers |")
+        a("|---|" + "---|" * (len(ENGINES) + 2))
+        cells = [cell(data, "moe", moe, e, "prefill_tps", kind="prefill") for e in ENGINES]
+        a("| prefill 512, tok/s | " + " | ".join(cells)
+          + f" | {fx(ratio(data, 'moe', moe, 'ours', 'llama', 'prefill_tps', kind='prefill'))}"
+          f" | {fx(ratio(data, 'moe', moe, 'ours', 'hf', 'prefill_tps', kind='prefill'))} |")
+        cells = [cell(data, "moe", moe, e, "decode_tps", 2, kind="decode") for e in ENGINES]
+        a("| decode after 1K, tok/s | " + " | ".join(cells)
+          + f" | {fx(ratio(data, 'moe', moe, 'ours', 'llama', 'decode_tps', kind='decode'))}"
+          f" | {fx(ratio(data, 'moe', moe, 'ours', 'hf', 'decode_tps', kind='decode'))} |")
+        _, lim = limit_tps(moe, 1024, 1, bw)
+        a(f"| bandwidth limit for decode | {fmt(lim, 1)} tok/s | | | | |")
+        a("")
+    # ---------------------------------------------------------------- q8
+    if select(data, "q8"):
+        a(f"## llama.cpp with Q8_0 weights ({dense}; a reference for an int8 path)")
+        a("")
+        a("| | llama.cpp Q8_0 | llama.cpp bf16 (same run, prefill/decode sections) |")
+        a("|---|---|---|")
+        a(f"| prefill 512, tok/s | {cell(data, 'q8', dense, 'llama', 'prefill_tps', kind='prefill')} | "
+          f"{cell(data, 'prefill', dense, 'llama', 'prefill_tps', n=512)} |")
+        a(f"| decode after 1K, tok/s | {cell(data, 'q8', dense, 'llama', 'decode_tps', 2, kind='decode')} | "
+          f"{cell(data, 'decode', dense, 'llama', 'decode_tps', 2, context=1024, batch=1)} |")
+        a("")
+    # ---------------------------------------------------------------- rss
+    rss_rows = [r for r in data["results"] if r.get("rss_mb") and r.get("section") in ("prefill", "decode", "moe")]
+    if rss_rows:
+        a("## Peak resident memory (MB, the whole measurement process: weights, cache, runtime)")
+        a("")
+        a("| task | " + " | ".join(SHORT[e] for e in ENGINES) + " |")
+        a("|---|" + "---|" * len(ENGINES))
+        seen = []
+        for r in rss_rows:
+            key = (r["section"], r["model"], tuple(sorted(r["task"].items())))
+            if key not in seen:
+                seen.append(key)
+        for sec, model, items in seen:
+            t = dict(items)
+            label = f"{model} prefill {_k(t['n'])}" if t["kind"] == "prefill" else (
+                f"{model} decode after {_k(t['context'])}" + (f", batch {t['batch']}" if t.get("batch", 1) > 1 else ""))
+            cells = [fmt(value(data, sec, model, e, "rss_mb", **t), 0) for e in ENGINES]
+            a(f"| {label} | " + " | ".join(cells) + " |")
+        a("")
+    # ---------------------------------------------------------------- 397B
+    a("## The bytes-per-token model behind Qwen's 8.6x / 19x (Qwen3.5-397B-A17B)")
+    a("")
+    a(qwen_claim_section())
+    # ---------------------------------------------------------------- notes
+    if data.get("notes") or any(r.get("error") for r in data["results"]):
+        a("## Not measured / errors")
+        a("")
+        for n in data.get("notes", []):
+            a(f"- {n}")
+        for r in data["results"]:
+            if r.get("error") and not r.get("unsupported"):
+                a(f"- {r['section']} {r['model']} {SHORT.get(r['engine'], r['engine'])} {r['task']}: "
+                  f"{r['error'][:300]}")
+        a("")
+    a("## How to rerun")
+    a("")
+    a("```")
+    a("qwen35 bench --quick          # a few minutes: prefill 512, decode at 1K, the hybrid-vs-twin sweep, bandwidth")
+    a("qwen35 bench                  # + prefill 4K, decode at 8K, batch 1/4/16, the MoE (about half an hour)")
+    a("qwen35 bench --full           # + 32K prompts (prefill 32K, decode after a real 32K prefill), Q8_0; slow")
+    a("qwen35 bench --sections decode --contexts 1024,8192 --engines ours,llama   # one table, some engines")
+    a("qwen35 bench --report-only    # rewrite this page from docs/benchmarks/results.json")
+    a("```")
+    a("")
+    a("The llama.cpp peer is a benchmark-only dependency: `pip install llama-cpp-python==0.3.36` (compiles, ~12 min) "
+      "and, for the GGUF conversion, its sdist: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
+      "-d /tmp/llama_sdist && tar xzf /tmp/llama_sdist/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama_sdist` "
+      "(`--converter` points elsewhere). Plots need `pip install -e .[bench]` (matplotlib). Checkpoints are made "
+      "once under `~/.cache/qwen35-bench` (`--cache-dir`).")
+    a("")
+    return "\n".join(L)
+
+
+def ratio_models(data, a_model, b_model, context) -> float | None:
+    ra = {r["round"]: metric(r, "decode_tps") for r in select(data, "context", a_model, "ours", context=context)}
+    rb = {r["round"]: metric(r, "decode_tps") for r in select(data, "context", b_model, "ours", context=context)}
+    return _med([ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]])
+
+
+def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
+    out = []
+
+    def add(name, x, thr, desc):
+        out.append((name, f"{x:.2f}x ({desc})" if x is not None else "–", None if x is None else x >= thr))
+
+    contexts = data["plan"]["contexts"]
+    c0 = 1024 if 1024 in contexts else contexts[0]
+    add(f"decode >= 1.0x llama.cpp ({dense} bf16, after {_k(c0)})",
+        ratio(data, "decode", dense, "ours", "llama", "decode_tps", context=c0, batch=1), 1.0, "ours / llama.cpp")
+    for n in (512, 4096):
+        add(f"prefill {_k(n)} >= 1.5x llama.cpp", ratio(data, "prefill", dense, "ours", "llama", "prefill_tps", n=n),
+            1.5, "ours / llama.cpp")
+    sweep = data["plan"]["sweep"]
+    top = max(sweep)
+    h1 = value(data, "context", dense, "ours", "decode_tps", context=sweep[0])
+    ht = value(data, "context", dense, "ours", "decode_tps", context=top)
+    add(f"decode at {_k(top)} >= 0.75x decode at {_k(sweep[0])} (synthetic context)",
+        ht / h1 if ht and h1 else None, 0.75, f"{fmt(ht, 2)} / {fmt(h1, 2)} tok/s")
+    if 32768 in contexts:
+        d1 = value(data, "decode", dense, "ours", "decode_tps", context=c0, batch=1)
+        d32 = value(data, "decode", dense, "ours", "decode_tps", context=32768, batch=1)
+        add(f"decode at 32K >= 0.75x decode at {_k(c0)} (real prefill)", d32 / d1 if d1 and d32 else None, 0.75,
+            f"{fmt(d32, 2)} / {fmt(d1, 2)} tok/s")
+    add(f"decode at {_k(top)} >= 1.4x the full-attention twin", ratio_models(data, dense, dense + "-twin", top), 1.4,
+        "hybrid / twin")
+    if moe:
+        add("MoE decode >= 1.0x llama.cpp", ratio(data, "moe", moe, "ours", "llama", "decode_tps", kind="decode"),
+            1.0, "ours / llama.cpp")
+    return out
+
+
+def qwen_claim_section() -> str:
+    from bench.bytes_model import claim_table, implied_comparator
+    from qwen35.config import ModelConfig, find_preset
+
+    if (REFERENCE_397B / "config.json").exists():
+        cfg, src = ModelConfig.from_file(REFERENCE_397B), "the official config (`reference/Qwen3.5-397B-A17B-FP8`)"
+    else:
+        cfg, src = find_preset("Qwen3.5-397B-A17B"), "the qwen35 preset"
+    L = []
+    a = L.append
+    a(f"From {src}, FP8 weights as published (bf16 for the modules it keeps), bf16 KV, fp32 GDN state. The twin is "
+      "the same model with all 60 layers full attention. When decode is memory bound, the time per token is "
+      "proportional to the bytes read per token, so the twin/hybrid bytes ratio is the speed-up of the hybrid design "
+      "alone. *Many sequences* is the limit where the weights are shared by so many tokens that only each "
+      "sequence's KV + state count.")
+    a("")
+    a("| context | batch | hybrid GB/token | twin GB/token | twin / hybrid |")
+    a("|---|---|---|---|---|")
+    for r in claim_table(cfg):
+        a(f"| {_k(r['context'])} | {r['batch'] or 'many sequences'} | {r['hybrid_bytes'] / 1e9:.2f} | "
+          f"{r['twin_bytes'] / 1e9:.2f} | {r['ratio']:.2f}x |")
+    imp = implied_comparator(cfg)
+    t = cfg.text
+    table = claim_table(cfg)
+    b1 = [r["ratio"] for r in table if r["batch"] == 1]
+    lim = [r["ratio"] for r in table if r["batch"] is None]
+    a("")
+    a(f"Hybrid per token: {imp['hybrid_weights_read'] / 1e9:.1f} GB of weights (batch 1), "
+      f"{imp['hybrid_kv_per_token']:,.0f} B of KV per context token ({len(t.attention_layers)} of "
+      f"{t.num_hidden_layers} layers), {imp['hybrid_state'] / 2**20:.0f} MiB of GDN state read and written. The twin "
+      f"reads {t.num_hidden_layers / len(t.attention_layers):.0f}x the KV; so the hybrid layout alone is worth "
+      f"{lim[0]:.1f}x / {lim[-1]:.1f}x (32K / 256K) when only KV + state count, and {b1[0]:.2f}x / {b1[-1]:.2f}x at "
+      "batch 1, where the active weights dominate.")
+    a("")
+    a("Qwen's 8.6x (32K) / 19x (256K) compare against Qwen3-Max, a larger model whose layout is not public. Read as "
+      "bytes ratios they imply a comparator that at batch 1 reads "
+      f"{imp['batch1_comparator_weights'] / 1e9:.0f} GB of weights and "
+      f"{imp['batch1_comparator_kv_per_token'] / 1e6:.2f} MB of KV per context token; or, in the many-sequence limit, "
+      f"{imp['limit_comparator_kv_per_token'][0] / 1e3:.0f} KB (from 32K) / "
+      f"{imp['limit_comparator_kv_per_token'][1] / 1e3:.0f} KB (from 256K) of KV per context token (a pure KV model "
+      "would give the same number twice). So the published figures are not the hybrid layout alone: they also "
+      "carry the comparator's size and KV layout. The part of the claim measured on this machine is the "
+      "hybrid-vs-twin sweep above.")
+    a("")
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def make_plots(data: dict, figdir: Path) -> dict:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        data.setdefault("notes", []).append("plots skipped: matplotlib is not installed (pip install -e .[bench])")
+        return {}
+    from bench.bytes_model import decode_bytes
+
+    plots = {}
+    p = data["plan"]
+    dense = (p.get("models") or ["0.8b"])[0]
+    bw = bandwidth(data)
+    if select(data, "context"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        cs = p["sweep"]
+        tc = _cfg(dense).text
+        hybrid_label = f"hybrid ({len(tc.linear_layers)} GDN + {len(tc.attention_layers)} attention)"
+        for model, label, color in ((dense, hybrid_label, "C0"),
+                                    (dense + "-twin", f"twin ({tc.num_hidden_layers} attention)", "C3")):
+            ys = [value(data, "context", model, "ours", "step_ms", context=c) for c in cs]
+            pts = [(c, y) for c, y in zip(cs, ys, strict=True) if y]
+            if pts:
+                ax.plot([c for c, _ in pts], [y for _, y in pts], "o-", color=color, label=f"{label}, measured")
+            if bw:
+                ax.plot(cs, [decode_bytes(_cfg(model), c).per_token / (bw * 1e9) * 1000 for c in cs], "--",
+                        color=color, alpha=0.6, label=f"{label}, bytes / bandwidth")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [_k(c) for c in cs])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decoded token (batch 1)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"qwen35 decode, {dense} shape, {p['threads']} threads")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = figdir / "decode_vs_context.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots["context"] = path
+    return plots

@@ -1,0 +1,117 @@
+"""One engine, one task, in a process of its own (so that its peak RSS is its own):
+
+    python -m bench.worker '{"engine": "ours", "path": ..., "task": {...}}'
+
+prints one line `BENCH_RESULT {json}`. Tasks:
+  * {"kind": "prefill", "n": 512, "reps": 3}: time-to-first-token of an n-token prompt (the prefill, the head
+    on the last token, the greedy pick), `reps` times after one warm-up prompt of min(n, chunk) tokens;
+  * {"kind": "decode", "context": 1024, "steps": 16, "batch": 1, "fill": "prefill" | "synthetic"}: `batch`
+    sequences each holding `context` tokens (prefilled for real, timed, or filled with random KV/state), then
+    3 untimed steps and `steps` timed decode steps of one token per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+
+
+def prompt(seed: int, n: int, vocab: int) -> list[int]:
+    rng = np.random.default_rng([seed, n])
+    return rng.integers(0, vocab, size=n).tolist()
+
+
+def run(spec: dict) -> dict:
+    from bench.engines import ENGINES
+
+    task = spec["task"]
+    kw = {"chunk": spec.get("chunk", 4096)}
+    if spec["engine"] == "llama":
+        kw = {"chunk": 512, "flash_attn": spec.get("flash_attn", "off")}
+    eng = ENGINES[spec["engine"]](spec["path"], spec.get("threads", 2), **kw)
+    vocab = spec.get("vocab", 248044)
+    seed = spec.get("seed", 0)
+    res: dict = {"load_s": eng.load_s}
+    # Warm-up: allocations, kernel selection, first-call costs.
+    eng.open(1, 64)
+    w = prompt(seed + 1, 32, vocab)
+    t = eng.prefill(0, w)
+    for _ in range(2):
+        t = eng.step([t])[0]
+    if task["kind"] == "prefill":
+        n = task["n"]
+        ids = prompt(seed, n, vocab)
+        eng.open(1, n + 8)
+        eng.prefill(0, ids[: min(n, spec.get("chunk", 4096))])
+        times, first = [], None
+        for _ in range(task.get("reps", 3)):
+            eng.open(1, n + 8)
+            t0 = time.perf_counter()
+            first = eng.prefill(0, ids)
+            times.append(time.perf_counter() - t0)
+        res.update(prefill_s=times, first_token=first)
+    elif task["kind"] == "decode":
+        ctx, steps, B = task["context"], task["steps"], task.get("batch", 1)
+        eng.open(B, ctx + steps + 8)
+        if task.get("fill", "prefill") == "synthetic":
+            t0 = time.perf_counter()
+            eng.synthetic(ctx)
+            res["fill_s"] = time.perf_counter() - t0
+            toks = prompt(seed + 2, B, vocab)
+        else:
+            prompts = [prompt(seed + 100 * b, ctx, vocab) for b in range(B)]
+            t0 = time.perf_counter()
+            toks = eng.prefill_all(prompts)
+            res["prefill_s"] = [time.perf_counter() - t0]
+        res["first_token"] = toks[0]
+        for _ in range(3):
+            toks = eng.step(toks)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            toks = eng.step(toks)
+            times.append(time.perf_counter() - t0)
+        res.update(step_s=times)
+    else:
+        raise ValueError(f"unknown task kind {task['kind']!r}")
+    return res
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process. (ru_maxrss is not used: Linux keeps it across exec, so a worker would report at
+    least its parent's peak.)"""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    out: dict = {"engine": spec["engine"], "model": spec.get("model"), "task": spec["task"]}
+    try:
+        out.update(run(spec))
+    except Exception as e:  # reported, not raised: the harness goes on with the other engines
+        from bench.engines import Unsupported
+
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["unsupported"] = isinstance(e, Unsupported)
+        if not out["unsupported"]:
+            traceback.print_exc()
+    out["rss_mb"] = peak_rss_mb()
+    out["loadavg_end"] = os.getloadavg()
+    print("BENCH_RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
