@@ -65,15 +65,19 @@ class GatedAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         cache = batch.cache
-        if cache is not None and x.device.type == "cpu" and all(n == 1 for n in batch.query_lens):
-            k_ops = cpu_kernels.kernels()
-            if k_ops is not None:
-                out = self._decode_paged(q, k, v, batch, k_ops)
-                return self.o_proj(out.to(x.dtype).reshape(N, -1) * torch.sigmoid(gate))
-        outs = []
+        out = torch.empty(N, self.num_heads, D, dtype=q.dtype, device=x.device)
+        done: set[int] = set()
+        k_ops = cpu_kernels.kernels() if cache is not None and x.device.type == "cpu" else None
+        if k_ops is not None:  # one-token sequences (decodes) attend straight from the paged pool, together
+            single = [i for i, n in enumerate(batch.query_lens) if n == 1]
+            if single:
+                rows = [batch.starts[i] for i in single]
+                out[rows] = self._decode_paged(q[rows], k[rows], v[rows], [batch.block_tables[i] for i in single],
+                                               [batch.context_lens[i] for i in single], cache, k_ops).to(q.dtype)
+                done = set(single)
         for i in range(batch.num_seqs):
             s, e = batch.starts[i], batch.starts[i + 1]
-            if s == e:
+            if s == e or i in done:
                 continue
             ctx = batch.context_lens[i]
             if cache is None:
@@ -90,24 +94,22 @@ class GatedAttention(nn.Module):
                 else:
                     rows = paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device)
                     keys, values = kc[rows].to(q.dtype), vc[rows].to(q.dtype)
-            outs.append(attend(q[s:e], keys, values, ctx, self.scale))
-        out = torch.cat(outs).reshape(N, -1)
+            out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
+        out = out.reshape(N, -1)
         return self.o_proj(out * torch.sigmoid(gate))
 
-    def _decode_paged(self, q, k, v, batch: ForwardBatch, k_ops) -> torch.Tensor:
+    def _decode_paged(self, q, k, v, block_tables: list[list[int]], ctx: list[int], cache, k_ops) -> torch.Tensor:
         """One new token per sequence: write its K/V, then attend straight from the paged pool (no copy).
-        The twin is the gather + SDPA path above (tests hold them together)."""
-        cache = batch.cache
+        The twin is the gather + SDPA path (tests hold them together)."""
         bs = cache.block_size
         kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        ctx = batch.context_lens
-        rows = torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(batch.block_tables, ctx, strict=True)],
+        rows = torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(block_tables, ctx, strict=True)],
                                dtype=torch.long, device=q.device)
         kc.view(-1, self.num_kv_heads, self.head_dim)[rows] = k.to(kc.dtype)
         vc.view(-1, self.num_kv_heads, self.head_dim)[rows] = v.to(vc.dtype)
-        width = max(len(t) for t in batch.block_tables)
+        width = max(len(t) for t in block_tables)
         tables = torch.zeros(len(ctx), width, dtype=torch.int32)
-        for i, t in enumerate(batch.block_tables):
+        for i, t in enumerate(block_tables):
             tables[i, :len(t)] = torch.as_tensor(t, dtype=torch.int32)
         lens = torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32)
         return k_ops.paged_attention_decode(q, kc, vc, tables, lens, self.scale)

@@ -60,34 +60,38 @@ class GatedDeltaNet(nn.Module):
         state_pool = cache.recurrent[self.layer_idx] if cache is not None else None
         out = torch.empty(N, self.Hv, self.dv, dtype=torch.float32, device=x.device)
 
-        if cache is not None and batch.num_seqs > 0 and all(n == 1 for n in batch.query_lens):
-            # Decode: one token per sequence, all sequences in one batched step.
-            slots = torch.as_tensor(batch.slots, dtype=torch.long, device=x.device)
-            fresh = torch.as_tensor([c == 0 for c in batch.context_lens], device=x.device)
-            window = conv_pool[slots].masked_fill(fresh[:, None, None], 0)
-            state = state_pool[slots].masked_fill(fresh[:, None, None, None], 0)
-            conv_out = causal_conv1d_step(mixed, weight, window)
+        # Sequences bringing one token over a cache (decodes) share one batched recurrent step; the others
+        # (prefill chunks) run the chunked form one by one.
+        single = [i for i, n in enumerate(batch.query_lens) if n == 1] if cache is not None else []
+        if single:
+            rows = torch.as_tensor([batch.starts[i] for i in single], dtype=torch.long, device=x.device)
+            slots = torch.as_tensor([batch.slots[i] for i in single], dtype=torch.long, device=x.device)
+            window, state = conv_pool[slots], state_pool[slots]
+            fresh = [j for j, i in enumerate(single) if batch.context_lens[i] == 0]
+            if fresh:  # a sequence at position 0 starts from zero state, whatever its slot held
+                window[fresh] = 0
+                state[fresh] = 0
+            conv_out = causal_conv1d_step(mixed[rows], weight, window)
             q, k, v = self._qkv_heads(conv_out)
-            out[:] = gated_delta_step(q, k, v, g, beta, state)
+            out[rows] = gated_delta_step(q, k, v, g[rows], beta[rows], state)
             conv_pool[slots] = window
             state_pool[slots] = state
-        else:
-            for i in range(batch.num_seqs):
-                s, e = batch.starts[i], batch.starts[i + 1]
-                if s == e:
-                    continue
-                fresh = cache is None or batch.context_lens[i] == 0
-                slot = None if cache is None else batch.slots[i]
-                window = None if fresh else conv_pool[slot][None]
-                state = None if fresh else state_pool[slot][None]
-                conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
-                q, k, v = self._qkv_heads(conv_out[0])
-                o, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e],
-                                                        state)
-                out[s:e] = o[0]
-                if cache is not None:
-                    conv_pool[slot] = new_window[0]
-                    state_pool[slot] = new_state[0]
+        done = set(single)
+        for i in range(batch.num_seqs):
+            s, e = batch.starts[i], batch.starts[i + 1]
+            if s == e or i in done:
+                continue
+            fresh = cache is None or batch.context_lens[i] == 0
+            slot = None if cache is None else batch.slots[i]
+            window = None if fresh else conv_pool[slot][None]
+            state = None if fresh else state_pool[slot][None]
+            conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
+            q, k, v = self._qkv_heads(conv_out[0])
+            o, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state)
+            out[s:e] = o[0]
+            if cache is not None:
+                conv_pool[slot] = new_window[0]
+                state_pool[slot] = new_state[0]
 
         o = self.norm(out.to(x.dtype), z.view(N, self.Hv, self.dv))
         return self.out_proj(o.reshape(N, self.value_dim))
