@@ -59,3 +59,17 @@ def test_int8_model_close_to_full_precision_and_cache_consistent(tmp_path, moe):
 def test_unknown_quantization_is_refused(tmp_path):
     with pytest.raises(ValueError, match="quantization='int4'"):
         qwen35.load_model(tmp_path, load_format="dummy", quantization="int4")
+
+
+def test_llm_and_cli_take_int8(tmp_path, capsys):
+    from qwen35.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text",
+                                                      **text_config(vocab_size=248320)}))
+    llm = qwen35.LLM(str(tmp_path), load_format="dummy", dtype="bfloat16", quantization="int8")
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], qwen35.SamplingParams(max_tokens=4, ignore_eos=True,
+                                                                               temperature=0.0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert getattr(llm.model, "quantization", None) == "int8"
+    assert main(["generate", str(tmp_path), "Hi", "--load-format", "dummy", "--quantization", "int8",
+                 "--max-tokens", "3", "--ignore-eos", "--dtype", "bfloat16"]) == 0

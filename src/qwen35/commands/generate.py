@@ -23,6 +23,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, "
                                                    "fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="weight-only quantisation of the linear layers (int8: per-row scales)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's, "
                                                                     "capped by the cache)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")
@@ -50,7 +52,7 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-               max_num_seqs=8, seed=args.seed if args.seed is not None else 0)
+               max_num_seqs=8, seed=args.seed if args.seed is not None else 0, quantization=args.quantization)
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, default_max_tokens: int) -> Any:

@@ -49,13 +49,15 @@ class LLM:
                  device: str | torch.device = "auto", load_format: str = "auto", tokenizer: Any = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
-                 generation_config: str | None = "auto", skip_tokenizer_init: bool = False):
+                 generation_config: str | None = "auto", skip_tokenizer_init: bool = False,
+                 quantization: str | None = None):
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
         only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU, float32 on
         CPU. `tokenizer`: None (the checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer
         object. `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
         `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
-        generation_config.json; None: vLLM's neutral defaults. The cache arguments are `LLMEngine`'s."""
+        generation_config.json; None: vLLM's neutral defaults. `quantization`: None or "int8" (weight-only,
+        see `qwen35.ops.quant`). The cache arguments are `LLMEngine`'s."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.hub import resolve_model_path
@@ -70,7 +72,7 @@ class LLM:
             if dtype == "auto":
                 dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
             net = load_model(name, dtype=dtype, device=device, load_format=load_format,
-                             seed=seed if seed is not None else 0)
+                             seed=seed if seed is not None else 0, quantization=quantization)
             if Path(name).expanduser().is_dir():
                 folder = Path(name).expanduser()
             elif load_format != "dummy" or (name.count("/") == 1 and not _is_preset(name)):
