@@ -1,0 +1,278 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic models; they also make /openapi.json).
+
+Requests follow OpenAI's Chat Completions and Completions APIs plus vLLM's extras (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
+`include_stop_str_in_output`, `chat_template_kwargs`) and a thinking budget (`thinking_budget`, alias
+`max_thinking_tokens`). Fields that OpenAI defines but this server does not implement are either accepted
+when they ask for nothing (`logit_bias` empty, `response_format` text) or refused with a 400 saying so;
+unknown fields are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP = 16
+MAX_PROMPTS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# ------------------------------------------------------------------------------------------ content parts
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str = Field(description="a data: URL (base64), or http(s) / file URL when the server allows it")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+# ------------------------------------------------------------------------------------------ messages
+class FunctionCall(_Model):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object encoded in a string")
+
+
+class ToolCall(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(_Model):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Model):
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = Field(None, description="earlier reasoning (kept only where the template "
+                                                            "keeps it)")
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+
+
+class ToolMessage(_Model):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+# ------------------------------------------------------------------------------------------ tools
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = False
+
+
+class ResponseFormat(_Model):
+    type: str
+
+
+# ------------------------------------------------------------------------------------------ sampling
+class _SamplingFields(_Model):
+    model: str | None = Field(None, description="the served model name (default: the only model served)")
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most (default: what the "
+                                                             "context leaves)")
+    temperature: float | None = Field(None, ge=0.0, description="default: the checkpoint's generation_config")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra; 0 or -1: all tokens")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    stop_token_ids: list[NonNegInt] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (wins when both "
+                                                                        "are given)")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = Field(None, description="only {\"type\": \"text\"} is supported")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="variables for the chat template, e.g. {\"enable_thinking\": false}")
+    thinking_budget: int | None = Field(None, ge=0, description="at most this many reasoning tokens; then "
+                                                                "the server closes the think block itself")
+    max_thinking_tokens: int | None = Field(None, ge=0, description="alias of thinking_budget")
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[NonNegInt] | list[list[NonNegInt]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+
+
+# ------------------------------------------------------------------------------------------ responses
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob] | None = None
+
+
+class ResponseFunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class ResponseMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
+
+
+class ChatChoice(_Model):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Model):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Model):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwen35"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+
+
+SSE_DESCRIPTION = ("With `stream: true`: server-sent events, one `data: {chunk}` per event (chat.completion.chunk "
+                   "or text_completion objects), ended by `data: [DONE]`.")
+
+__all__ = [
+    "AssistantMessage", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest",
+    "CompletionResponse", "Health", "ImagePart", "ModelCard", "ModelList", "SystemMessage", "TextPart", "Tool",
+    "ToolMessage", "UserMessage", "Usage",
+]
