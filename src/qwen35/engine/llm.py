@@ -98,6 +98,7 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size, seed=seed,
                                 eos_token_ids=eos, default_sampling_params=self.default_sampling_params)
+        self.engine.model_folder = folder
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -170,8 +171,11 @@ class LLM:
         text = self.tokenizer.apply_chat_template(list(conversation), tools=tools, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   chat_template=chat_template, **dict(chat_template_kwargs or {}))
-        return ({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text)},
-                {"thinking": prompt_opens_thinking(text), "tools": tools}, params)
+        info = {"thinking": prompt_opens_thinking(text), "tools": tools}
+        images, videos = collect_media(conversation)
+        if images or videos:
+            return {"prompt": text, "multi_modal_data": {"image": images, "video": videos}}, info, params
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text)}, info, params
 
     # ------------------------------------------------------------------------------------------ driving
     def _params_list(self, params, n: int) -> list[SamplingParams]:
@@ -182,9 +186,9 @@ class LLM:
         # Tokenise and check everything first: a bad prompt in the middle must not leave the earlier ones queued.
         ready = []
         for prompt, _, sp in items:
-            text, tokens = self.engine._prompt_ids(prompt)
-            self.engine._check_request(tokens, sp)
-            ready.append(({"prompt": text, "prompt_token_ids": tokens}, sp.clone(output_kind=kind)))
+            prepared = self.engine.prepare_prompt(prompt)
+            self.engine._check_request(prepared.ids, sp)
+            ready.append((prepared, sp.clone(output_kind=kind)))
         ids: list[str] = []
         try:
             for prompt, sp in ready:
@@ -306,6 +310,33 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if not items:
         raise ValueError("no prompts given")
     return items
+
+
+def collect_media(conversation: Conversation) -> tuple[list[Any], list[Any]]:
+    """The images and videos of a conversation, in the order the chat template writes their placeholders.
+    Content items: {"type": "image", "image": PIL / path / URL / bytes}, {"type": "image_url", "image_url":
+    {"url": ...}} (or a plain string), {"type": "video", "video": path / URL / list of frames},
+    {"type": "video_url", "video_url": {"url": ...}}."""
+    images, videos = [], []
+    for message in conversation:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, (list, tuple)):
+            continue
+        for item in content:
+            if not isinstance(item, Mapping):
+                continue
+            kind = item.get("type")
+            if kind == "image" or "image" in item:
+                images.append(item.get("image"))
+            elif kind == "image_url" or "image_url" in item:
+                url = item.get("image_url")
+                images.append(url.get("url") if isinstance(url, Mapping) else url)
+            elif kind == "video" or "video" in item:
+                videos.append(item.get("video"))
+            elif kind == "video_url" or "video_url" in item:
+                url = item.get("video_url")
+                videos.append(url.get("url") if isinstance(url, Mapping) else url)
+    return images, videos
 
 
 def _as_conversation_list(messages: Conversation | Sequence[Conversation]) -> list[Conversation]:

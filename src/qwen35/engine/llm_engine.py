@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,6 +48,14 @@ MAX_LOGPROBS = 20
 THINK_START, THINK_END = "<think>", "</think>"
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
+
+
+class PreparedPrompt(NamedTuple):
+    """A tokenised prompt, with its images / videos processed (`mm`, or None for text)."""
+
+    text: str | None
+    ids: list[int]
+    mm: Any
 
 
 class LLMEngine:
@@ -98,6 +106,8 @@ class LLMEngine:
         self.max_num_seqs = min(max_num_seqs, self.plan.num_slots)
         self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.plan)
+        self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
+        self._mm_processor = None
         log.info("cache: %d state slots, %d KV blocks of %d tokens (%.1f MiB); max_model_len %d",
                  self.plan.num_slots, self.plan.num_blocks, block_size, self.plan.total_bytes / 2**20,
                  max_model_len)
@@ -118,7 +128,10 @@ class LLMEngine:
         params = self.default_sampling_params if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self._prompt_ids(prompt)
+        if isinstance(prompt, PreparedPrompt):
+            text, ids, mm = prompt.text, prompt.ids, prompt.mm
+        else:
+            text, ids, mm = self.prepare_prompt(prompt)
         if prompt_text is not None:
             text = prompt_text
         self._check_request(ids, params)
@@ -129,7 +142,7 @@ class LLMEngine:
                     request_id = f"req-{next(self._request_ids)}"
             elif request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=list(ids), params=params)
+            req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=list(ids), params=params, mm=mm)
             thinking = self._prompt_opens_thinking(ids)
             for index in range(params.n):
                 seq = Seq(seq_id=next(self._seq_ids), request=req, index=index, token_ids=list(ids),
@@ -317,6 +330,35 @@ class LLMEngine:
         return m
 
     # ------------------------------------------------------------------------------------------ checks
+    def prepare_prompt(self, prompt: PromptType) -> PreparedPrompt:
+        """Tokenise a prompt; a dict with `multi_modal_data` ({"image": [...], "video": [...]}, vLLM's name)
+        and a text `prompt` holding one placeholder per item also runs the image / video processors."""
+        if isinstance(prompt, Mapping) and prompt.get("multi_modal_data"):
+            data = prompt["multi_modal_data"]
+            text = prompt.get("prompt")
+            if not isinstance(text, str):
+                raise ValueError("a prompt with multi_modal_data needs its text in 'prompt' (with one "
+                                 "<|vision_start|><|image_pad|><|vision_end|> or ..<|video_pad|>.. per item)")
+            if self.tokenizer is None:
+                raise ValueError("a prompt with images or videos needs a tokenizer")
+            unknown = set(data) - {"image", "video"}
+            if unknown:
+                raise ValueError(f"multi_modal_data keys must be 'image' and/or 'video', got {sorted(unknown)}")
+
+            def as_list(x):
+                return list(x) if isinstance(x, (list, tuple)) else [x]
+
+            if self._mm_processor is None:
+                from qwen35.multimodal.inputs import MultimodalProcessor
+
+                self._mm_processor = MultimodalProcessor(self.runner.model.config, self.model_folder)
+            text, ids, mm = self._mm_processor.prepare(
+                text, self.tokenizer, as_list(data.get("image", [])), as_list(data.get("video", [])),
+                allow_remote=bool(prompt.get("allow_remote_media", False)))
+            return PreparedPrompt(text, ids, mm)
+        text, ids = self._prompt_ids(prompt)
+        return PreparedPrompt(text, ids, None)
+
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         text: str | None = None
         if isinstance(prompt, Mapping):

@@ -17,6 +17,7 @@ from qwen35.engine.sampler import Sampler, SamplerOutput, SamplerRow
 from qwen35.engine.scheduler import SchedulerOutput
 from qwen35.engine.sequence import Sequence
 from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
+from qwen35.multimodal.inputs import VisionFeatureCache
 
 
 class ModelRunner:
@@ -29,6 +30,7 @@ class ModelRunner:
         self.cache = HybridCache(model.config.text, plan.num_slots, plan.num_blocks, plan.block_size,
                                  dtype=self.dtype, device=self.device)
         self.sampler = Sampler()
+        self.vision_cache = VisionFeatureCache()
 
     @torch.inference_mode()
     def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
@@ -42,10 +44,14 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             ctx.append(start)
         flat = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        batch = ForwardBatch(query_lens=list(work.num_tokens), context_lens=ctx,
-                             positions=text_positions(ctx, list(work.num_tokens), self.device), cache=self.cache,
+        lens = list(work.num_tokens)
+        if any(s.request.mm is not None for s in work.seqs):
+            positions, embeds = self._multimodal_inputs(work, flat, ctx)
+        else:
+            positions, embeds = text_positions(ctx, lens, self.device), None
+        batch = ForwardBatch(query_lens=lens, context_lens=ctx, positions=positions, cache=self.cache,
                              slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs])
-        hidden = self.model.forward_batch(flat, batch)
+        hidden = self.model.forward_batch(flat, batch, inputs_embeds=embeds)
 
         sampling, last_rows = [], []
         for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
@@ -56,3 +62,24 @@ class ModelRunner:
             return [], None
         logits = self.model.compute_logits(hidden[torch.as_tensor(last_rows, device=self.device)])
         return sampling, self.sampler(logits, [sampler_row(s) for s in sampling])
+
+    def _multimodal_inputs(self, work: SchedulerOutput, flat: torch.Tensor, ctx: list[int],
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions and embeddings with vision features for a step that holds image / video prompts.
+        A chunk may start or end inside an image: each token takes its own feature row."""
+        embeds = self.model.model.embed_tokens(flat)
+        positions, at = [], 0
+        for seq, start, n in zip(work.seqs, ctx, work.num_tokens, strict=True):
+            mm = seq.request.mm
+            if mm is None:
+                positions.append(text_positions([start], [n], self.device))
+            else:
+                positions.append(mm.positions_for(start, start + n).to(self.device))
+                index = mm.feature_index[start:min(start + n, seq.num_prompt_tokens)]
+                rows = (index >= 0).nonzero().flatten()
+                if len(rows):
+                    if seq.request.mm_features is None:  # encoded once per request, on first need
+                        seq.request.mm_features = self.vision_cache.for_prompt(self.model, mm)
+                    embeds[at + rows.to(self.device)] = seq.request.mm_features[index[rows]].to(embeds.dtype)
+            at += n
+        return torch.cat(positions, dim=1), embeds
