@@ -33,7 +33,10 @@ def _threads(n: int) -> None:
 class Ours:
     name = "qwen35"
 
-    def __init__(self, path: str, threads: int, chunk: int = 4096, dtype: str = "bfloat16"):
+    def __init__(self, path: str, threads: int, chunk: int = 4096, dtype: str = "bfloat16",
+                 quantization: str | None = None):
+        import inspect
+
         import torch
 
         import qwen35
@@ -41,8 +44,13 @@ class Ours:
         _threads(threads)
         self.torch = torch
         self.chunk = chunk
+        kw = {}
+        if quantization:
+            if "quantization" not in inspect.signature(qwen35.load_model).parameters:
+                raise Unsupported(f"qwen35.load_model has no quantization={quantization!r} yet")
+            kw["quantization"] = quantization
         t0 = time.perf_counter()
-        self.model = qwen35.load_model(path, dtype=getattr(torch, dtype), progress=False)
+        self.model = qwen35.load_model(path, dtype=getattr(torch, dtype), progress=False, **kw)
         self.load_s = time.perf_counter() - t0
         self.cache = None
         self.seqs = []
@@ -72,7 +80,22 @@ class Ours:
         return nxt
 
     def prefill_all(self, prompts: list[list[int]]) -> list[int]:
-        return [self.prefill(i, p) for i, p in enumerate(prompts)]
+        """Several prompts per varlen forward, up to `chunk` tokens each (as an engine's scheduler would)."""
+        nxt: list[int | None] = [None] * len(prompts)
+        at = [0] * len(prompts)
+        while any(a < len(p) for a, p in zip(at, prompts, strict=True)):
+            idx, chunks, budget = [], [], self.chunk
+            for i, p in enumerate(prompts):
+                if at[i] < len(p) and budget > 0:
+                    take = p[at[i]:at[i] + budget]
+                    idx.append(i)
+                    chunks.append(take)
+                    budget -= len(take)
+            outs = self._forward([self.seqs[i] for i in idx], chunks)
+            for i, c, o in zip(idx, chunks, outs, strict=True):
+                at[i] += len(c)
+                nxt[i] = o
+        return nxt
 
     def step(self, tokens: list[int]) -> list[int]:
         return self._forward(self.seqs, [[t] for t in tokens])

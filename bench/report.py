@@ -33,6 +33,9 @@ def metric(res: dict, what: str) -> float | None:
         return 1000 * _med(res["step_s"])
     if what == "ctx_prefill_tps" and t["kind"] == "decode" and res.get("prefill_s"):
         return t["context"] * t.get("batch", 1) / res["prefill_s"][0]
+    if t["kind"] == "e2e":
+        return {"decode_tps": res.get("decode_tps"), "ttft_ms": 1000 * res["ttft_s"] if "ttft_s" in res else None,
+                "rss_mb": res.get("rss_mb")}.get(what)
     if what == "rss_mb":
         return res.get("rss_mb")
     return None
@@ -351,14 +354,40 @@ def markdown(data: dict, plots: dict) -> str:
         a("")
     # ---------------------------------------------------------------- q8
     if select(data, "q8"):
-        a(f"## llama.cpp with Q8_0 weights ({dense}; a reference for an int8 path)")
+        a(f"## 8-bit weights ({dense}): qwen35 int8 (weight-only, per-row scales) against llama.cpp Q8_0")
         a("")
-        a("| | llama.cpp Q8_0 | llama.cpp bf16 (same run, prefill/decode sections) |")
-        a("|---|---|---|")
-        a(f"| prefill 512, tok/s | {cell(data, 'q8', dense, 'llama', 'prefill_tps', kind='prefill')} | "
+        a("| | qwen35 int8 | llama.cpp Q8_0 | ours / llama.cpp | qwen35 bf16 | llama.cpp bf16 |")
+        a("|---|---|---|---|---|---|")
+        a(f"| prefill 512, tok/s | {cell(data, 'q8', dense, 'ours', 'prefill_tps', kind='prefill')} | "
+          f"{cell(data, 'q8', dense, 'llama', 'prefill_tps', kind='prefill')} | "
+          f"{fx(ratio(data, 'q8', dense, 'ours', 'llama', 'prefill_tps', kind='prefill'))} | "
+          f"{cell(data, 'prefill', dense, 'ours', 'prefill_tps', n=512)} | "
           f"{cell(data, 'prefill', dense, 'llama', 'prefill_tps', n=512)} |")
-        a(f"| decode after 1K, tok/s | {cell(data, 'q8', dense, 'llama', 'decode_tps', 2, kind='decode')} | "
+        a(f"| decode after 1K, tok/s | {cell(data, 'q8', dense, 'ours', 'decode_tps', 2, kind='decode')} | "
+          f"{cell(data, 'q8', dense, 'llama', 'decode_tps', 2, kind='decode')} | "
+          f"{fx(ratio(data, 'q8', dense, 'ours', 'llama', 'decode_tps', kind='decode'))} | "
+          f"{cell(data, 'decode', dense, 'ours', 'decode_tps', 2, context=1024, batch=1)} | "
           f"{cell(data, 'decode', dense, 'llama', 'decode_tps', 2, context=1024, batch=1)} |")
+        a("")
+    if select(data, "e2e"):
+        a(f"## End to end through `qwen35.LLM` ({dense}, greedy, ignore_eos, no tokenizer)")
+        a("")
+        a("The whole engine (scheduler, chunked prefill at its default token budget, sampler) against the bare model "
+          "calls measured above. Decode tok/s: tokens after the first of every request / the time between them.")
+        a("")
+        a("| prompt x batch | time to first token | decode tok/s (all sequences) | bare model, same shape |")
+        a("|---|---|---|---|")
+        seen = []
+        for r in select(data, "e2e"):
+            key = (r["task"]["context"], r["task"].get("batch", 1))
+            if key in seen:
+                continue
+            seen.append(key)
+            c, b = key
+            bare = (value(data, "decode", dense, "ours", "decode_tps", context=c, batch=1) if b == 1 else
+                    value(data, "batch", dense, "ours", "decode_tps", context=c, batch=b))
+            a(f"| {_k(c)} x {b} | {fmt(value(data, 'e2e', dense, 'ours', 'ttft_ms', context=c, batch=b), 0)} ms | "
+              f"{fmt(value(data, 'e2e', dense, 'ours', 'decode_tps', context=c, batch=b), 2)} | {fmt(bare, 2)} |")
         a("")
     # ---------------------------------------------------------------- rss
     rss_rows = [r for r in data["results"] if r.get("rss_mb") and r.get("section") in ("prefill", "decode", "moe")]

@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with llama.cpp's convert_hf_to_gguf.py and gguf-py (the llama-cpp-python sdist's "
                         "vendor/llama.cpp; default: looked for in /tmp/llama_sdist and the cache dir)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds for one measurement process")
-    p.add_argument("--out", default=None, help="markdown report to write (default docs/benchmarks.md; '-' for none)")
+    p.add_argument("--out", default=None,
+                   help="markdown report to write ('-' for none). Default: docs/benchmarks.md for the default and "
+                        "--full runs; CACHE_DIR/report/benchmarks.md for --quick / --sections runs")
     p.add_argument("--results", default=None, help="results JSON (default: next to the report, "
                                                    "docs/benchmarks/results.json)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --results, measure nothing")
@@ -208,8 +210,10 @@ class Runner:
                 continue
             spec = {"engine": eng, "model": model, "path": path, "task": task, "threads": self.plan["threads"],
                     "chunk": self.plan["chunk"], "flash_attn": self.plan["llama_fa"],
-                    "vocab": 500 if model.startswith("tiny") else 248044, "gguf": gguf if eng == "llama" else None}
-            self.log(f"round {rnd + 1}: {section} {model} {ENGINE_NAMES[eng]}{' ' + gguf if eng == 'llama' else ''} "
+                    "vocab": 500 if model.startswith("tiny") else 248044, "gguf": gguf if eng == "llama" else None,
+                    "quant": "int8" if gguf == "q8_0" and eng == "ours" else None}
+            variant = (" " + gguf) if eng == "llama" else " int8" if spec["quant"] else ""
+            self.log(f"round {rnd + 1}: {section} {model} {ENGINE_NAMES[eng]}{variant} "
                      f"{json.dumps(task)} ...")
             res = self.worker(spec)
             res.update(section=section, round=rnd)
@@ -259,12 +263,15 @@ class Runner:
                     self.measure(sec, moe, {"kind": "prefill", "n": 512, "reps": 2}, rnd, p["engines"])
                     self.measure(sec, moe, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
                                             "fill": "prefill"}, rnd, p["engines"])
-                elif sec == "q8" and "llama" in p["engines"]:
-                    self.measure(sec, dense, {"kind": "prefill", "n": 512, "reps": 3}, rnd, ["llama"], gguf="q8_0")
+                elif sec == "q8":
+                    engs = [e for e in p["engines"] if e in ("ours", "llama")]
+                    self.measure(sec, dense, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf="q8_0")
                     self.measure(sec, dense, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
-                                              "fill": "prefill"}, rnd, ["llama"], gguf="q8_0")
+                                              "fill": "prefill"}, rnd, engs, gguf="q8_0")
                 elif sec == "e2e":
-                    self.note("e2e (qwen35.LLM generate end to end) is not measured yet")
+                    for c, b in ((1024, 1), (p["batch_context"], max(p["batches"]))):
+                        self.measure(sec, dense, {"kind": "e2e", "context": c, "steps": steps, "batch": b}, rnd,
+                                     ["ours"])
 
 
 def summarize(res: dict) -> str:
@@ -284,9 +291,19 @@ def summarize(res: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from bench import models, report
 
-    out = None if args.out == "-" else Path(args.out) if args.out else REPO / "docs" / "benchmarks.md"
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else models.default_cache_dir()
+    # The published page is written by the default and --full runs; --quick / --sections / --models runs (checks
+    # while working on a fast path) write next to the checkpoints unless --out says otherwise.
+    partial = args.quick or args.sections or args.models
+    if args.out == "-":
+        out = None
+    elif args.out:
+        out = Path(args.out)
+    else:
+        out = (cache / "report" / "benchmarks.md") if partial and not args.report_only else \
+            REPO / "docs" / "benchmarks.md"
     results_path = Path(args.results) if args.results else (
-        (out.parent / "benchmarks" / "results.json") if out else REPO / "bench" / ".results.json")
+        (out.parent / "benchmarks" / "results.json") if out else cache / "results.json")
     if args.report_only:
         data = json.loads(results_path.read_text())
         if out:
@@ -294,7 +311,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out}")
         return 0
     plan = make_plan(args)
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else models.default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     logf = open(cache / "last-run.log", "w")
 

@@ -27,11 +27,47 @@ def prompt(seed: int, n: int, vocab: int) -> list[int]:
     return rng.integers(0, vocab, size=n).tolist()
 
 
+def run_e2e(spec: dict) -> dict:
+    """qwen35.LLM end to end (scheduler, sampler, detokenizer off): `batch` prompts of `context` tokens, greedy,
+    `steps` + 1 tokens each, streamed; the time of every delta is recorded."""
+    import torch
+
+    from qwen35 import LLM, SamplingParams
+
+    task = spec["task"]
+    torch.set_num_threads(spec.get("threads", 2))
+    ctx, steps, B = task["context"], task["steps"], task.get("batch", 1)
+    vocab = spec.get("vocab", 248044)
+    t0 = time.perf_counter()
+    llm = LLM(spec["path"], dtype=torch.bfloat16, skip_tokenizer_init=True, max_model_len=ctx + steps + 64,
+              max_num_seqs=max(B, 1))
+    res: dict = {"load_s": time.perf_counter() - t0}
+    sp = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    list(llm.generate_stream([{"prompt_token_ids": prompt(spec.get("seed", 0) + 1, 32, vocab)}],
+                             SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))  # warm-up
+    prompts = [{"prompt_token_ids": prompt(spec.get("seed", 0) + 100 * b, ctx, vocab)} for b in range(B)]
+    stamps: list[float] = []
+    counts = 0
+    t0 = time.perf_counter()
+    for out in llm.generate_stream(prompts, sp):
+        n = sum(len(c.token_ids) for c in out.outputs)
+        if n:
+            counts += n
+            stamps.append(time.perf_counter() - t0)
+    res.update(ttft_s=stamps[0], total_s=stamps[-1], tokens=counts,
+               decode_tps=(counts - B) / (stamps[-1] - stamps[min(B, len(stamps)) - 1]) if counts > B else None)
+    return res
+
+
 def run(spec: dict) -> dict:
     from bench.engines import ENGINES
 
     task = spec["task"]
+    if task["kind"] == "e2e":
+        return run_e2e(spec)
     kw = {"chunk": spec.get("chunk", 4096)}
+    if spec["engine"] == "ours" and spec.get("quant"):
+        kw["quantization"] = spec["quant"]
     if spec["engine"] == "llama":
         kw = {"chunk": 512, "flash_attn": spec.get("flash_attn", "off")}
     eng = ENGINES[spec["engine"]](spec["path"], spec.get("threads", 2), **kw)
