@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,13 +27,16 @@ from qwen35.server.errors import BODY_ERRORS, COMMON_ERRORS, APIError
 from qwen35.server.metrics import CONTENT_TYPE
 from qwen35.server.protocol import (
     SSE_DESCRIPTION,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     Health,
     ModelCard,
     ModelList,
+    StreamError,
 )
 from qwen35.server.serving import ServerConfig, Serving, dumps, json_response
 
@@ -166,18 +170,27 @@ def build_app(llm: Any, config: ServerConfig | None = None) -> ASGIApp:
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(Exception, errors.internal_error_handler)
 
-    def streamed(model: Any) -> dict[int | str, dict[str, Any]]:
-        return {200: {"model": model, "description": "The response (JSON), or with stream: true an event stream. "
-                                                     + SSE_DESCRIPTION,
-                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    def streamed(model: Any, chunk: Any) -> dict[int | str, dict[str, Any]]:
+        event = {"type": "object", "required": ["data"], "description": SSE_DESCRIPTION,
+                 "properties": {"event": {"type": "string"},
+                                "data": {"description": f"a {chunk.__name__} (or a StreamError) as JSON, or "
+                                                        f"[DONE] at the end",
+                                         "anyOf": [{"const": "[DONE]"},
+                                                   {"type": "string", "contentMediaType": "application/json",
+                                                    "contentSchema": {"anyOf": [
+                                                        {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                                        {"$ref": "#/components/schemas/StreamError"}]}}]}}}
+        return {200: {"model": model, "description": "The response (JSON), or with stream: true an event stream",
+                      "content": {"text/event-stream": {"schema": event}}},
                 **BODY_ERRORS}
 
-    @app.post("/v1/chat/completions", response_model=None, responses=streamed(ChatCompletionResponse),
-              summary="Create a chat completion", tags=["OpenAI"])
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=streamed(ChatCompletionResponse, ChatCompletionChunk), summary="Create a chat completion",
+              tags=["OpenAI"])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat.create(body, request)
 
-    @app.post("/v1/completions", response_model=None, responses=streamed(CompletionResponse),
+    @app.post("/v1/completions", response_model=None, responses=streamed(CompletionResponse, CompletionChunk),
               summary="Create a completion", tags=["OpenAI"])
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await completions.create(body, request)
@@ -237,9 +250,14 @@ def _tidy_openapi(schema: dict[str, Any], bearer: bool) -> None:
                 op.get("responses", {}).pop("422", None)
                 if bearer and op.get("operationId", "").startswith("health"):
                     op["security"] = []
-    comps = schema.get("components", {}).get("schemas", {})
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         comps.pop(name, None)
+    # the stream chunks (referenced from the text/event-stream responses)
+    _, defs = models_json_schema([(m, "serialization") for m in (ChatCompletionChunk, CompletionChunk, StreamError)],
+                                 ref_template="#/components/schemas/{model}")
+    for name, sub in defs.get("$defs", {}).items():
+        comps.setdefault(name, sub)
     if bearer:
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
             "type": "http", "scheme": "bearer"}

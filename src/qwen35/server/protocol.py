@@ -144,7 +144,32 @@ class _SamplingFields(_Model):
     user: str | None = None
 
 
+_CHAT_EXAMPLES = [
+    {"model": "qwen35", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 6,
+     "stream": True, "stream_options": {"include_usage": True}, "chat_template_kwargs": {"enable_thinking": False}},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 6, "tool_choice": "auto",
+     "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
+     "max_tokens": 6, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "seed": 1,
+     "logprobs": True, "top_logprobs": 2, "n": 2, "thinking_budget": 2},
+]
+_COMPLETION_EXAMPLES = [
+    {"model": "qwen35", "prompt": "The capital of France is", "max_tokens": 8},
+    {"prompt": [1, 2, 3], "max_tokens": 4, "echo": True, "stream": True, "stream_options": {"include_usage": True}},
+    {"prompt": ["One", "Two"], "n": 2, "max_tokens": 3, "logprobs": 2, "seed": 7, "temperature": 0.9,
+     "stop": ["\n"]},
+]
+
+
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": _CHAT_EXAMPLES})
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (wins when both "
                                                                         "are given)")
@@ -162,7 +187,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[NonNegInt] | list[list[NonNegInt]] = Field(
+    model_config = ConfigDict(json_schema_extra={"examples": _COMPLETION_EXAMPLES})
+
+    prompt: (Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | list[NonNegInt]
+             | list[Annotated[list[NonNegInt], Field(min_length=1)]]) = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -248,6 +276,58 @@ class CompletionResponse(_Model):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class DeltaToolCall(_Model):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ResponseFunctionCall | None = None
+
+
+class ChatDelta(_Model):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One event of a chat stream. Per choice: a first chunk with the role, then content / reasoning_content /
+    tool_calls deltas (each tool call whole, with its index), then a chunk with the finish_reason; with
+    stream_options.include_usage a last chunk with no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(_Model):
+    """One event of a completion stream (choices as in CompletionResponse, text as it comes)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class StreamError(_Model):
+    """An error after the stream started (the status was already 200): one event, then [DONE]."""
+
+    error: dict[str, Any]
 
 
 class ModelCard(_Model):
