@@ -18,6 +18,7 @@ from qwen35.model.decoder import TextModel
 from qwen35.model.mtp import MTPHead
 from qwen35.model.vision import VisionTower
 from qwen35.multimodal.positions import mrope_positions
+from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import Linear, linear
 
 
@@ -60,6 +61,8 @@ class Qwen35Model(nn.Module):
         """Varlen forward of N new tokens (see ForwardBatch) -> final hidden states [N, H]."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
+        if inputs_embeds.device.type == "cpu":
+            cpu_kernels.flush_denormals()
         if inputs_embeds.shape[0] != batch.num_tokens:
             raise ValueError(f"{inputs_embeds.shape[0]} tokens given, the batch describes {batch.num_tokens}")
         return self.model(inputs_embeds, batch)

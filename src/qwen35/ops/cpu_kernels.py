@@ -51,3 +51,21 @@ def build() -> ModuleType | None:
 
 def kernels() -> ModuleType | None:
     return build() if _enabled else None
+
+
+_flushed_threads = 0
+
+
+def flush_denormals() -> None:
+    """Flush subnormal floats to zero on every intra-op thread (see csrc/gemv.cpp). Cheap after the first
+    call: redone only when the thread count changed."""
+    global _flushed_threads
+    import torch
+
+    torch.set_flush_denormal(True)
+    n = torch.get_num_threads()
+    if n != _flushed_threads:
+        module = build()
+        if module is not None:
+            module.flush_denormals_all_threads()
+        _flushed_threads = n

@@ -148,6 +148,19 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   return y;
 }
 
+// Subnormal floats make x86 arithmetic ~100x slower, and the GDN state, multiplied by its decay every token,
+// drifts into them. torch.set_flush_denormal only sets the calling thread; this sets flush-to-zero and
+// denormals-are-zero on every thread of the OpenMP pool that torch's intra-op parallelism uses.
+int64_t flush_denormals_all_threads() {
+  int64_t n = 0;
+#pragma omp parallel reduction(+ : n)
+  {
+    _mm_setcsr(_mm_getcsr() | 0x8040);
+    n += 1;
+  }
+  return n;
+}
+
 std::string isa() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
@@ -165,5 +178,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
+  m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
