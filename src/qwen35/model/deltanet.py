@@ -9,7 +9,7 @@ from torch import nn
 from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNormGated
-from qwen35.ops import causal_conv1d, causal_conv1d_step, gated_delta_rule_chunked, gated_delta_step
+from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_rule_chunked, gated_delta_step
 from qwen35.ops.linear import Linear
 
 
@@ -52,8 +52,9 @@ class GatedDeltaNet(nn.Module):
         N = x.shape[0]
         mixed = self.in_proj_qkv(x)
         z = self.in_proj_z(x)
-        beta = torch.sigmoid(self.in_proj_b(x)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        b_lin, a_lin = self.in_proj_b(x), self.in_proj_a(x)
+        beta = torch.sigmoid(b_lin).float()
+        g = -self.A_log.float().exp() * F.softplus(a_lin.float() + self.dt_bias.float())
         weight = self.conv1d.weight[:, 0, :]  # [C, K]
         cache = batch.cache
         conv_pool = cache.conv[self.layer_idx] if cache is not None else None
@@ -63,7 +64,17 @@ class GatedDeltaNet(nn.Module):
         # Sequences bringing one token over a cache (decodes) share one batched recurrent step; the others
         # (prefill chunks) run the chunked form one by one.
         single = [i for i, n in enumerate(batch.query_lens) if n == 1] if cache is not None else []
-        if single:
+        k_ops = cpu_kernels.kernels() if single and x.device.type == "cpu" else None
+        if single and k_ops is not None:
+            # fused kernel, in place on the pools; the torch twin below is what tests hold it to
+            rows = torch.as_tensor([batch.starts[i] for i in single], dtype=torch.long)
+            out[rows] = k_ops.gdn_decode_step(
+                mixed[rows].contiguous(), weight, conv_pool, state_pool,
+                torch.as_tensor([batch.slots[i] for i in single], dtype=torch.long),
+                torch.as_tensor([batch.context_lens[i] == 0 for i in single]),
+                a_lin[rows].contiguous(), b_lin[rows].contiguous(), self.A_log.float(), self.dt_bias.float(),
+                self.Hk, self.dk)
+        elif single:
             rows = torch.as_tensor([batch.starts[i] for i in single], dtype=torch.long, device=x.device)
             slots = torch.as_tensor([batch.slots[i] for i in single], dtype=torch.long, device=x.device)
             window, state = conv_pool[slots], state_pool[slots]

@@ -174,10 +174,16 @@ std::string isa() {
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 
+torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::Tensor conv_pool,
+                              torch::Tensor state_pool, torch::Tensor slots, torch::Tensor fresh, torch::Tensor a,
+                              torch::Tensor b, torch::Tensor A_log, torch::Tensor dt_bias, int64_t num_k_heads,
+                              int64_t head_k_dim);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
+  m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
