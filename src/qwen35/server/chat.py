@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -64,6 +64,7 @@ log = logging.getLogger("qwen35.server")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 #: tools for the parser when calls must not be recognised: no function name can match this one
 NO_TOOLS = [{"type": "function", "function": {"name": "<no tools>"}}]
+MAX_IMAGES = 32
 #: chat_template_kwargs that would collide with render()'s own arguments
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "template", "chat_template", "tokenize",
                             "documents"}
@@ -79,7 +80,7 @@ class ChatPlan:
     parser_tools: list[dict[str, Any]] | None
     forced: str = ""  # the start of the answer written by the server (tool_choice required / named)
     stop_after_call: bool = False
-    images: list[Any] = field(default_factory=list)
+    prepared: Any = None  # the engine's PreparedPrompt when there are images (pixels processed, pads expanded)
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -178,8 +179,12 @@ def plan_chat(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
 
     messages, images = convert_messages(serving, req.messages)
     if images:
-        raise APIError("images are not supported yet by this server (the engine does not take image inputs yet)",
-                       400, param="messages", code="images_not_supported")
+        if not serving.accepts_images:
+            raise APIError("this model does not take images (it has no vision encoder)", 400, param="messages",
+                           code="images_not_supported")
+        if len(images) > MAX_IMAGES:
+            raise APIError(f"at most {MAX_IMAGES} images per request, got {len(images)}", 400, param="messages",
+                           code="invalid_value")
 
     kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items()
               if isinstance(k, str) and k not in RESERVED_TEMPLATE_KWARGS}
@@ -208,11 +213,20 @@ def plan_chat(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
                                                             "parameters": sanitize_schema(
                                                                 t["function"].get("parameters") or {})}}
                         for t in tools]
-    ids = serving.tokenizer.encode(prompt)
+    prepared = None
+    if images:
+        pictures = [serving.config.media.load(src, "messages") for src in images]
+        try:
+            prepared = serving.engine.prepare_prompt({"prompt": prompt, "multi_modal_data": {"image": pictures}})
+        except ValueError as e:  # MediaError, processor refusals
+            raise APIError(f"cannot use the images: {e}", 400, param="messages", code="invalid_image") from None
+        ids = list(prepared.ids)
+    else:
+        ids = serving.tokenizer.encode(prompt)
     serving.check_prompt_ids(ids, "messages")
     stop_after_call = choice != "none" and bool(tools) and (named is not None or not req.parallel_tool_calls)
     return ChatPlan(prompt=prompt, prompt_ids=ids, thinking=thinking, parser_tools=parser_tools, forced=forced,
-                    stop_after_call=stop_after_call)
+                    stop_after_call=stop_after_call, prepared=prepared)
 
 
 # ------------------------------------------------------------------------------------------ the route
@@ -255,7 +269,9 @@ class ChatHandler:
                                    thinking_budget=budget if plan.thinking else None)
         rid = new_id("chatcmpl")
         s.metrics.prompt_tokens.inc(len(plan.prompt_ids))
-        stream = s.submit(rid, {"prompt_token_ids": plan.prompt_ids, "prompt": plan.prompt}, params)
+        prompt = plan.prepared if plan.prepared is not None else \
+            {"prompt_token_ids": plan.prompt_ids, "prompt": plan.prompt}
+        stream = s.submit(rid, prompt, params)
         timer = RequestTimer(s.metrics, "chat", arrival)
         ctx = _Ctx(rid=rid, model=model, created=int(time.time()), plan=plan, req=req, top_n=top_n,
                    extra_stop=extra_stop[0] if extra_stop else None, timer=timer)

@@ -94,6 +94,8 @@ class Serving:
         self.created = int(time.time())
         self.chat_template = config.chat_template if config.chat_template is not None else \
             getattr(self.tokenizer, "chat_template", None)
+        vision = getattr(getattr(getattr(self.engine, "model", None), "config", None), "vision", None)
+        self.accepts_images = vision is not None and hasattr(self.engine, "prepare_prompt")
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.call_close_id = self.tokenizer.token_to_id("</tool_call>")
 
