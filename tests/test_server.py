@@ -403,7 +403,6 @@ def test_errors(server, tmp_path):
     assert err(400, {"prompt": [1, 2, 10**7]}, path="/v1/completions")["param"] == "prompt"
     assert err(400, {"prompt": []}, path="/v1/completions")["param"] == "prompt"
     assert err(400, {"prompt": "x", "echo": True, "logprobs": 1}, path="/v1/completions")["param"] == "echo"
-    assert err(413, raw=b" " * (33 << 20))["code"] == "request_too_large"
     assert err(404, path="/v1/nothing", method="GET")["type"] == "invalid_request_error"
     assert err(405, path="/v1/chat/completions", method="GET")
     # media: http(s) and files refused unless allowed; data: URLs refused while the engine takes no images
@@ -460,3 +459,72 @@ def test_auth(model):
             bad.completions.create(model=MODEL, prompt="x", max_tokens=2)
         spec = call(port, "GET", "/openapi.json", headers={"Authorization": "Bearer s3cret"}).json()
         assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+def test_disconnect_before_the_answer(server):
+    """A client that leaves a plain (not streamed) request also frees its cache at once."""
+    port = server.port
+    base = get_metrics(port)
+    aborts = metric(base, "qwen35_requests_total", 'endpoint="completions",finish_reason="abort"')
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go on", "max_tokens": 900, "ignore_eos": True}),
+                 headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while metric(get_metrics(port), "qwen35_state_slots_used") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    conn.sock.shutdown(2)
+    conn.close()
+    while True:
+        now = get_metrics(port)
+        if metric(now, "qwen35_state_slots_used") == 0 and metric(now, "qwen35_kv_cache_blocks_used") == 0 and \
+                metric(now, "qwen35_requests_total", 'endpoint="completions",finish_reason="abort"') == aborts + 1:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert metric(now, "qwen35_generation_tokens_total") - metric(base, "qwen35_generation_tokens_total") < 900
+
+
+def test_engine_failure_is_contained(model):
+    """A step that raises fails the requests in flight with a 500 (or an error event in a stream); the server
+    and later requests go on."""
+    llm = make_llm(model, max_model_len=256)
+    real_run, tok = llm.engine.runner.run, llm.tokenizer
+
+    def run(work, sampler_row):
+        for seq in work.seqs:
+            if "BOOM" in tok.decode(seq.token_ids[:seq.num_prompt_tokens]):
+                raise RuntimeError("injected failure")
+        return real_run(work, sampler_row)
+
+    llm.engine.runner.run = run
+    with ServerThread(llm, ServerConfig(served_model_name=MODEL)) as srv:
+        r = call(srv.port, "POST", "/v1/completions", {"prompt": "BOOM", "max_tokens": 4})
+        assert r.status == 500 and r.error["code"] == "engine_error" and r.error["type"] == "server_error"
+        r = call(srv.port, "POST", "/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "BOOM"}], "max_tokens": 4, "stream": True})
+        events = sse_events(r.body)
+        assert r.status == 200 and events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        ok = call(srv.port, "POST", "/v1/completions", {"prompt": "fine", "max_tokens": 4})
+        assert ok.status == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        assert call(srv.port, "GET", "/health").status == 200
+        m = get_metrics(srv.port)
+        assert metric(m, "qwen35_state_slots_used") == 0 and metric(m, "qwen35_kv_cache_blocks_used") == 0
+        assert metric(m, "qwen35_requests_total", 'endpoint="completions",finish_reason="error"') == 1
+
+
+def test_body_limit(model):
+    llm = make_llm(model, max_model_len=256)
+    with ServerThread(llm, ServerConfig(served_model_name=MODEL, max_body_bytes=64 << 10)) as srv:
+        big = json.dumps({"prompt": "x" * (100 << 10)}).encode()
+        r = call(srv.port, "POST", "/v1/completions", raw=big)
+        assert r.status == 413 and r.error["code"] == "request_too_large"
+        # no Content-Length (chunked): counted while reading
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+        conn.close()
+        small = call(srv.port, "POST", "/v1/completions", {"prompt": "x" * 1000, "max_tokens": 1})
+        assert small.status == 200

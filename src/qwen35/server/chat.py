@@ -18,6 +18,9 @@ Tool choice:
   With `parallel_tool_calls: false` or a named tool choice, generation stops after the first call.
 Thinking: `chat_template_kwargs.enable_thinking` (false: no reasoning), `thinking_budget` (at most that many
 reasoning tokens, then the engine closes the think block).
+Images: `image_url` parts (data: URLs; http(s) and file URLs only where the server allows them, see
+`qwen35.server.media`) are decoded in a worker thread and go to the engine as a multimodal prompt; a model
+without a vision encoder answers 400 (`images_not_supported`).
 """
 
 from __future__ import annotations
@@ -317,7 +320,7 @@ class ChatHandler:
                 "stop_reason": ctx.stop_reason(c),
             }
             choices.append(choice)
-        ctx.timer.tokens(completion_tokens)
+        ctx.timer.whole([out], completion_tokens)
         ctx.timer.finish(reasons)
         n_prompt = len(plan.prompt_ids)
         return {"id": ctx.rid, "object": "chat.completion", "created": ctx.created, "model": ctx.model,

@@ -156,7 +156,7 @@ class CompletionHandler:
                                "logprobs": self._logprobs(c, req.logprobs, ch) if req.logprobs is not None else None,
                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         result.sort(key=lambda x: x["index"])
-        timer.tokens(completion_tokens)
+        timer.whole(outs, completion_tokens)
         timer.finish([r["finish_reason"] or "stop" for r in result])
         return json_response({"id": base, "object": "text_completion", "created": created, "model": model,
                               "choices": result,

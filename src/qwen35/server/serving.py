@@ -232,6 +232,21 @@ class RequestTimer:
         self.last = now
         self.metrics.generation_tokens.inc(k)
 
+    def whole(self, outs: list[RequestOutput], k: int) -> None:
+        """A plain (not streamed) request: `k` tokens arrived at once; the engine's metrics say when the first
+        one was made (both clocks are time.monotonic)."""
+        if k <= 0:
+            return
+        now = time.monotonic()
+        firsts = [o.metrics["arrival_time"] + o.metrics["time_to_first_token"] for o in outs
+                  if "arrival_time" in o.metrics and "time_to_first_token" in o.metrics]
+        first = min(firsts) if firsts else now
+        self.metrics.ttft.observe(max(0.0, first - self.arrival))
+        if k > 1:
+            self.metrics.itl.observe(max(0.0, now - first) / (k - 1), k - 1)
+        self.last = now
+        self.metrics.generation_tokens.inc(k)
+
     def finish(self, reasons: list[str]) -> None:
         if self.done:
             return
