@@ -73,22 +73,32 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, state=None):
     return out, S
 
 
-def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
-    """(I + a)^-1 for strictly lower-triangular a [..., C, C], by forward substitution on the rows.
+def unit_lower_inverse(a: torch.Tensor, base: int = 16) -> torch.Tensor:
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C].
 
-    Row i of the inverse T satisfies T_i = e_i - sum_{j<i} a_ij T_j; only columns < i are non-zero
-    before the diagonal. This is what a triangular solve does, but batched torch ops over all the
-    chunks' small systems at once run far faster on CPU than the per-matrix LAPACK calls of
-    `torch.linalg.solve_triangular`. (A product formula over powers of a would be faster still, but its
-    intermediate terms grow like binomial coefficients for correlated keys: not stable in fp32.)
+    Recursive block inversion: with a = [[a11, 0], [a21, a22]],
+        T = [[T11, 0], [-T22 a21 T11, T22]],  T11 = (I + a11)^-1, T22 = (I + a22)^-1,
+    the two diagonal halves inverted together as one batch; blocks of `base` or fewer rows by forward
+    substitution (row i of T is e_i - sum_{j<i} a_ij T_j). Far fewer, larger ops than substitution over all
+    rows, and much faster on CPU than the per-matrix LAPACK calls of `torch.linalg.solve_triangular`.
+    (A product formula over powers of a would be faster still, but its intermediate terms grow like
+    binomial coefficients for correlated keys: not stable in fp32.)
     """
     C = a.shape[-1]
+    if C <= base or C % 2:
+        t = torch.zeros_like(a)
+        for i in range(1, C):
+            row = a[..., i:i + 1, :i]
+            t[..., i:i + 1, :i] = -(row + row @ t[..., :i, :i])
+        return t + torch.eye(C, dtype=a.dtype, device=a.device)
+    h = C // 2
+    halves = unit_lower_inverse(torch.stack([a[..., :h, :h], a[..., h:, h:]], dim=-3), base)
+    t11, t22 = halves[..., 0, :, :], halves[..., 1, :, :]
     t = torch.zeros_like(a)
-    for i in range(1, C):
-        # t[i, :i] = -(a[i, :i] + a[i, :i] @ t[:i, :i]); the diagonal (1) is added at the end
-        row = a[..., i:i + 1, :i]
-        t[..., i:i + 1, :i] = -(row + row @ t[..., :i, :i])
-    return t + torch.eye(C, dtype=a.dtype, device=a.device)
+    t[..., :h, :h] = t11
+    t[..., h:, h:] = t22
+    t[..., h:, :h] = -(t22 @ (a[..., h:, :h] @ t11))
+    return t
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64):
