@@ -54,9 +54,9 @@ def _bound(case) -> None:
 def subnormals():
     """Loading a model sets the flush-to-zero flag on this thread (see qwen35.weights.loader); hypothesis refuses
     to generate floats without subnormals. The engine runs in its own thread, with its own flag."""
-    was = torch.set_flush_denormal(False)
+    torch.set_flush_denormal(False)
     yield
-    torch.set_flush_denormal(was)
+    torch.set_flush_denormal(True)  # as the loader left it
 
 
 def test_schemathesis_finds_no_server_error(fuzz_server, subnormals):

@@ -18,9 +18,9 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_PROMPTS = 256
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 NonNegInt = Annotated[int, Field(ge=0)]
+NonEmpty = Field(min_length=1)
 
 
 class _Model(BaseModel):
@@ -131,7 +131,7 @@ class _SamplingFields(_Model):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: int | None = Field(None, description="any integer (taken modulo 2^63)")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     stop_token_ids: list[NonNegInt] | None = None
     ignore_eos: bool = False
@@ -189,8 +189,9 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": _COMPLETION_EXAMPLES})
 
-    prompt: (Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | list[NonNegInt]
-             | list[Annotated[list[NonNegInt], Field(min_length=1)]]) = Field(
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], NonEmpty]
+             | Annotated[list[NonNegInt], NonEmpty]
+             | Annotated[list[Annotated[list[NonNegInt], NonEmpty]], NonEmpty]) = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
