@@ -12,7 +12,7 @@ needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels could no
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 32])
 @pytest.mark.parametrize("n,k", [(1, 32), (37, 100), (256, 1024), (1000, 3584), (64, 31)])
 def test_gemv_bf16_equals_fp32_matmul(rows, n, k):
     gen = torch.Generator().manual_seed(n * k + rows)
@@ -29,7 +29,7 @@ def test_gemv_int8_equals_dequantized_matmul():
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (300, 515), generator=gen, dtype=torch.int8)
     scale = torch.rand(300, generator=gen) / 100
-    x = torch.randn(3, 515, generator=gen)
+    x = torch.randn(11, 515, generator=gen)
     expected = x.double() @ (w.double() * scale.double()[:, None]).T
     torch.testing.assert_close(kernels.gemv_int8(x, w, scale).double(), expected, rtol=1e-5, atol=1e-4)
 
@@ -39,7 +39,7 @@ def test_gemv_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="K="):
         kernels.gemv_bf16(torch.zeros(1, 8).bfloat16(), torch.zeros(4, 9).bfloat16())
     with pytest.raises(RuntimeError, match="at most"):
-        kernels.gemv_bf16(torch.zeros(9, 8).bfloat16(), torch.zeros(4, 8).bfloat16())
+        kernels.gemv_bf16(torch.zeros(33, 8).bfloat16(), torch.zeros(4, 8).bfloat16())
 
 
 def test_linear_dispatch_matches_twin():

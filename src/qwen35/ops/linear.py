@@ -16,7 +16,7 @@ from torch import nn
 
 from qwen35.ops import cpu_kernels as _ck
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 32  # decode batches up to this many rows stay on the bandwidth-bound kernel
 set_cpu_kernels = _ck.set_enabled
 
 

@@ -8,11 +8,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstring>
 
 namespace {
 
-constexpr int kMaxM = 8;
+constexpr int kMaxM = 8;     // rows computed together in registers
+constexpr int kMaxRows = 32;  // rows per call: larger groups re-read each weight row from L1
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -94,7 +96,7 @@ inline void row_int8(const int8_t* w, float scale, const float* x, int64_t K, in
 void check(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "gemv: x must be [M, K] and w [N, K]");
   TORCH_CHECK(x.size(1) == w.size(1), "gemv: x has K=", x.size(1), " but w has K=", w.size(1));
-  TORCH_CHECK(x.size(0) <= kMaxM, "gemv: at most ", kMaxM, " rows");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv: at most ", kMaxRows, " rows");
   TORCH_CHECK(w.is_contiguous() && x.stride(1) == 1, "gemv: w must be contiguous and x row-major");
 }
 
@@ -120,8 +122,11 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
       }
     }
     for (; n < n1; ++n) {
-      rows_bf16<1>(wp + n * K, K, xp, M, ldx, out);
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[0][m];
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {  // the weight row stays in L1 across the groups
+        const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
+        rows_bf16<1>(wp + n * K, K, xp + m0 * ldx, mg, ldx, out);
+        for (int64_t m = 0; m < mg; ++m) yp[(m0 + m) * N + n] = out[0][m];
+      }
     }
   });
   return y;
@@ -141,8 +146,11 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float out[kMaxM];
     for (int64_t n = n0; n < n1; ++n) {
-      row_int8(wp + n * K, sp[n], xp, K, M, ldx, out);
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m];
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
+        row_int8(wp + n * K, sp[n], xp + m0 * ldx, K, mg, ldx, out);
+        for (int64_t m = 0; m < mg; ++m) yp[(m0 + m) * N + n] = out[m];
+      }
     }
   });
   return y;
