@@ -35,7 +35,10 @@ def make_uvicorn_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, 
 
 def serve(llm: Any, config: ServerConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info", sock: socket.socket | None = None, **uvicorn_kwargs: Any) -> None:
-    """Serve `llm` until interrupted (blocking)."""
+    """Serve `llm` until interrupted (blocking). On SIGINT/SIGTERM the requests in flight get
+    `config.drain_timeout_s` seconds to finish; what still runs then is aborted."""
+    config = config or ServerConfig()
+    uvicorn_kwargs.setdefault("graceful_timeout_s", config.drain_timeout_s)
     server = make_uvicorn_server(build_app(llm, config), host=host, port=port, log_level=log_level,
                                  **uvicorn_kwargs)
     server.run(sockets=[sock] if sock is not None else None)
