@@ -82,3 +82,40 @@ def test_images_over_http(vl_model, tmp_path):
             reply = call(srv.port, "POST", "/v1/chat/completions", body)
             assert reply.status == 400 and reply.error["code"] == code, (url, reply.body)
         assert call(srv.port, "GET", "/health").status == 200
+
+
+def mp4_bytes(path, frames: int = 8, fps: int = 4) -> bytes:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            arr = np.full((48, 64, 3), (i * 30) % 255, dtype=np.uint8)
+            arr[:, : 8 * i] = 200
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path.read_bytes()
+
+
+def test_video_over_http_equals_offline(vl_model, tmp_path):
+    clip = mp4_bytes(tmp_path / "clip.mp4")
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    llm = qwen35.LLM(vl_model, kv_cache_memory_bytes=1 << 25, max_model_len=2048)
+    with ServerThread(llm, ServerConfig(served_model_name="vl")) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
+        r = client.chat.completions.create(model="vl", messages=[{"role": "user", "content": content}],
+                                           max_tokens=4, temperature=0)
+        offline = qwen35.LLM(vl_model, kv_cache_memory_bytes=1 << 25, max_model_len=2048)
+        ref = offline.chat([{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "clip.mp4")},
+                                                         {"type": "text", "text": "What happens?"}]}],
+                           qwen35.SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+        assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert r.choices[0].message.reasoning_content == ref.outputs[0].text.strip()
+        body = {"messages": [{"role": "user", "content": [{"type": "video_url",
+                                                           "video_url": {"url": "http://127.0.0.1:1/v.mp4"}}]}]}
+        reply = call(srv.port, "POST", "/v1/chat/completions", body)
+        assert reply.status == 400 and reply.error["code"] == "media_not_allowed"

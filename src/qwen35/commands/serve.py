@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, "
                                                    "fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="weight-only quantisation of the linear layers (int8: per-row scales)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request "
                                                                     "(default: the model's, capped by the cache)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
               max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+              quantization=args.quantization)
     name = args.served_model_name or args.model
     aliases = tuple(dict.fromkeys(a for a in (args.model, str(Path(args.model).expanduser())) if a != name))
     config = ServerConfig(served_model_name=name, model_aliases=aliases, api_key=api_key,

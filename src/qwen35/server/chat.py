@@ -47,6 +47,7 @@ from qwen35.server.protocol import (
     SystemMessage,
     ToolMessage,
     UserMessage,
+    VideoPart,
 )
 from qwen35.server.serving import (
     SSE_DONE,
@@ -67,6 +68,7 @@ log = logging.getLogger("qwen35.server")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 #: tools for the parser when calls must not be recognised: no function name can match this one
 NO_TOOLS = [{"type": "function", "function": {"name": "<no tools>"}}]
+MAX_VIDEOS = 4
 MAX_IMAGES = 32
 #: chat_template_kwargs that would collide with render()'s own arguments
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "template", "chat_template", "tokenize",
@@ -93,11 +95,12 @@ def _text_of(content: Any) -> Any:
     return content
 
 
-def convert_messages(serving: Serving, messages: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Request messages -> template messages, and the image sources they name (checked against the media
-    policy)."""
+def convert_messages(serving: Serving, messages: list[Any]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Request messages -> template messages, and the image and video sources they name (checked against the
+    media policy)."""
     out: list[dict[str, Any]] = []
     images: list[str] = []
+    videos: list[str] = []
     for i, m in enumerate(messages):
         if isinstance(m, SystemMessage):
             out.append({"role": "system", "content": _text_of(m.content)})
@@ -111,6 +114,10 @@ def convert_messages(serving: Serving, messages: list[Any]) -> tuple[list[dict[s
                     images.append(serving.config.media.check(p.image_url.url,
                                                              f"messages[{i}].content[{j}].image_url.url"))
                     parts.append({"type": "image"})
+                elif isinstance(p, VideoPart):
+                    videos.append(serving.config.media.check(p.video_url.url,
+                                                             f"messages[{i}].content[{j}].video_url.url"))
+                    parts.append({"type": "video"})
                 else:
                     parts.append({"type": "text", "text": p.text})
             out.append({"role": "user", "content": parts})
@@ -130,7 +137,7 @@ def convert_messages(serving: Serving, messages: list[Any]) -> tuple[list[dict[s
             out.append(msg)
         else:  # pragma: no cover (the request model allows no other kind)
             raise APIError(f"unsupported message at messages[{i}]", 400, param=f"messages[{i}]")
-    return out, images
+    return out, images, videos
 
 
 _SCHEMA_DEPTH = 8
@@ -180,7 +187,13 @@ def plan_chat(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
             raise APIError(f"tool_choice names function {named!r}, which is not in tools", 400,
                            param="tool_choice", code="invalid_value")
 
-    messages, images = convert_messages(serving, req.messages)
+    messages, images, videos = convert_messages(serving, req.messages)
+    if videos and not serving.accepts_images:
+        raise APIError("this model does not take videos (it has no vision encoder)", 400, param="messages",
+                       code="images_not_supported")
+    if len(videos) > MAX_VIDEOS:
+        raise APIError(f"at most {MAX_VIDEOS} videos per request, got {len(videos)}", 400, param="messages",
+                       code="invalid_value")
     if images:
         if not serving.accepts_images:
             raise APIError("this model does not take images (it has no vision encoder)", 400, param="messages",
@@ -217,12 +230,16 @@ def plan_chat(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
                                                                 t["function"].get("parameters") or {})}}
                         for t in tools]
     prepared = None
-    if images:
+    if images or videos:
         pictures = [serving.config.media.load(src, "messages") for src in images]
         try:
-            prepared = serving.engine.prepare_prompt({"prompt": prompt, "multi_modal_data": {"image": pictures}})
+            # videos are decoded by the processor from the checked source (path, data: URL, allowed URL)
+            prepared = serving.engine.prepare_prompt({
+                "prompt": prompt, "multi_modal_data": {"image": pictures, "video": list(videos)},
+                "allow_remote_media": serving.config.media.allow_remote})
         except ValueError as e:  # MediaError, processor refusals
-            raise APIError(f"cannot use the images: {e}", 400, param="messages", code="invalid_image") from None
+            raise APIError(f"cannot use the images or videos: {e}", 400, param="messages",
+                           code="invalid_image") from None
         ids = list(prepared.ids)
     else:
         ids = serving.tokenizer.encode(prompt)

@@ -43,7 +43,17 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
-UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Model):
+    url: str = Field(description="a data: URL (base64 mp4 / webm / mov), or http(s) / file URL when the server "
+                                 "allows it")
+
+
+class VideoPart(_Model):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+UserPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -355,5 +365,5 @@ SSE_DESCRIPTION = ("With `stream: true`: server-sent events, one `data: {chunk}`
 __all__ = [
     "AssistantMessage", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest",
     "CompletionResponse", "Health", "ImagePart", "ModelCard", "ModelList", "SystemMessage", "TextPart", "Tool",
-    "ToolMessage", "UserMessage", "Usage",
+    "ToolMessage", "UserMessage", "Usage", "VideoPart",
 ]
