@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `generate` and `chat`."""
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and how to load and hold it: shared by `generate`, `chat` and `serve`."""
     p.add_argument("model", help="checkpoint folder, hub id (org/name), or with --load-format dummy a preset name "
                                  "or a folder holding only config.json")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
@@ -25,9 +25,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--quantization", default=None, choices=["int8"],
                    help="weight-only quantisation of the linear layers (int8: per-row scales)")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's, "
-                                                                    "capped by the cache)")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request "
+                                                                    "(default: the model's, capped by the cache)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `generate` and `chat`."""
+    add_engine_arguments(p)
     p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -17,26 +17,17 @@ import os
 import sys
 from pathlib import Path
 
+from qwen35.commands.generate import add_engine_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder, hub id (org/name), or with --load-format dummy a preset name "
-                                 "or a folder holding only config.json")
+    add_engine_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
                                                    "$QWEN35_API_KEY, or no key)")
     p.add_argument("--served-model-name", default=None, help="the name clients give as `model` (default: MODEL "
                                                              "as given)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="'dummy': random weights, no weight files needed (default: auto)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, "
-                                                   "fp32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="weight-only quantisation of the linear layers (int8: per-row scales)")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request "
-                                                                    "(default: the model's, capped by the cache)")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch at most (default: 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random streams of unseeded requests")
