@@ -126,20 +126,16 @@ def summary_text(data: dict) -> str:
     for r in data["results"]:
         if r.get("section") == "bandwidth":
             continue
-        key = (r["section"], r["model"], r.get("gguf"), tuple(sorted(r["task"].items())))
+        key = (r["section"], r["model"], tuple(sorted(r["task"].items())))
         if key in seen:
             continue
         seen.add(key)
         t = r["task"]
         what = "prefill_tps" if t["kind"] == "prefill" else "decode_tps"
         label = (f"prefill {t['n']}" if t["kind"] == "prefill" else
-                 f"decode@{t['context']} b{t.get('batch', 1)} {t.get('fill', '')}")
-        vals = []
-        for e in ENGINES:
-            v = value(data, r["section"], r["model"], e, what, r.get("gguf") if e == "llama" else None, **t)
-            vals.append(fmt(v, 2))
-        lines.append(f"{r['section']}  {r['model']}{' ' + r['gguf'] if r.get('gguf') else ''}  {label}  "
-                     + "  ".join(vals))
+                 f"{t['kind']}@{t['context']} b{t.get('batch', 1)} {t.get('fill', '')}")
+        vals = [fmt(value(data, r["section"], r["model"], e, what, **t), 2) for e in ENGINES]
+        lines.append(f"{r['section']}  {r['model']}  {label}  " + "  ".join(vals))
     bw = bandwidth(data)
     if bw:
         lines.append(f"memory read bandwidth {bw:.1f} GB/s")
@@ -197,10 +193,22 @@ def markdown(data: dict, plots: dict) -> str:
     if per:
         a(f"| 1-min load when measurements started | median {statistics.median(per):.2f}, min {min(per):.2f}, "
           f"max {max(per):.2f} |")
+    oth = [r["others_cpu"] for r in data["results"] if r.get("others_cpu") is not None]
+    if oth:
+        a(f"| CPU share taken by other processes while a measurement ran | median {statistics.median(oth):.0%}, max "
+          f"{max(oth):.0%} (a measurement waits for a quiet machine and is repeated, up to "
+          f"{p.get('retries', 0)} times, when others took more than {p.get('quiet', 0):.0%}; the least disturbed "
+          "attempt is kept) |")
     v = m.get("versions", {})
     a(f"| software | Python {m.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
       f"llama-cpp-python {v.get('llama_cpp')}, numpy {v.get('numpy')} |")
-    a(f"| qwen35 commit | {m.get('git', '?')} |")
+    hashes = []
+    for r in data["results"]:
+        if r.get("src_hash") and r["src_hash"] not in hashes:
+            hashes.append(r["src_hash"])
+    changed = (f"; **the qwen35 sources changed during the run** ({len(hashes)} versions measured: "
+               f"{', '.join(hashes)}; see `src_hash` in results.json)") if len(hashes) > 1 else ""
+    a(f"| qwen35 commit | {m.get('git', '?')}{changed} |")
     a(f"| date, duration | {data.get('started')}, {data.get('duration_s', 0) / 60:.0f} min |")
     a(f"| command | `{data.get('command')}` |")
     a(f"| rounds | {p['rounds']} (engines interleaved), {p['steps']} timed decode steps per measurement |")
@@ -426,9 +434,10 @@ def markdown(data: dict, plots: dict) -> str:
     a("## How to rerun")
     a("")
     a("```")
-    a("qwen35 bench --quick          # a few minutes: prefill 512, decode at 1K, the hybrid-vs-twin sweep, bandwidth")
-    a("qwen35 bench                  # + prefill 4K, decode at 8K, batch 1/4/16, the MoE (about half an hour)")
-    a("qwen35 bench --full           # + 32K prompts (prefill 32K, decode after a real 32K prefill), Q8_0; slow")
+    a("qwen35 bench --quick          # prefill 512, decode at 1K, the hybrid-vs-twin sweep, bandwidth; one round")
+    a("qwen35 bench                  # + prefill 4K, decode at 8K, batch 1/4/16, the MoE; two rounds")
+    a("qwen35 bench --full           # + 32K prompts (prefill 32K, decode after a real 32K prefill), int8 vs Q8_0,")
+    a("                              #   qwen35.LLM end to end; three rounds")
     a("qwen35 bench --sections decode --contexts 1024,8192 --engines ours,llama   # one table, some engines")
     a("qwen35 bench --report-only    # rewrite this page from docs/benchmarks/results.json")
     a("```")
@@ -437,7 +446,9 @@ def markdown(data: dict, plots: dict) -> str:
       "and, for the GGUF conversion, its sdist: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
       "-d /tmp/llama_sdist && tar xzf /tmp/llama_sdist/llama_cpp_python-0.3.36.tar.gz -C /tmp/llama_sdist` "
       "(`--converter` points elsewhere). Plots need `pip install -e .[bench]` (matplotlib). Checkpoints are made "
-      "once under `~/.cache/qwen35-bench` (`--cache-dir`).")
+      "once under `~/.cache/qwen35-bench` (`--cache-dir`). Only the default and `--full` runs rewrite this page; "
+      "`--quick` and `--sections` runs write their report and results.json under `~/.cache/qwen35-bench/report/` "
+      "(or `--out`). The progress log of the last run: `~/.cache/qwen35-bench/last-run.log`.")
     a("")
     return "\n".join(L)
 

@@ -131,6 +131,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def source_hash() -> str | None:
+    """A short hash of the qwen35 sources this process imports (the tree may change while a long run goes on)."""
+    import hashlib
+
+    try:
+        import qwen35
+
+        root = os.path.dirname(qwen35.__file__)
+    except ImportError:
+        return None
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for f in sorted(files):
+            if f.endswith((".py", ".c", ".cpp", ".h")):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    return h.hexdigest()[:10]
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     out: dict = {"engine": spec["engine"], "model": spec.get("model"), "task": spec["task"]}
@@ -144,6 +164,8 @@ def main() -> int:
         if not out["unsupported"]:
             traceback.print_exc()
     out["rss_mb"] = peak_rss_mb()
+    if spec["engine"] == "ours":
+        out["src_hash"] = source_hash()
     out["loadavg_end"] = os.getloadavg()
     print("BENCH_RESULT " + json.dumps(out), flush=True)
     return 0
