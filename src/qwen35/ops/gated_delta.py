@@ -120,18 +120,22 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
 
-    def prep(x, last_dim: bool):
-        x = x.to(torch.float32).transpose(1, 2)  # [B, H, T, ...]
+    BH = B * H
+
+    def chunk_major(x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, ...] -> [N, B*H, C, ...] fp32, contiguous: each chunk's slice is one contiguous block
+        (batched matmuls on it need no copies). Padded steps are zeros: g = 0 (no decay), beta = 0 (no write)."""
+        x = x.to(torch.float32)
         if pad:
-            shape = list(x.shape)
-            shape[2] = pad
-            x = torch.cat([x, x.new_zeros(shape)], dim=2)
-        return x.reshape(B, H, n_chunks, C, *x.shape[3:]) if last_dim else x.reshape(B, H, n_chunks, C)
+            x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1)
+        tail = x.shape[3:]
+        x = x.reshape(B, n_chunks, C, H, *tail).permute(1, 0, 3, 2, *range(4, 4 + len(tail)))  # [N, B, H, C, ...]
+        return x.reshape(n_chunks, BH, C, *tail).contiguous()
 
-    q, k, v = prep(q, True), prep(k, True), prep(v, True)
-    g, beta = prep(g, False), prep(beta, False)  # padded steps: g = 0 (no decay), beta = 0 (no write)
+    q, k, v, g, beta = (chunk_major(x) for x in (q, k, v, g, beta))
+    S = S.reshape(BH, dk, dv)
 
-    gamma = g.cumsum(-1)  # [B, H, N, C]
+    gamma = g.cumsum(-1)  # [N, BH, C]
     lower_incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     # decay[i, j] = exp(gamma_i - gamma_j) for j <= i, else 0
     diff = gamma[..., :, None] - gamma[..., None, :]
@@ -145,14 +149,16 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
     u_base, w = inverse @ rhs_v, inverse @ rhs_k  # u = u_base - w @ S0
 
     attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk scores, causal incl. diagonal
-    q_decayed = q * gamma.exp()[..., None]
-    k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
-    chunk_decay = gamma[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
+    # rows [0, C): e^{gamma} q (reads S0 for the output); rows [C, 2C): w (reads S0 for the corrections)
+    reads = torch.cat([q * gamma.exp()[..., None], w], dim=2)
+    k_to_end_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2).contiguous()
+    chunk_decay = gamma[..., -1].exp()[..., None, None]  # [N, BH, 1, 1]
 
-    out = torch.empty(B, H, n_chunks, C, dv, dtype=torch.float32, device=k.device)
+    out = torch.empty(n_chunks, BH, C, dv, dtype=torch.float32, device=k.device)
     for n in range(n_chunks):
-        u = u_base[:, :, n] - w[:, :, n] @ S
-        out[:, :, n] = q_decayed[:, :, n] @ S + attn[:, :, n] @ u
-        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ u
-    out = out.reshape(B, H, n_chunks * C, dv)[:, :, :T].transpose(1, 2)
-    return out, S
+        r = reads[n] @ S
+        u = u_base[n] - r[:, C:]
+        out[n] = r[:, :C] + attn[n] @ u
+        S = chunk_decay[n] * S + k_to_end_t[n] @ u
+    out = out.reshape(n_chunks, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, dv)
+    return out[:, :T], S.reshape(B, H, dk, dv)
