@@ -111,17 +111,11 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
+  // One weight row after the other: a single sequential stream, which the hardware prefetcher follows at
+  // full speed (interleaving 4 rows measured 2.4x slower: 10 vs 25 GB/s on one core).
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    float out[4][kMaxM];
-    int64_t n = n0;
-    if (M <= 2) {
-      for (; n + 4 <= n1; n += 4) {
-        rows_bf16<4>(wp + n * K, K, xp, M, ldx, out);
-        for (int r = 0; r < 4; ++r)
-          for (int64_t m = 0; m < M; ++m) yp[m * N + n + r] = out[r][m];
-      }
-    }
-    for (; n < n1; ++n) {
+    float out[1][kMaxM];
+    for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {  // the weight row stays in L1 across the groups
         const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
         rows_bf16<1>(wp + n * K, K, xp + m0 * ldx, mg, ldx, out);
