@@ -89,3 +89,22 @@ def test_model_decode_with_and_without_kernels(tmp_path, dtype):
     scale = float(slow.abs().max())
     assert float((fast - slow).abs().max()) <= (1e-5 if dtype == "float32" else 0.03) * scale
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_equal_their_reference(dtype):
+    from qwen35.model.norm import RMSNorm, RMSNormGated
+
+    gen = torch.Generator().manual_seed(3)
+    norm, gated = RMSNorm(96), RMSNormGated(96)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=gen) * 0.1)
+        gated.weight.copy_(1 + torch.randn(96, generator=gen) * 0.1)
+    norm, gated = norm.to(dtype), gated.to(dtype)
+    x = (torch.randn(5, 96, generator=gen) * 3).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(norm(x).float(), norm.reference(x).float(), **tol)
+    o = torch.randn(5, 4, 96, generator=gen)
+    z = torch.randn(5, 4, 96, generator=gen).to(dtype)
+    torch.testing.assert_close(gated(o, z).float(), gated.reference(o, z).float(), **tol)

@@ -6,6 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35.ops import cpu_kernels
+
+
+def _kernels(x: torch.Tensor, weight: torch.Tensor):
+    """The fused CPU norms when they apply (small inputs: decode; fp32 / bf16 with a matching weight)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return None
+    if x.numel() > (1 << 16):  # prefill: torch's vectorised ops are as fast, keep them
+        return None
+    return cpu_kernels.kernels()
+
 
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: y = x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32; weights stored near 0."""
@@ -16,6 +27,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _kernels(x, self.weight)
+        if k is not None:
+            return k.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype)
@@ -30,6 +47,13 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        k = _kernels(gate, self.weight)
+        if k is not None and x.dtype == torch.float32:
+            D = x.shape[-1]
+            return k.rms_norm_gated(x.reshape(-1, D), gate.reshape(-1, D), self.weight, self.eps).view(gate.shape)
+        return self.reference(x, gate)
+
+    def reference(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = gate.dtype  # the layer's activation dtype
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)

@@ -181,11 +181,16 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
                               torch::Tensor b, torch::Tensor A_log, torch::Tensor dt_bias, int64_t num_k_heads,
                               int64_t head_k_dim);
 
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
   m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
+  m.def("rms_norm", &rms_norm, "zero-centred RMSNorm, one pass per row");
+  m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
