@@ -67,14 +67,16 @@ class GatedAttention(nn.Module):
         cache = batch.cache
         out = torch.empty(N, self.num_heads, D, dtype=q.dtype, device=x.device)
         done: set[int] = set()
-        k_ops = cpu_kernels.kernels() if cache is not None and x.device.type == "cpu" else None
+        plan = batch.decode
+        k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
         if k_ops is not None:  # one-token sequences (decodes) attend straight from the paged pool, together
-            single = [i for i, n in enumerate(batch.query_lens) if n == 1]
-            if single:
-                rows = [batch.starts[i] for i in single]
-                out[rows] = self._decode_paged(q[rows], k[rows], v[rows], [batch.block_tables[i] for i in single],
-                                               [batch.context_lens[i] for i in single], cache, k_ops).to(q.dtype)
-                done = set(single)
+            rows = plan.rows
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            kc.view(-1, self.num_kv_heads, D)[plan.kv_rows] = k[rows].to(kc.dtype)
+            vc.view(-1, self.num_kv_heads, D)[plan.kv_rows] = v[rows].to(vc.dtype)
+            out[rows] = k_ops.paged_attention_decode(q[rows], kc, vc, plan.block_tables, plan.context_lens,
+                                                     self.scale).to(q.dtype)
+            done = set(plan.seqs)
         for i in range(batch.num_seqs):
             s, e = batch.starts[i], batch.starts[i + 1]
             if s == e or i in done:
@@ -97,19 +99,3 @@ class GatedAttention(nn.Module):
             out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
         out = out.reshape(N, -1)
         return self.o_proj(out * torch.sigmoid(gate))
-
-    def _decode_paged(self, q, k, v, block_tables: list[list[int]], ctx: list[int], cache, k_ops) -> torch.Tensor:
-        """One new token per sequence: write its K/V, then attend straight from the paged pool (no copy).
-        The twin is the gather + SDPA path (tests hold them together)."""
-        bs = cache.block_size
-        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        rows = torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(block_tables, ctx, strict=True)],
-                               dtype=torch.long, device=q.device)
-        kc.view(-1, self.num_kv_heads, self.head_dim)[rows] = k.to(kc.dtype)
-        vc.view(-1, self.num_kv_heads, self.head_dim)[rows] = v.to(vc.dtype)
-        width = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(ctx), width, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, :len(t)] = torch.as_tensor(t, dtype=torch.int32)
-        lens = torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32)
-        return k_ops.paged_attention_decode(q, kc, vc, tables, lens, self.scale)

@@ -135,6 +135,14 @@ class ForwardBatch:
         return len(self.query_lens)
 
     @property
+    def decode(self) -> DecodePlan | None:
+        """The sequences bringing exactly one token over the cache (decodes), with the index tensors every
+        layer needs for them, built once per forward rather than once per layer."""
+        if not hasattr(self, "_decode"):
+            self._decode = DecodePlan.build(self) if self.cache is not None else None
+        return self._decode
+
+    @property
     def num_tokens(self) -> int:
         return self.starts[-1]
 
@@ -152,6 +160,36 @@ class ForwardBatch:
             positions = text_positions(ctx, query_lens, cache.device)
         return cls(query_lens=list(query_lens), context_lens=ctx, positions=positions, cache=cache,
                    slots=[s.slot for s in seqs], block_tables=[s.block_table for s in seqs])
+
+
+@dataclass
+class DecodePlan:
+    seqs: list[int]  # indices into the batch
+    rows: torch.Tensor  # their token rows in the flat batch (long)
+    slots: torch.Tensor  # their state slots (long)
+    fresh: torch.Tensor  # bool: starting at position 0 (zero state whatever the slot holds)
+    kv_rows: torch.Tensor  # flat KV pool row of each new token (block * block_size + offset)
+    block_tables: torch.Tensor  # int32 [n, max_blocks], zero-padded
+    context_lens: torch.Tensor  # int32: keys per sequence, the new one included
+
+    @classmethod
+    def build(cls, batch: ForwardBatch) -> DecodePlan | None:
+        seqs = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        if not seqs:
+            return None
+        bs = batch.cache.block_size
+        ctx = [batch.context_lens[i] for i in seqs]
+        tables = [batch.block_tables[i] for i in seqs]
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for j, t in enumerate(tables):
+            padded[j, :len(t)] = torch.as_tensor(t, dtype=torch.int32)
+        return cls(seqs=seqs, rows=torch.as_tensor([batch.starts[i] for i in seqs], dtype=torch.long),
+                   slots=torch.as_tensor([batch.slots[i] for i in seqs], dtype=torch.long),
+                   fresh=torch.as_tensor([c == 0 for c in ctx]),
+                   kv_rows=torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(tables, ctx, strict=True)],
+                                           dtype=torch.long),
+                   block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32))
 
 
 def text_positions(context_lens: list[int], query_lens: list[int], device=None) -> torch.Tensor:

@@ -63,23 +63,19 @@ class GatedDeltaNet(nn.Module):
 
         # Sequences bringing one token over a cache (decodes) share one batched recurrent step; the others
         # (prefill chunks) run the chunked form one by one.
-        single = [i for i, n in enumerate(batch.query_lens) if n == 1] if cache is not None else []
-        k_ops = cpu_kernels.kernels() if single and x.device.type == "cpu" else None
-        if single and k_ops is not None:
+        plan = batch.decode
+        k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
+        if plan is not None and k_ops is not None:
             # fused kernel, in place on the pools; the torch twin below is what tests hold it to
-            rows = torch.as_tensor([batch.starts[i] for i in single], dtype=torch.long)
-            out[rows] = k_ops.gdn_decode_step(
-                mixed[rows].contiguous(), weight, conv_pool, state_pool,
-                torch.as_tensor([batch.slots[i] for i in single], dtype=torch.long),
-                torch.as_tensor([batch.context_lens[i] == 0 for i in single]),
-                a_lin[rows].contiguous(), b_lin[rows].contiguous(), self.A_log.float(), self.dt_bias.float(),
-                self.Hk, self.dk)
-        elif single:
-            rows = torch.as_tensor([batch.starts[i] for i in single], dtype=torch.long, device=x.device)
-            slots = torch.as_tensor([batch.slots[i] for i in single], dtype=torch.long, device=x.device)
+            out[plan.rows] = k_ops.gdn_decode_step(
+                mixed[plan.rows].contiguous(), weight, conv_pool, state_pool, plan.slots, plan.fresh,
+                a_lin[plan.rows].contiguous(), b_lin[plan.rows].contiguous(), self.A_log.float(),
+                self.dt_bias.float(), self.Hk, self.dk)
+        elif plan is not None:
+            rows, slots = plan.rows.to(x.device), plan.slots.to(x.device)
             window, state = conv_pool[slots], state_pool[slots]
-            fresh = [j for j, i in enumerate(single) if batch.context_lens[i] == 0]
-            if fresh:  # a sequence at position 0 starts from zero state, whatever its slot held
+            fresh = plan.fresh.to(x.device)
+            if bool(fresh.any()):  # a sequence at position 0 starts from zero state, whatever its slot held
                 window[fresh] = 0
                 state[fresh] = 0
             conv_out = causal_conv1d_step(mixed[rows], weight, window)
@@ -87,7 +83,7 @@ class GatedDeltaNet(nn.Module):
             out[rows] = gated_delta_step(q, k, v, g[rows], beta[rows], state)
             conv_pool[slots] = window
             state_pool[slots] = state
-        done = set(single)
+        done = set(plan.seqs) if plan is not None else set()
         for i in range(batch.num_seqs):
             s, e = batch.starts[i], batch.starts[i + 1]
             if s == e or i in done:

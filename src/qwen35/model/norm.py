@@ -48,9 +48,10 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         k = _kernels(gate, self.weight)
-        if k is not None and x.dtype == torch.float32:
+        if k is not None:
             D = x.shape[-1]
-            return k.rms_norm_gated(x.reshape(-1, D), gate.reshape(-1, D), self.weight, self.eps).view(gate.shape)
+            xf = x.reshape(-1, D).float()  # the values as given (already rounded to the model dtype, or fp32)
+            return k.rms_norm_gated(xf, gate.reshape(-1, D), self.weight, self.eps).view(gate.shape)
         return self.reference(x, gate)
 
     def reference(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
