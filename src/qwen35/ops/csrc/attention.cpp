@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -74,7 +75,11 @@ template <typename KV>
 void run(const float* q, const KV* kp, const KV* vp, const int32_t* tables, int64_t table_stride,
          const int32_t* lens, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS, float scale) {
   const int64_t G = Hq / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+  // short contexts are too little work to be worth a barrier between threads (see gemv.cpp)
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
+  const int64_t grain = max_len * D * (G + 1) < (int64_t{1} << 18) ? B * Hkv : 1;
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     std::vector<float> qs(G * D);
     for (int64_t item = i0; item < i1; ++item) {

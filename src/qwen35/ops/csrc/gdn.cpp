@@ -23,7 +23,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
   const int64_t key_dim = Hk * dk, W = K - 1, rep = Hv / Hk;
   std::vector<float> conv(B * C);
   // 1. conv + SiLU, window updated in place (one task per sequence)
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       T* win = conv_pool + slots[bi] * C * W;
       const T* x = mixed + bi * C;
@@ -42,7 +42,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
     }
   });
   // 2. normalise q and k heads in place in the conv buffer
-  at::parallel_for(0, B * Hk, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * Hk, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       float* q = conv.data() + (i / Hk) * C + (i % Hk) * dk;
       float* k = q + key_dim;
@@ -54,7 +54,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
     }
   });
   // 3. the delta rule, one task per (sequence, value head)
-  at::parallel_for(0, B * Hv, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * Hv, 8, [&](int64_t i0, int64_t i1) {  // tasks of 8 heads (512 KB of state)
     std::vector<float> pred(dv), u(dv);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t bi = i / Hv, h = i % Hv, kh = h / rep;
