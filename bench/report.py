@@ -296,7 +296,9 @@ def markdown(data: dict, plots: dict) -> str:
     if select(data, "batch"):
         a(f"## Throughput by batch size ({dense}, each sequence after a {p['batch_context']}-token prompt)")
         a("")
-        a("Decode tok/s of all sequences together (one step = one token for each).")
+        a("Decode tok/s of all sequences together (one step = one token for each). Limit: the bandwidth limit of the "
+          "bytes model (weights read once per step for the whole batch, KV and state per sequence); at larger batches "
+          "compute, not bandwidth, is the bound.")
         a("")
         a("| batch | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers | "
           "limit |")
@@ -307,7 +309,7 @@ def markdown(data: dict, plots: dict) -> str:
             a(f"| {b} | " + " | ".join(cells)
               + f" | {fx(ratio(data, 'batch', dense, 'ours', 'llama', 'decode_tps', batch=b))}"
               f" | {fx(ratio(data, 'batch', dense, 'ours', 'hf', 'decode_tps', batch=b))} | "
-              f"{fmt(lim * b if lim else None, 1)} |")
+              f"{fmt(lim, 1)} |")
         a("")
     # ---------------------------------------------------------------- context sweep
     if select(data, "context"):

@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         logf.write(line + "\n")
         logf.flush()
 
-    command = getattr(args, "_command", None) or "qwen35 bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = getattr(args, "_command", None) or " ".join(["qwen35 bench", *(shlex.quote(a) for a in sys.argv[2:])])
     log(f"plan: {json.dumps(plan)}")
     started = time.time()
     data = {"command": command, "plan": plan, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -419,7 +419,7 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_args(argv)
-    args._command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args._command = " ".join(["python -m bench", *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
     return run(args)
 
 
