@@ -35,6 +35,7 @@ def metric(res: dict, what: str) -> float | None:
         return t["context"] * t.get("batch", 1) / res["prefill_s"][0]
     if t["kind"] == "e2e":
         return {"decode_tps": res.get("decode_tps"), "ttft_ms": 1000 * res["ttft_s"] if "ttft_s" in res else None,
+                "ttft_last_ms": 1000 * res["ttft_last_s"] if "ttft_last_s" in res else None,
                 "rss_mb": res.get("rss_mb")}.get(what)
     if what == "rss_mb":
         return res.get("rss_mb")
@@ -198,8 +199,8 @@ def markdown(data: dict, plots: dict) -> str:
     if oth:
         a(f"| CPU share taken by other processes while a measurement ran | median {statistics.median(oth):.0%}, max "
           f"{max(oth):.0%} (a measurement waits for a quiet machine and is repeated, up to "
-          f"{p.get('retries', 0)} times, when others took more than {p.get('quiet', 0):.0%}; the least disturbed "
-          "attempt is kept) |")
+          f"{p.get('retries', 0)} times, when others took more than {p.get('quiet', 0):.0%} and it took less than "
+          f"{p.get('retry_max_s', 0)} s; the least disturbed attempt is kept) |")
     v = m.get("versions", {})
     a(f"| software | Python {m.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
       f"llama-cpp-python {v.get('llama_cpp')}, numpy {v.get('numpy')} |")
@@ -223,6 +224,9 @@ def markdown(data: dict, plots: dict) -> str:
     for name, meas, ok in tg:
         a(f"| {name} | {meas} | {'**yes**' if ok else 'no' if ok is not None else 'not measured'} |")
     a("")
+    if "engines" in plots:
+        a(f"![engines relative to llama.cpp]({plots['engines']})")
+        a("")
     # ---------------------------------------------------------------- bandwidth + bytes
     bws = [r for r in data["results"] if r.get("section") == "bandwidth"]
     if bws:
@@ -397,9 +401,11 @@ def markdown(data: dict, plots: dict) -> str:
         a(f"## End to end through `qwen35.LLM` ({dense}, greedy, ignore_eos, no tokenizer)")
         a("")
         a("The whole engine (scheduler, chunked prefill at its default token budget, sampler) against the bare model "
-          "calls measured above. Decode tok/s: tokens after the first of every request / the time between them.")
+          "calls measured above. Time to first token: of the first request / of the last one. Decode tok/s: the "
+          "tokens produced after every request had its first token, over that time.")
         a("")
-        a("| prompt x batch | time to first token | decode tok/s (all sequences) | bare model, same shape |")
+        a("| prompt x batch | time to first token (first / last request) | decode tok/s (all sequences) | "
+          "bare model, same shape |")
         a("|---|---|---|---|")
         seen = []
         for r in select(data, "e2e"):
@@ -410,7 +416,9 @@ def markdown(data: dict, plots: dict) -> str:
             c, b = key
             bare = (value(data, "decode", dense, "ours", "decode_tps", context=c, batch=1) if b == 1 else
                     value(data, "batch", dense, "ours", "decode_tps", context=c, batch=b))
-            a(f"| {_k(c)} x {b} | {fmt(value(data, 'e2e', dense, 'ours', 'ttft_ms', context=c, batch=b), 0)} ms | "
+            t1 = value(data, "e2e", dense, "ours", "ttft_ms", context=c, batch=b)
+            t2 = value(data, "e2e", dense, "ours", "ttft_last_ms", context=c, batch=b)
+            a(f"| {_k(c)} x {b} | {fmt(t1, 0)} / {fmt(t2, 0)} ms | "
               f"{fmt(value(data, 'e2e', dense, 'ours', 'decode_tps', context=c, batch=b), 2)} | {fmt(bare, 2)} |")
         a("")
     # ---------------------------------------------------------------- rss
@@ -598,4 +606,35 @@ def make_plots(data: dict, figdir: Path) -> dict:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         plots["context"] = path
+    bars = []  # (label, section, what, task)
+    for n in p["prefill"]:
+        bars.append((f"prefill {_k(n)}", "prefill", "prefill_tps", {"n": n}))
+    for c in p["contexts"]:
+        bars.append((f"decode after {_k(c)}", "decode", "decode_tps", {"context": c, "batch": 1}))
+    for b in p["batches"]:
+        if b > 1:
+            bars.append((f"decode batch {b}", "batch", "decode_tps", {"batch": b}))
+    bars = [x for x in bars if select(data, x[1], dense, None, None, **x[3])]
+    if bars:
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        w = 0.8 / len(ENGINES)
+        xs = np.arange(len(bars))
+        for k, e in enumerate(ENGINES):
+            base = [value(data, sec, dense, "llama", what, **task) for _, sec, what, task in bars]
+            ys = [value(data, sec, dense, e, what, **task) for _, sec, what, task in bars]
+            rel = [y / b if y and b else 0 for y, b in zip(ys, base, strict=True)]
+            ax.bar(xs + (k - (len(ENGINES) - 1) / 2) * w, rel, w, label=SHORT[e])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(xs, [b[0] for b in bars], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("tok/s relative to llama.cpp")
+        ax.set_title(f"{dense} shape, bf16, {p['threads']} threads (higher is better)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = figdir / "engines.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots["engines"] = path
     return plots

@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "repeated when they used more while it ran (shared machine)")
     p.add_argument("--quiet-wait", type=int, default=180, help="seconds to wait for a quiet machine, at most")
     p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed measurement")
+    p.add_argument("--retry-max-s", type=int, default=300, help="measurements longer than this are not repeated")
     p.add_argument("--out", default=None,
                    help="markdown report to write ('-' for none). Default: docs/benchmarks.md for the default and "
                         "--full runs; CACHE_DIR/report/benchmarks.md for --quick / --sections runs")
@@ -99,7 +100,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "prefill": prefill, "contexts": contexts, "sweep": _ints(args.sweep), "batches": _ints(args.batches),
         "batch_context": args.batch_context, "steps": args.steps or (8 if quick else 16),
         "hf_max": args.hf_max_context, "threads": args.threads, "quiet": args.quiet, "quiet_wait": args.quiet_wait,
-        "retries": args.retries, "chunk": args.chunk, "llama_fa": args.llama_fa,
+        "retries": args.retries, "retry_max_s": args.retry_max_s, "chunk": args.chunk, "llama_fa": args.llama_fa,
         "models": (args.models.split(",") if args.models else None),
     }
 
@@ -203,6 +204,10 @@ class Runner:
             if best is None or res.get("others_cpu", 1) < best.get("others_cpu", 1):
                 best = res
             if res.get("error") or res.get("others_cpu", 0) <= self.plan["quiet"]:
+                break
+            if res.get("wall_s", 0) > self.plan["retry_max_s"]:
+                self.log(f"   disturbed (other processes used {res['others_cpu']:.0%} of the CPUs), but too long to "
+                         "repeat")
                 break
             self.log(f"   disturbed (other processes used {res['others_cpu']:.0%} of the CPUs): again")
         return best

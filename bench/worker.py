@@ -46,16 +46,21 @@ def run_e2e(spec: dict) -> dict:
     list(llm.generate_stream([{"prompt_token_ids": prompt(spec.get("seed", 0) + 1, 32, vocab)}],
                              SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))  # warm-up
     prompts = [{"prompt_token_ids": prompt(spec.get("seed", 0) + 100 * b, ctx, vocab)} for b in range(B)]
-    stamps: list[float] = []
-    counts = 0
+    events: list[tuple[float, str, int]] = []
     t0 = time.perf_counter()
     for out in llm.generate_stream(prompts, sp):
         n = sum(len(c.token_ids) for c in out.outputs)
         if n:
-            counts += n
-            stamps.append(time.perf_counter() - t0)
-    res.update(ttft_s=stamps[0], total_s=stamps[-1], tokens=counts,
-               decode_tps=(counts - B) / (stamps[-1] - stamps[min(B, len(stamps)) - 1]) if counts > B else None)
+            events.append((time.perf_counter() - t0, out.request_id, n))
+    first: dict[str, float] = {}
+    for t, rid, _ in events:
+        first.setdefault(rid, t)
+    # Decode phase: from the moment every request has its first token (all prefills done) to the end.
+    t_all = max(first.values())
+    after = sum(n for t, _, n in events if t > t_all)
+    end = events[-1][0]
+    res.update(ttft_s=min(first.values()), ttft_last_s=t_all, total_s=end, tokens=sum(n for _, _, n in events),
+               decode_tps=after / (end - t_all) if after and end > t_all else None)
     return res
 
 
