@@ -199,8 +199,9 @@ def markdown(data: dict, plots: dict) -> str:
     if oth:
         a(f"| CPU share taken by other processes while a measurement ran | median {statistics.median(oth):.0%}, max "
           f"{max(oth):.0%} (a measurement waits for a quiet machine and is repeated, up to "
-          f"{p.get('retries', 0)} times, when others took more than {p.get('quiet', 0):.0%} and it took less than "
-          f"{p.get('retry_max_s', 0)} s; the least disturbed attempt is kept) |")
+          f"{p.get('retries', 0)} times, when others took more than {p.get('quiet', 0):.0%}"
+          + (f" and it took less than {p['retry_max_s']} s" if p.get("retry_max_s") else "")
+          + "; the least disturbed attempt is kept) |")
     v = m.get("versions", {})
     a(f"| software | Python {m.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
       f"llama-cpp-python {v.get('llama_cpp')}, numpy {v.get('numpy')} |")
