@@ -108,3 +108,42 @@ def test_fused_norms_equal_their_reference(dtype):
     o = torch.randn(5, 4, 96, generator=gen)
     z = torch.randn(5, 4, 96, generator=gen).to(dtype)
     torch.testing.assert_close(gated(o, z).float(), gated.reference(o, z).float(), **tol)
+
+
+def paged_attention_reference(q, k_pool, v_pool, tables, lens, scale):
+    """Gather each sequence's keys and values through its block table, softmax in fp64."""
+    B, Hq, D = q.shape
+    Hkv, BS = k_pool.shape[1], k_pool.shape[2]
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        L = int(lens[b])
+        keys = torch.stack([k_pool[tables[b, p // BS], :, p % BS] for p in range(L)]).double()  # [L, Hkv, D]
+        vals = torch.stack([v_pool[tables[b, p // BS], :, p % BS] for p in range(L)]).double()
+        keys, vals = keys.repeat_interleave(Hq // Hkv, dim=1), vals.repeat_interleave(Hq // Hkv, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[b].double(), keys) * scale
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), vals)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 256), (4, 4, 64), (6, 2, 80), (16, 1, 128), (5, 1, 32), (12, 2, 64)])
+def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
+    """Lengths across partition (256) and block (16) boundaries, scattered blocks, a batch of mixed lengths."""
+    gen = torch.Generator().manual_seed(hq * 1000 + d)
+    lens = torch.tensor([1, 15, 17, 256, 257, 700], dtype=torch.int32)
+    BS, max_blocks = 16, 45
+    num_blocks = len(lens) * max_blocks
+    k_pool = (torch.randn(num_blocks, hkv, BS, d, generator=gen) * 2).to(dtype)
+    v_pool = torch.randn(num_blocks, hkv, BS, d, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).reshape(len(lens), max_blocks)
+    q = torch.randn(len(lens), hq, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    got = kernels.paged_attention_decode(q, k_pool, v_pool, tables, lens, scale)
+    ref = paged_attention_reference(q, k_pool, v_pool, tables, lens, scale)
+    assert got.dtype == torch.float32 and got.shape == (len(lens), hq, d)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # an fp32 query against bf16 pools takes the widening path: same answer
+    if dtype == torch.bfloat16:
+        got32 = kernels.paged_attention_decode(q.float(), k_pool, v_pool, tables, lens, scale)
+        torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)

@@ -14,11 +14,13 @@ from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import Linear
 
 
-def paged_indices(block_table: list[int], start: int, end: int, block_size: int, device) -> torch.Tensor:
-    """Flat row indices (block * block_size + offset) of token positions [start, end) of one sequence."""
+def paged_indices(block_table: list[int], start: int, end: int, block_size: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset in block) of token positions [start, end) of one sequence: `pool[blocks, :, offsets]`
+    is then their [n, Hkv, D] keys (or values)."""
     pos = torch.arange(start, end, device=device)
     table = torch.as_tensor(block_table, dtype=torch.long, device=device)
-    return table[pos // block_size] * block_size + pos % block_size
+    return table[pos // block_size], pos % block_size
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
@@ -72,8 +74,8 @@ class GatedAttention(nn.Module):
         if k_ops is not None:  # one-token sequences (decodes) attend straight from the paged pool, together
             rows = plan.rows
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            kc.view(-1, self.num_kv_heads, D)[plan.kv_rows] = k[rows].to(kc.dtype)
-            vc.view(-1, self.num_kv_heads, D)[plan.kv_rows] = v[rows].to(vc.dtype)
+            kc[plan.kv_blocks, :, plan.kv_offsets] = k[rows].to(kc.dtype)
+            vc[plan.kv_blocks, :, plan.kv_offsets] = v[rows].to(vc.dtype)
             out[rows] = k_ops.paged_attention_decode(q[rows], kc, vc, plan.block_tables, plan.context_lens,
                                                      self.scale).to(q.dtype)
             done = set(plan.seqs)
@@ -85,17 +87,16 @@ class GatedAttention(nn.Module):
             if cache is None:
                 keys, values = k[s:e], v[s:e]
             else:
-                kc = cache.k[self.layer_idx].view(-1, self.num_kv_heads, D)
-                vc = cache.v[self.layer_idx].view(-1, self.num_kv_heads, D)
+                kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
                 table = batch.block_tables[i]
-                new_rows = paged_indices(table, ctx, ctx + (e - s), cache.block_size, x.device)
-                kc[new_rows] = k[s:e].to(kc.dtype)
-                vc[new_rows] = v[s:e].to(vc.dtype)
+                blocks, offsets = paged_indices(table, ctx, ctx + (e - s), cache.block_size, x.device)
+                kc[blocks, :, offsets] = k[s:e].to(kc.dtype)
+                vc[blocks, :, offsets] = v[s:e].to(vc.dtype)
                 if ctx == 0:
                     keys, values = k[s:e], v[s:e]
                 else:
-                    rows = paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device)
-                    keys, values = kc[rows].to(q.dtype), vc[rows].to(q.dtype)
+                    blocks, offsets = paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device)
+                    keys, values = kc[blocks, :, offsets].to(q.dtype), vc[blocks, :, offsets].to(q.dtype)
             out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
         out = out.reshape(N, -1)
         return self.o_proj(out * torch.sigmoid(gate))

@@ -1,7 +1,8 @@
 """The hybrid cache and the description of one varlen forward.
 
 Storage (one pool per kind, shared by all sequences):
-  * full-attention layers: paged KV, `k[layer]`/`v[layer]` of shape [num_blocks, block_size, Hkv, D];
+  * full-attention layers: paged KV, `k[layer]`/`v[layer]` of shape [num_blocks, Hkv, block_size, D]: a
+    block holds each head's keys contiguously, so decode attention streams whole blocks per head;
   * GDN layers: one state slot per sequence, `conv[layer]` [num_slots, C, K-1] (model dtype: it holds
     raw inputs) and `recurrent[layer]` [num_slots, Hv, dk, dv] (always fp32).
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen35.config import TextConfig
+from qwen35.ops.hugepages import hugepage_zeros
 
 
 class CacheFullError(RuntimeError):
@@ -43,15 +45,15 @@ class HybridCache:
         self.recurrent: dict[int, torch.Tensor] = {}
         for i in cfg.linear_layers:
             self.conv[i] = torch.zeros(num_slots, cfg.conv_dim, K - 1, dtype=dtype, device=self.device)
-            self.recurrent[i] = torch.zeros(num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                            cfg.linear_value_head_dim, dtype=torch.float32, device=self.device)
+            self.recurrent[i] = hugepage_zeros((num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                               cfg.linear_value_head_dim), dtype=torch.float32, device=self.device)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        kv_shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        kv_shape = (num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
         kv_layers = list(cfg.attention_layers) + [cfg.num_hidden_layers + j for j in range(extra_attention_layers)]
         for i in kv_layers:
-            self.k[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
-            self.v[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
+            self.k[i] = hugepage_zeros(kv_shape, dtype=dtype, device=self.device)
+            self.v[i] = hugepage_zeros(kv_shape, dtype=dtype, device=self.device)
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
 
@@ -168,7 +170,8 @@ class DecodePlan:
     rows: torch.Tensor  # their token rows in the flat batch (long)
     slots: torch.Tensor  # their state slots (long)
     fresh: torch.Tensor  # bool: starting at position 0 (zero state whatever the slot holds)
-    kv_rows: torch.Tensor  # flat KV pool row of each new token (block * block_size + offset)
+    kv_blocks: torch.Tensor  # KV pool block of each new token (long)
+    kv_offsets: torch.Tensor  # its position inside that block (long)
     block_tables: torch.Tensor  # int32 [n, max_blocks], zero-padded
     context_lens: torch.Tensor  # int32: keys per sequence, the new one included
 
@@ -187,8 +190,8 @@ class DecodePlan:
         return cls(seqs=seqs, rows=torch.as_tensor([batch.starts[i] for i in seqs], dtype=torch.long),
                    slots=torch.as_tensor([batch.slots[i] for i in seqs], dtype=torch.long),
                    fresh=torch.as_tensor([c == 0 for c in ctx]),
-                   kv_rows=torch.as_tensor([t[c // bs] * bs + c % bs for t, c in zip(tables, ctx, strict=True)],
-                                           dtype=torch.long),
+                   kv_blocks=torch.as_tensor([t[c // bs] for t, c in zip(tables, ctx, strict=True)], dtype=torch.long),
+                   kv_offsets=torch.as_tensor([c % bs for c in ctx], dtype=torch.long),
                    block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32))
 
 

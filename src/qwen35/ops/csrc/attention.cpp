@@ -1,15 +1,31 @@
 // Decode attention straight from the paged KV pool: one new query per sequence attends over its cached
-// keys by walking its block table, so no key or value is ever copied. Each (sequence, KV head) work item
-// streams its keys once for all the query heads that share them (GQA), then its values once.
+// keys by walking its block table, so no key or value is ever copied.
+//
+// Work is split like flash-decoding: every (sequence, KV head) context is cut into partitions of kPart
+// positions, each a task; a task computes, for all G query heads sharing that KV head (GQA), an online
+// softmax over its keys (running max, running sum, unnormalised value sum), and the partitions are merged
+// exactly at the end (log-sum-exp). A task walks its positions once, kChunk at a time:
+//   * keys are read once for all G heads; with AVX512-BF16 and a bf16 query (a bf16 model) the dot products
+//     use vdpbf16ps (bf16 products are exact in fp32, accumulation is fp32), otherwise bf16 is widened;
+//   * values are accumulated in fp32, a strip of the head dimension at a time with the strip's accumulators
+//     in registers;
+//   * the key and value rows kAhead positions on are prefetched into L2 all along, so DRAM streams while
+//     the chunk computes (a two-pass softmax measured 1.5x slower: its value pass did not overlap memory).
+// The torch twin is `attend` in model/attention.py; tests/test_ops_linear.py holds them together.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+constexpr int64_t kPart = 512;   // positions per task (the unit of parallel work)
+constexpr int64_t kChunk = 16;   // positions scored, exponentiated and accumulated together
+constexpr int64_t kAhead = 16;   // rows prefetched ahead (measured: 8 rows into L1 was 1.6x slower)
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -40,156 +56,286 @@ inline __m512 exp_neg(__m512 x) {
 #endif
 
 template <typename KV>
-inline float dot(const float* q, const KV* k, int64_t D) {
-  int64_t d = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; d < D; ++d) s += q[d] * to_float(k[d]);
-  return s;
-}
-
-template <typename KV>
-inline void axpy(float a, const KV* v, float* out, int64_t D) {
-  int64_t d = 0;
-#if defined(__AVX512F__)
-  __m512 av = _mm512_set1_ps(a);
-  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(out + d, _mm512_fmadd_ps(av, load16(v + d), _mm512_loadu_ps(out + d)));
-#endif
-  for (; d < D; ++d) out[d] += a * to_float(v[d]);
-}
-
-// Each key row is widened to fp32 once and used for all G query heads that share it. G is a template
-// parameter so that the G accumulators live in registers (a runtime-sized array went through the stack).
-template <int G, typename KV>
-inline void scores_g(const float* qs, const KV* k, int64_t D, float* out, int64_t stride) {
-  int64_t d0 = 0;
-#if defined(__AVX512F__)
-  __m512 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-  for (; d0 + 16 <= D; d0 += 16) {
-    const __m512 kv = load16(k + d0);
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + g * D + d0), kv, acc[g]);
-  }
-  for (int g = 0; g < G; ++g) {
-    float s = _mm512_reduce_add_ps(acc[g]);
-    for (int64_t d = d0; d < D; ++d) s += qs[g * D + d] * to_float(k[d]);
-    out[g * stride] = s;
-  }
-#else
-  for (int g = 0; g < G; ++g) out[g * stride] = dot(qs + g * D, k, D);
-#endif
-}
-
-template <typename KV>
-inline void scores_all_heads(const float* qs, const KV* k, int64_t D, int64_t G, float* out, int64_t stride) {
-  switch (G) {
-    case 1: return scores_g<1>(qs, k, D, out, stride);
-    case 2: return scores_g<2>(qs, k, D, out, stride);
-    case 4: return scores_g<4>(qs, k, D, out, stride);
-    case 8: return scores_g<8>(qs, k, D, out, stride);
-    case 16: return scores_g<16>(qs, k, D, out, stride);
-    default:
-      for (int64_t g = 0; g < G; ++g) out[g * stride] = dot(qs + g * D, k, D);
-  }
-}
-
-template <typename KV>
-inline void accumulate_all_heads(const float* p, int64_t stride, const KV* v, int64_t D, int64_t G, float* o) {
-  int64_t d0 = 0;
-#if defined(__AVX512F__)
-  for (; d0 + 16 <= D; d0 += 16) {
-    const __m512 vv = load16(v + d0);
-    for (int64_t g = 0; g < G; ++g) {
-      float* og = o + g * D + d0;
-      _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), vv, _mm512_loadu_ps(og)));
-    }
-  }
-#endif
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = d0; d < D; ++d) o[g * D + d] += p[g * stride] * to_float(v[d]);
-}
-
-inline void exp_sub_max(float* s, int64_t n, float mx) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_set1_ps(mx);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), m)));
-#endif
-  for (; i < n; ++i) s[i] = std::exp(s[i] - mx);
-}
-
-// The keys (values) of one head are D elements every Hkv*D: a strided walk that the hardware prefetcher
-// does not follow (measured ~100 ns, a DRAM latency, per position). Prefetch the row kAhead positions on.
-constexpr int64_t kAhead = 8;
-
-template <typename KV>
 inline void prefetch_row(const KV* p, int64_t D) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(KV)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(KV)); off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+}
+
+// ---- scores: s[g * P + i] = scale * q_g . k_i for the n rows of a chunk ----------------------------------
+// Each prefetches the key and value rows kAhead positions on (of the nvalid rows from `off` on): spread
+// out like this they measured faster than a burst per chunk.
+
+// Generic: fp32 query, keys widened to fp32. G accumulators in registers when G is a compile-time constant.
+template <int G, typename KV>
+void scores_f32(const float* q, const KV* pool, const KV* vpool, const int64_t* off, int64_t n, int64_t nvalid,
+                int64_t D, float scale, float* s, int64_t P) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < nvalid) {
+      prefetch_row(pool + off[i + kAhead], D);
+      prefetch_row(vpool + off[i + kAhead], D);
+    }
+    const KV* k = pool + off[i];
+    int64_t d0 = 0;
+    float r[G];
+#if defined(__AVX512F__)
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (; d0 + 16 <= D; d0 += 16) {
+      const __m512 kv = load16(k + d0);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d0), kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) r[g] = _mm512_reduce_add_ps(acc[g]);
+#else
+    for (int g = 0; g < G; ++g) r[g] = 0.f;
+#endif
+    for (int g = 0; g < G; ++g) {
+      for (int64_t d = d0; d < D; ++d) r[g] += q[g * D + d] * to_float(k[d]);
+      s[g * P + i] = r[g] * scale;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 query and keys, D % 32 == 0: two positions at a time so that 2G independent chains hide the latency.
+template <int G>
+void scores_dpbf16(const uint16_t* q, const at::BFloat16* pool, const at::BFloat16* vpool, const int64_t* off,
+                   int64_t n, int64_t nvalid, int64_t D, float scale, float* s, int64_t P) {
+  constexpr int NP = G <= 8 ? 2 : 1;
+  int64_t i = 0;
+  for (; i + NP <= n; i += NP) {
+    for (int p = 0; p < NP; ++p)
+      if (i + p + kAhead < nvalid) {
+        prefetch_row(pool + off[i + p + kAhead], D);
+        prefetch_row(vpool + off[i + p + kAhead], D);
+      }
+    __m512 acc[NP][G];
+    for (int p = 0; p < NP; ++p)
+      for (int g = 0; g < G; ++g) acc[p][g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512bh kv[NP];
+      for (int p = 0; p < NP; ++p) kv[p] = (__m512bh)_mm512_loadu_si512(pool + off[i + p] + d);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + g * D + d);
+        for (int p = 0; p < NP; ++p) acc[p][g] = _mm512_dpbf16_ps(acc[p][g], qv, kv[p]);
+      }
+    }
+    for (int p = 0; p < NP; ++p)
+      for (int g = 0; g < G; ++g) s[g * P + i + p] = _mm512_reduce_add_ps(acc[p][g]) * scale;
+  }
+  for (; i < n; ++i) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(pool + off[i] + d);
+      for (int g = 0; g < G; ++g)
+        acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(q + g * D + d), kv);
+    }
+    for (int g = 0; g < G; ++g) s[g * P + i] = _mm512_reduce_add_ps(acc[g]) * scale;
+  }
+}
+#endif
+
+// ---- values: o[g * D + d] += sum_i p[g * P + i] * v_i[d] -----------------------------------------------
+
+template <int G, typename KV>
+void values_acc(const float* p, int64_t P, const KV* pool, const int64_t* off, int64_t n, int64_t D, float* o) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  // NV vectors of 16 per strip: G * NV accumulators + NV value vectors + a broadcast within 32 registers
+  constexpr int NV = G <= 4 ? 4 : (G <= 8 ? 2 : 1);
+  for (; d0 + 16 * NV <= D; d0 += 16 * NV) {
+    __m512 acc[G][NV];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(o + g * D + d0 + 16 * j);
+    for (int64_t i = 0; i < n; ++i) {
+      const KV* v = pool + off[i] + d0;
+      __m512 vv[NV];
+      for (int j = 0; j < NV; ++j) vv[j] = load16(v + 16 * j);
+      for (int g = 0; g < G; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g * P + i]);
+        for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(o + g * D + d0 + 16 * j, acc[g][j]);
+  }
+  for (; d0 + 16 <= D; d0 += 16) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_loadu_ps(o + g * D + d0);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 vv = load16(pool + off[i] + d0);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * P + i]), vv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(o + g * D + d0, acc[g]);
+  }
+#endif
+  for (int64_t d = d0; d < D; ++d)
+    for (int g = 0; g < G; ++g) {
+      float a = o[g * D + d];
+      for (int64_t i = 0; i < n; ++i) a += p[g * P + i] * to_float(pool[off[i] + d]);
+      o[g * D + d] = a;
+    }
+}
+
+// Online softmax over one chunk: s <- exp(s - m) with m the running max per head; when the chunk raises
+// the max, the running sum and the value accumulators are rescaled first.
+inline void online_exp(float* s, int64_t P, int64_t n, int64_t G, int64_t D, float* m, float* l, float* o) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* r = s + g * P;
+    float cm = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) cm = r[i] > cm ? r[i] : cm;
+    if (cm > m[g]) {
+      if (m[g] != -INFINITY) {
+        const float f = std::exp(m[g] - cm);
+        l[g] *= f;
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] *= f;
+      }
+      m[g] = cm;
+    }
+    int64_t i = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    const __m512 mv = _mm512_set1_ps(m[g]);
+    __m512 sv = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(r + i), mv));
+      _mm512_storeu_ps(r + i, e);
+      sv = _mm512_add_ps(sv, e);
+    }
+    acc = _mm512_reduce_add_ps(sv);
+#endif
+    for (; i < n; ++i) {
+      r[i] = std::exp(r[i] - m[g]);
+      acc += r[i];
+    }
+    l[g] += acc;
+  }
+}
+
+struct Task {
+  int64_t b, h, p0, p1;
+};
+
+// G query heads from `qhead` on (of Hq) against KV head t.h over positions [t.p0, t.p1)
+template <int G, typename KV>
+void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const uint16_t* qb, const KV* kp,
+              const KV* vp, const int32_t* table, int64_t Hkv, int64_t D, int64_t BS, float scale, float* o,
+              float* mx, float* sum, std::vector<float>& s, std::vector<int64_t>& off) {
+  const int64_t n = t.p1 - t.p0;
+  off.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pos = t.p0 + i;
+    off[i] = ((static_cast<int64_t>(table[pos / BS]) * Hkv + t.h) * BS + pos % BS) * D;
+  }
+  s.resize(G * kChunk);
+  const int64_t q0 = (t.b * Hq + qhead) * D;
+  for (int64_t g = 0; g < G; ++g) {
+    mx[g] = -INFINITY;
+    sum[g] = 0.f;
+  }
+  std::fill(o, o + G * D, 0.f);
+#if defined(__AVX512BF16__)
+  const bool dp = std::is_same_v<KV, at::BFloat16> && qb != nullptr;
+#endif
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t cn = std::min<int64_t>(kChunk, n - c0);
+    if (c0 == 0)
+      for (int64_t i = 0; i < std::min<int64_t>(n, kAhead); ++i) {
+        prefetch_row(kp + off[i], D);
+        prefetch_row(vp + off[i], D);
+      }
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<KV, at::BFloat16>) {
+      if (dp) scores_dpbf16<G>(qb + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+      else scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+    } else {
+      scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+    }
+#else
+    scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+#endif
+    online_exp(s.data(), kChunk, cn, G, D, mx, sum, o);
+    values_acc<G>(s.data(), kChunk, vp, off.data() + c0, cn, D, o);
+  }
 }
 
 template <typename KV>
-void run(const float* q, const KV* kp, const KV* vp, const int32_t* tables, int64_t table_stride,
+void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tables, int64_t table_stride,
          const int32_t* lens, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS, float scale) {
   const int64_t G = Hq / Hkv;
-  // short contexts are too little work to be worth a barrier between threads (see gemv.cpp)
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
-  const int64_t grain = max_len * D * (G + 1) < (int64_t{1} << 22) ? B * Hkv : 1;
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
-    std::vector<float> qs(G * D);
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv;
-      const int64_t L = lens[b];
-      const int32_t* table = tables + b * table_stride;
-      scores.resize(G * L);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = q[(b * Hq + h * G + g) * D + d] * scale;
-      // walk block by block: no division per position; prefetch the row kAhead positions on (the next
-      // block's rows when near the end of this one)
-      const int64_t step = Hkv * D;
-      auto walk = [&](const KV* pool, auto&& body) {
-        for (int64_t start = 0; start < L; start += BS) {
-          const KV* base = pool + (static_cast<int64_t>(table[start / BS]) * BS * Hkv + h) * D;
-          const KV* next = start + BS < L ? pool + (static_cast<int64_t>(table[start / BS + 1]) * BS * Hkv + h) * D
-                                          : nullptr;
-          const int64_t n = std::min<int64_t>(BS, L - start);
-          for (int64_t i = 0; i < n; ++i) {
-            if (i + kAhead < n) prefetch_row(base + (i + kAhead) * step, D);
-            else if (next != nullptr) prefetch_row(next + (i + kAhead - BS) * step, D);
-            body(start + i, base + i * step);
-          }
-        }
-      };
-      walk(kp, [&](int64_t pos, const KV* k) { scores_all_heads(qs.data(), k, D, G, scores.data() + pos, L); });
-      std::vector<float> inv_sum(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * L;
-        float mx = -INFINITY;
-        for (int64_t pos = 0; pos < L; ++pos) mx = s[pos] > mx ? s[pos] : mx;
-        exp_sub_max(s, L, mx);
-        double sum = 0.0;
-        for (int64_t pos = 0; pos < L; ++pos) sum += s[pos];
-        inv_sum[g] = static_cast<float>(1.0 / sum);
+  // dpbf16 needs a bf16 query (exact: a bf16 model's query is bf16) and whole 32-element steps
+  const bool use_bf16 = q.scalar_type() == at::kBFloat16 && std::is_same_v<KV, at::BFloat16> && D % 32 == 0;
+  torch::Tensor qf = q.to(at::kFloat).contiguous();
+  torch::Tensor qbt = use_bf16 ? q.contiguous() : torch::Tensor();
+  const float* qfp = qf.data_ptr<float>();
+  const uint16_t* qbp = use_bf16 ? reinterpret_cast<const uint16_t*>(qbt.data_ptr<at::BFloat16>()) : nullptr;
+
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t p0 = 0; p0 < lens[b]; p0 += kPart) tasks.push_back({b, h, p0, std::min<int64_t>(lens[b], p0 + kPart)});
+  const int64_t T = static_cast<int64_t>(tasks.size());
+  std::vector<float> part_o(T * G * D), part_m(T * G), part_l(T * G);
+  // little work is not worth a barrier between threads (see gemv.cpp)
+  int64_t positions = 0;
+  for (int64_t b = 0; b < B; ++b) positions += lens[b] * Hkv;
+  const int64_t grain = positions * G < 8192 ? T : 1;
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s;
+    std::vector<int64_t> off;
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const Task& t = tasks[ti];
+      float* o = part_o.data() + ti * G * D;
+      float* m = part_m.data() + ti * G;
+      float* l = part_l.data() + ti * G;
+      const int32_t* table = tables + t.b * table_stride;
+#define QWEN35_TASK(GG) \
+  run_task<GG>(t, t.h * G, Hq, qfp, qbp, kp, vp, table, Hkv, D, BS, scale, o, m, l, s, off)
+      switch (G) {
+        case 1: QWEN35_TASK(1); break;
+        case 2: QWEN35_TASK(2); break;
+        case 3: QWEN35_TASK(3); break;
+        case 4: QWEN35_TASK(4); break;
+        case 6: QWEN35_TASK(6); break;
+        case 8: QWEN35_TASK(8); break;
+        case 16: QWEN35_TASK(16); break;
+        default:  // any other group size: one query head at a time (keys re-read per head)
+          for (int64_t g = 0; g < G; ++g)
+            run_task<1>(t, t.h * G + g, Hq, qfp, qbp, kp, vp, table, Hkv, D, BS, scale, o + g * D, m + g, l + g,
+                        s, off);
       }
-      float* o = out + (b * Hq + h * G) * D;
-      std::memset(o, 0, sizeof(float) * G * D);
-      walk(vp, [&](int64_t pos, const KV* v) { accumulate_all_heads(scores.data() + pos, L, v, D, G, o); });
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) o[g * D + d] *= inv_sum[g];
+#undef QWEN35_TASK
     }
   });
+  // merge the partitions of each (sequence, KV head): exact log-sum-exp combination
+  for (int64_t ti = 0; ti < T;) {
+    int64_t tj = ti;
+    while (tj < T && tasks[tj].b == tasks[ti].b && tasks[tj].h == tasks[ti].h) ++tj;
+    const Task& t = tasks[ti];
+    for (int64_t g = 0; g < G; ++g) {
+      float M = -INFINITY;
+      for (int64_t k = ti; k < tj; ++k) M = std::max(M, part_m[k * G + g]);
+      double denom = 0.0;
+      float* dst = out + (t.b * Hq + t.h * G + g) * D;
+      std::fill(dst, dst + D, 0.f);
+      for (int64_t k = ti; k < tj; ++k) {
+        const float w = std::exp(part_m[k * G + g] - M);
+        denom += static_cast<double>(w) * part_l[k * G + g];
+        const float* src = part_o.data() + (k * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+      }
+      const float inv = static_cast<float>(1.0 / denom);
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+    }
+    ti = tj;
+  }
 }
 
 }  // namespace
 
-// q: [B, Hq, D]; k_pool, v_pool: [num_blocks, block_size, Hkv, D] (fp32 or bf16); block_tables: int32
-// [B, max_blocks]; context_lens: int32 [B] (keys per sequence, the new one included) -> fp32 [B, Hq, D]
+// q: [B, Hq, D] (bf16 or fp32); k_pool, v_pool: [num_blocks, Hkv, block_size, D] (fp32 or bf16);
+// block_tables: int32 [B, max_blocks]; context_lens: int32 [B] (keys per sequence, the new one included)
+// -> fp32 [B, Hq, D]
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "paged_attention: shapes");
@@ -198,25 +344,23 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torc
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "paged_attention: block_tables and context_lens must be int32");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t BS = k_pool.size(1), Hkv = k_pool.size(2);
+  const int64_t Hkv = k_pool.size(1), BS = k_pool.size(2);
   TORCH_CHECK(k_pool.size(3) == D && Hq % Hkv == 0, "paged_attention: head dims");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_attention: one row per sequence");
-  auto qf = q.to(at::kFloat).contiguous();
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   const int32_t* lp = lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] > 0 && (lp[b] + BS - 1) / BS <= tables.size(1), "paged_attention: context_lens[", b,
                 "]=", lp[b], " does not fit its block table");
-  auto out = torch::empty({B, Hq, D}, qf.options());
+  auto out = torch::empty({B, Hq, D}, q.options().dtype(at::kFloat));
   if (k_pool.scalar_type() == at::kBFloat16) {
-    run(qf.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(),
-        tables.data_ptr<int32_t>(), tables.size(1), lp, out.data_ptr<float>(), B, Hq, Hkv, D, BS,
-        static_cast<float>(scale));
+    run(q, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), tables.data_ptr<int32_t>(),
+        tables.size(1), lp, out.data_ptr<float>(), B, Hq, Hkv, D, BS, static_cast<float>(scale));
   } else {
     TORCH_CHECK(k_pool.scalar_type() == at::kFloat, "paged_attention: pools must be fp32 or bf16");
-    run(qf.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables.data_ptr<int32_t>(),
-        tables.size(1), lp, out.data_ptr<float>(), B, Hq, Hkv, D, BS, static_cast<float>(scale));
+    run(q, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables.data_ptr<int32_t>(), tables.size(1), lp,
+        out.data_ptr<float>(), B, Hq, Hkv, D, BS, static_cast<float>(scale));
   }
   return out;
 }
