@@ -25,13 +25,27 @@ def test_gemv_bf16_equals_fp32_matmul(rows, n, k):
 
 
 @needs_kernels
-def test_gemv_int8_equals_dequantized_matmul():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (300, 515), generator=gen, dtype=torch.int8)
-    scale = torch.rand(300, generator=gen) / 100
-    x = torch.randn(11, 515, generator=gen)
-    expected = x.double() @ (w.double() * scale.double()[:, None]).T
-    torch.testing.assert_close(kernels.gemv_int8(x, w, scale).double(), expected, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("rows,n,k", [(11, 300, 515), (1, 64, 32), (3, 40, 1030), (8, 17, 7), (2, 9, 300)])
+def test_gemv_int8_equals_its_twin_and_the_dequantized_matmul(rows, n, k):
+    """K across the 32-wide steps and the 256-wide integer blocks; a zero row; the largest int8 values."""
+    from qwen35.ops.quant import int8_gemv_reference
+
+    gen = torch.Generator().manual_seed(n * k + rows)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[0] = 127  # worst case for the integer sums
+    scale = torch.rand(n, generator=gen) / 100
+    x = torch.randn(rows, k, generator=gen)
+    x[-1] = 0.0
+    got = kernels.gemv_int8(x, w, scale).double()
+    dequantized = x.double() @ (w.double() * scale.double()[:, None]).T
+    if kernels.int8_uses_int16_activations():
+        torch.testing.assert_close(got, int8_gemv_reference(x, w, scale).double(), rtol=1e-5, atol=1e-5)
+        # int16 activations: each element off by at most max|x| / 65534
+        bound = x.abs().amax(-1, keepdim=True).double() / 65534 * (w.double().abs() * scale.double()[:, None]).sum(-1)
+        assert ((got - dequantized).abs() <= bound + 1e-6).all()
+    else:
+        torch.testing.assert_close(got, dequantized, rtol=1e-5, atol=1e-4)
+    assert (got[-1] == 0).all()
 
 
 @needs_kernels

@@ -28,7 +28,11 @@ def test_int8_linear_paths_equal_reference(rows, dtype):
     x = torch.randn(rows, 160, generator=gen).to(dtype)
     ref = x.double() @ (q.double() * scale.double()[:, None]).T
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(int8_linear(x, q, scale).double(), ref, rtol=tol, atol=tol * 10)
+    # the VNNI kernel (few rows) also rounds x to int16 per row: at most max|x| / 65534 per element
+    w_abs = (q.double().abs() * scale.double()[:, None]).sum(-1)
+    act = x.double().abs().amax(-1, keepdim=True) / 65534 * w_abs
+    err = (int8_linear(x, q, scale).double() - ref).abs()
+    assert (err <= act + tol * 10 + tol * ref.abs()).all()
     torch.testing.assert_close(int8_linear_reference(x, q, scale).double(), ref, rtol=tol, atol=tol * 10)
 
 

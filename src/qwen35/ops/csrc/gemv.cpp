@@ -9,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -131,7 +133,71 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+namespace {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 weights times int16 activations with vpdpwssd (pairs of int16 products summed into int32): one
+// sign-extension and one dot instruction per 32 weights, against two conversions and a multiply-add per 16
+// on the fp32 path (measured 21 -> ~2x GB/s). Each row of x was quantised to int16 with its own scale (see
+// gemv_int8); int32 sums are moved to fp32 every kIntBlock weights, so they cannot overflow:
+// 256 * 32767 * 127 < 2^31.
+constexpr int64_t kIntBlock = 256;
+
+// MM rows of x at once (a compile-time count, so that every accumulator lives in a register); two
+// independent chains per row hide the latency of vpdpwssd.
+template <int MM>
+inline void row_int8_vnni(const int8_t* w, const int16_t* xq, int64_t K, int64_t K32, float* out) {
+  __m512 facc[MM];
+  for (int m = 0; m < MM; ++m) facc[m] = _mm512_setzero_ps();
+  const __mmask32 tail = K % 32 == 0 ? ~__mmask32(0) : (__mmask32(1) << (K % 32)) - 1;
+  for (int64_t kb = 0; kb < K; kb += kIntBlock) {
+    __m512i ia[MM], ib[MM];
+    for (int m = 0; m < MM; ++m) ia[m] = ib[m] = _mm512_setzero_si512();
+    const int64_t ke = std::min<int64_t>(K, kb + kIntBlock);
+    int64_t k = kb;
+    for (; k + 64 <= ke; k += 64) {
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));
+      for (int m = 0; m < MM; ++m) {
+        ia[m] = _mm512_dpwssd_epi32(ia[m], w0, _mm512_loadu_si512(xq + m * K32 + k));
+        ib[m] = _mm512_dpwssd_epi32(ib[m], w1, _mm512_loadu_si512(xq + m * K32 + k + 32));
+      }
+    }
+    for (; k < ke; k += 32) {
+      const __m256i wb = k + 32 <= K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))
+                                     : _mm256_maskz_loadu_epi8(tail, w + k);
+      const __m512i ww = _mm512_cvtepi8_epi16(wb);
+      for (int m = 0; m < MM; ++m) ia[m] = _mm512_dpwssd_epi32(ia[m], ww, _mm512_loadu_si512(xq + m * K32 + k));
+    }
+    for (int m = 0; m < MM; ++m)
+      facc[m] = _mm512_add_ps(facc[m], _mm512_cvtepi32_ps(_mm512_add_epi32(ia[m], ib[m])));
+  }
+  for (int m = 0; m < MM; ++m) out[m] = _mm512_reduce_add_ps(facc[m]);
+}
+
+inline void rows_int8_vnni(const int8_t* w, const int16_t* xq, int64_t K, int64_t K32, int64_t M, float* out) {
+  switch (M) {
+    case 1: return row_int8_vnni<1>(w, xq, K, K32, out);
+    case 2: return row_int8_vnni<2>(w, xq, K, K32, out);
+    case 3: return row_int8_vnni<3>(w, xq, K, K32, out);
+    case 4: return row_int8_vnni<4>(w, xq, K, K32, out);
+    case 5: return row_int8_vnni<5>(w, xq, K, K32, out);
+    case 6: return row_int8_vnni<6>(w, xq, K, K32, out);
+    case 7: return row_int8_vnni<7>(w, xq, K, K32, out);
+    default: return row_int8_vnni<8>(w, xq, K, K32, out);
+  }
+}
+#endif
+
+}  // namespace
+
 // x: fp32 [M, K], w: int8 [N, K], scale: fp32 [N] -> fp32 [M, N]
+//
+// With AVX512-VNNI each row of x is first quantised to int16, xq = rint(x * (32767 / max|x|)), and
+// y = (max|x| / 32767) * scale[n] * sum_k xq[k] * w[n, k] exactly in integers: the activation rounding is
+// at most 1/65534 of max|x| per element, far below the int8 weight rounding (1/254 of the row's largest).
+// `qwen35.ops.quant.int8_gemv_reference` is this computation in torch. Without VNNI: fp32 x times
+// widened weights, the dequantised product itself.
 torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   check(x, w);
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
@@ -142,6 +208,28 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const float* xp = x.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const int64_t K32 = (K + 31) / 32 * 32;
+  std::vector<int16_t> xq(M * K32, 0);
+  std::vector<float> xs(M);
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[m * ldx + k]));
+    const float inv = amax > 0.f ? 32767.0f / amax : 0.f;
+    xs[m] = amax / 32767.0f;
+    for (int64_t k = 0; k < K; ++k) xq[m * K32 + k] = static_cast<int16_t>(std::nearbyint(xp[m * ldx + k] * inv));
+  }
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    float out[kMaxM];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
+        rows_int8_vnni(wp + n * K, xq.data() + m0 * K32, K, K32, mg, out);
+        for (int64_t m = 0; m < mg; ++m) yp[(m0 + m) * N + n] = out[m] * (xs[m0 + m] * sp[n]);
+      }
+    }
+  });
+#else
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     float out[kMaxM];
     for (int64_t n = n0; n < n1; ++n) {
@@ -152,7 +240,16 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       }
     }
   });
+#endif
   return y;
+}
+
+bool int8_uses_int16_activations() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 // Subnormal floats make x86 arithmetic ~100x slower, and the GDN state, multiplied by its decay every token,
@@ -192,6 +289,7 @@ torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows");
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
+  m.def("int8_uses_int16_activations", &int8_uses_int16_activations, "gemv_int8 rounds x to int16 per row");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
   m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
