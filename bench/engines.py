@@ -70,7 +70,7 @@ class Ours:
         for s, c in zip(seqs, chunks, strict=True):
             s.num_tokens += len(c)
         last = torch.tensor(batch.starts[1:], dtype=torch.long) - 1
-        logits = self.model.compute_logits(hidden[last])
+        logits = self.model.compute_logits(hidden[last], torch.float32)  # as the engine's model runner
         return logits.argmax(-1).tolist()
 
     def prefill(self, i: int, ids: list[int]) -> int:

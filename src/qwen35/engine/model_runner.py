@@ -60,7 +60,7 @@ class ModelRunner:
                 last_rows.append(batch.starts[i + 1] - 1)
         if not sampling:
             return [], None
-        logits = self.model.compute_logits(hidden[torch.as_tensor(last_rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[torch.as_tensor(last_rows, device=self.device)], torch.float32)
         return sampling, self.sampler(logits, [sampler_row(s) for s in sampling])
 
     def _multimodal_inputs(self, work: SchedulerOutput, flat: torch.Tensor, ctx: list[int],

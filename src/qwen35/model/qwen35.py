@@ -44,10 +44,15 @@ class Qwen35Model(nn.Module):
         return getattr(self.lm_head, "weight", self.model.embed_tokens.weight)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return linear(hidden, self.model.embed_tokens.weight)
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Head over final hidden states. `dtype=torch.float32` gives the GEMV's fp32 accumulators directly
+        (what a sampler wants) instead of rounding them to the model dtype first."""
+        if self.lm_head is None:
+            return linear(hidden, self.model.embed_tokens.weight, out_dtype=dtype)
+        if isinstance(self.lm_head, Linear):
+            return linear(hidden, self.lm_head.weight, out_dtype=dtype)
+        logits = self.lm_head(hidden)  # e.g. the int8 head
+        return logits if dtype is None else logits.to(dtype)
 
     def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
         """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""

@@ -8,84 +8,136 @@
 // scatter), and the ~40 small torch ops of the twin (model/deltanet.py) become one call.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include "simd.h"
 #include <vector>
 
 namespace {
 
+using namespace qwen35_simd;
+
 template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
+
+// Conv over (window, new input) for channels [c0, c0 + n) of one sequence, then SiLU, with the twin's
+// roundings (conv output and SiLU output rounded to the model dtype). Reads the window, does not move it.
+template <typename T>
+void conv_silu(const T* x, const T* win, bool fresh, const T* conv_w, int64_t K, int64_t c0, int64_t n, float* y) {
+  const int64_t W = K - 1;
+  for (int64_t c = c0; c < c0 + n; ++c) {
+    const T* kc = conv_w + c * K;
+    float acc = f32(x[c]) * f32(kc[W]);
+    if (!fresh)
+      for (int64_t j = 0; j < W; ++j) acc += f32(win[c * W + j]) * f32(kc[j]);
+    y[c - c0] = f32(static_cast<T>(acc));
+  }
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, silu(_mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] = y[i] / (1.f + std::exp(-y[i]));
+  for (i = 0; i < n; ++i) y[i] = f32(static_cast<T>(y[i]));
+}
+
+// One value head: S = decay S; u = beta (v - S^T k); S += k u^T; o = S^T q. S is [dk, dv] row-major.
+void delta_step(float* S, const float* q, const float* k, const float* v, float beta, float decay, bool fresh,
+                int64_t dk, int64_t dv, float* o) {
+#if defined(__AVX512F__)
+  if (dv == 128) {  // every row of S in 8 registers' width: pred, u and o stay in registers
+    __m512 acc[8], dec = _mm512_set1_ps(decay);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    if (fresh) {
+      std::fill(S, S + dk * dv, 0.f);
+    } else {
+      for (int64_t r = 0; r < dk; ++r) {
+        float* row = S + r * dv;
+        const __m512 kr = _mm512_set1_ps(k[r]);
+        for (int j = 0; j < 8; ++j) {
+          const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(row + 16 * j), dec);
+          _mm512_storeu_ps(row + 16 * j, sv);
+          acc[j] = _mm512_fmadd_ps(kr, sv, acc[j]);
+        }
+      }
+    }
+    __m512 u[8];
+    const __m512 bv = _mm512_set1_ps(beta);
+    for (int j = 0; j < 8; ++j) {
+      u[j] = _mm512_mul_ps(bv, _mm512_sub_ps(_mm512_loadu_ps(v + 16 * j), acc[j]));
+      acc[j] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < dk; ++r) {
+      float* row = S + r * dv;
+      const __m512 kr = _mm512_set1_ps(k[r]), qr = _mm512_set1_ps(q[r]);
+      for (int j = 0; j < 8; ++j) {
+        const __m512 sv = _mm512_fmadd_ps(kr, u[j], _mm512_loadu_ps(row + 16 * j));
+        _mm512_storeu_ps(row + 16 * j, sv);
+        acc[j] = _mm512_fmadd_ps(qr, sv, acc[j]);
+      }
+    }
+    for (int j = 0; j < 8; ++j) _mm512_storeu_ps(o + 16 * j, acc[j]);
+    return;
+  }
+#endif
+  std::vector<float> pred(dv, 0.f), u(dv);
+  for (int64_t r = 0; r < dk; ++r) {
+    float* row = S + r * dv;
+    if (fresh) {
+      for (int64_t c = 0; c < dv; ++c) row[c] = 0.f;
+    } else {
+      for (int64_t c = 0; c < dv; ++c) { row[c] *= decay; pred[c] += k[r] * row[c]; }
+    }
+  }
+  for (int64_t c = 0; c < dv; ++c) u[c] = beta * (v[c] - pred[c]);
+  for (int64_t c = 0; c < dv; ++c) o[c] = 0.f;
+  for (int64_t r = 0; r < dk; ++r) {
+    float* row = S + r * dv;
+    for (int64_t c = 0; c < dv; ++c) { row[c] += k[r] * u[c]; o[c] += q[r] * row[c]; }
+  }
+}
 
 template <typename T>
 void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const int64_t* slots,
          const bool* fresh, const T* a, const T* b, const float* A_log, const float* dt_bias, float* out,
          int64_t B, int64_t C, int64_t K, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv) {
   const int64_t key_dim = Hk * dk, W = K - 1, rep = Hv / Hk;
-  std::vector<float> conv(B * C);
-  // 1. conv + SiLU, window updated in place (one task per sequence)
-  at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      T* win = conv_pool + slots[bi] * C * W;
-      const T* x = mixed + bi * C;
-      float* y = conv.data() + bi * C;
-      for (int64_t c = 0; c < C; ++c) {
-        T* wc = win + c * W;
-        const T* kc = conv_w + c * K;
-        float acc = f32(x[c]) * f32(kc[W]);
-        for (int64_t j = 0; j < W; ++j) acc += (fresh[bi] ? 0.f : f32(wc[j])) * f32(kc[j]);
-        // the twin rounds the conv output to the model dtype before the SiLU
-        float r = f32(static_cast<T>(acc));
-        y[c] = f32(static_cast<T>(r / (1.f + std::exp(-r))));
-        for (int64_t j = 0; j + 1 < W; ++j) wc[j] = fresh[bi] ? static_cast<T>(0) : wc[j + 1];
-        if (W > 0) wc[W - 1] = x[c];
-      }
-    }
-  });
-  // 2. normalise q and k heads in place in the conv buffer
-  at::parallel_for(0, B * Hk, 64, [&](int64_t i0, int64_t i1) {
+  // One parallel region, one task per (sequence, value head): its conv channels (its q/k head's too:
+  // recomputed by the rep value heads sharing it, which is cheaper than a second barrier), the norms and the
+  // delta rule on its state. The windows are read here and moved afterwards, so no task sees another's write.
+  const int64_t tasks = B * Hv;
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, tasks, std::max<int64_t>(1, (tasks + threads - 1) / threads), [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(dk), k(dk), v(dv);
     for (int64_t i = i0; i < i1; ++i) {
-      float* q = conv.data() + (i / Hk) * C + (i % Hk) * dk;
-      float* k = q + key_dim;
+      const int64_t bi = i / Hv, h = i % Hv, kh = h / rep;
+      const T* x = mixed + bi * C;
+      const T* win = conv_pool + slots[bi] * C * W;
+      conv_silu(x, win, fresh[bi], conv_w, K, kh * dk, dk, q.data());
+      conv_silu(x, win, fresh[bi], conv_w, K, key_dim + kh * dk, dk, k.data());
+      conv_silu(x, win, fresh[bi], conv_w, K, 2 * key_dim + h * dv, dv, v.data());
       float sq = 0.f, sk = 0.f;
       for (int64_t d = 0; d < dk; ++d) { sq += q[d] * q[d]; sk += k[d] * k[d]; }
       const float iq = 1.f / std::sqrt(sq + 1e-6f) / std::sqrt(static_cast<float>(dk));
       const float ik = 1.f / std::sqrt(sk + 1e-6f);
       for (int64_t d = 0; d < dk; ++d) { q[d] *= iq; k[d] *= ik; }
-    }
-  });
-  // 3. the delta rule, one task per (sequence, value head)
-  at::parallel_for(0, B * Hv, 8, [&](int64_t i0, int64_t i1) {  // tasks of 8 heads (512 KB of state)
-    std::vector<float> pred(dv), u(dv);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t bi = i / Hv, h = i % Hv, kh = h / rep;
-      const float* q = conv.data() + bi * C + kh * dk;
-      const float* k = q + key_dim;
-      const float* v = conv.data() + bi * C + 2 * key_dim + h * dv;
       const float beta = 1.f / (1.f + std::exp(-f32(b[bi * Hv + h])));
       const float sp_in = f32(a[bi * Hv + h]) + dt_bias[h];
       const float softplus = sp_in > 20.f ? sp_in : std::log1p(std::exp(sp_in));
       const float decay = std::exp(-std::exp(A_log[h]) * softplus);
-      float* S = state_pool + (slots[bi] * Hv + h) * dk * dv;
-      std::fill(pred.begin(), pred.end(), 0.f);
-      for (int64_t r = 0; r < dk; ++r) {
-        float* row = S + r * dv;
-        const float kr = k[r];
-        if (fresh[bi]) {
-          for (int64_t c = 0; c < dv; ++c) row[c] = 0.f;
-        } else {
-          for (int64_t c = 0; c < dv; ++c) { row[c] *= decay; pred[c] += kr * row[c]; }
-        }
-      }
-      for (int64_t c = 0; c < dv; ++c) u[c] = beta * (v[c] - pred[c]);
-      float* o = out + (bi * Hv + h) * dv;
-      for (int64_t c = 0; c < dv; ++c) o[c] = 0.f;
-      for (int64_t r = 0; r < dk; ++r) {
-        float* row = S + r * dv;
-        const float kr = k[r], qr = q[r];
-        for (int64_t c = 0; c < dv; ++c) { row[c] += kr * u[c]; o[c] += qr * row[c]; }
-      }
+      delta_step(state_pool + (slots[bi] * Hv + h) * dk * dv, q.data(), k.data(), v.data(), beta, decay, fresh[bi],
+                 dk, dv, out + (bi * Hv + h) * dv);
     }
   });
+  // move every window on by one token (the oldest input drops out, the new one enters)
+  for (int64_t bi = 0; bi < B; ++bi) {
+    T* win = conv_pool + slots[bi] * C * W;
+    const T* x = mixed + bi * C;
+    for (int64_t c = 0; c < C && W > 0; ++c) {
+      T* wc = win + c * W;
+      for (int64_t j = 0; j + 1 < W; ++j) wc[j] = fresh[bi] ? static_cast<T>(0) : wc[j + 1];
+      wc[W - 1] = x[c];
+    }
+  }
 }
 
 }  // namespace
