@@ -22,6 +22,9 @@ def test_gemv_bf16_equals_fp32_matmul(rows, n, k):
     got = kernels.gemv_bf16(x, w)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * k**0.5)
+    rounded = kernels.gemv_bf16(x, w, out_bf16=True)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, got.bfloat16())  # the same sums, rounded as Tensor.to rounds
 
 
 @needs_kernels

@@ -53,8 +53,12 @@ class GatedDeltaNet(nn.Module):
         mixed = self.in_proj_qkv(x)
         z = self.in_proj_z(x)
         b_lin, a_lin = self.in_proj_b(x), self.in_proj_a(x)
-        beta = torch.sigmoid(b_lin).float()
-        g = -self.A_log.float().exp() * F.softplus(a_lin.float() + self.dt_bias.float())
+        plan = batch.decode
+        k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
+        beta = g = None
+        if k_ops is None or N > plan.rows.numel():  # the fused decode kernel computes its gates itself
+            beta = torch.sigmoid(b_lin).float()
+            g = -self.A_log.float().exp() * F.softplus(a_lin.float() + self.dt_bias.float())
         weight = self.conv1d.weight[:, 0, :]  # [C, K]
         cache = batch.cache
         conv_pool = cache.conv[self.layer_idx] if cache is not None else None
@@ -63,8 +67,6 @@ class GatedDeltaNet(nn.Module):
 
         # Sequences bringing one token over a cache (decodes) share one batched recurrent step; the others
         # (prefill chunks) run the chunked form one by one.
-        plan = batch.decode
-        k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
         if plan is not None and k_ops is not None:
             # fused kernel, in place on the pools; the torch twin below is what tests hold it to
             out[plan.rows] = k_ops.gdn_decode_step(

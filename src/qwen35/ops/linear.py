@@ -37,8 +37,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
         k = _ck.kernels()
         if k is not None:
             x2 = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
-            y = k.gemv_bf16(x2, weight)
-            return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+            want = out_dtype or x.dtype
+            y = k.gemv_bf16(x2, weight, want == torch.bfloat16)
+            return (y if y.dtype == want else y.to(want)).reshape(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight)
     return y if out_dtype is None else y.to(out_dtype)
 
