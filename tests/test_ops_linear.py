@@ -164,3 +164,42 @@ def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
     if dtype == torch.bfloat16:
         got32 = kernels.paged_attention_decode(q.float(), k_pool, v_pool, tables, lens, scale)
         torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_projections_equal_the_separate_layers(tmp_path, quantization):
+    """load_model fuses q|k|v, gate|up and the GDN input projections into one product each: the same logits as
+    running every layer on its own, weights shared (no copy), and a layer replaced afterwards is honoured."""
+    import json
+
+    import qwen35
+    from conftest import text_config
+    from qwen35.ops.linear import Linear, Projections
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe_text", **text_config(moe=True)}))
+    model = qwen35.load_model(tmp_path, load_format="dummy", dtype=torch.float32, quantization=quantization)
+    fused = [m for m in model.modules() if getattr(m, "_projections", None) is not None]
+    assert len(fused) >= 2 * model.config.text.num_hidden_layers  # attention or GDN, and the shared expert
+    gdn = model.model.layers[0].linear_attn
+    group = gdn._projections.groups[0]
+    if quantization is None:
+        assert group.weight.untyped_storage().data_ptr() == gdn.in_proj_qkv.weight.untyped_storage().data_ptr()
+    ids = torch.randint(0, 131, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with_fusion = model(ids)
+        saved = {m: m._projections for m in fused}
+        for m in fused:
+            m._projections = None
+        separate = model(ids)
+        for m, p in saved.items():
+            m._projections = p
+        # replace one part: the fused product must not be used for it any more
+        gdn.in_proj_z = Linear(gdn.in_proj_z.in_features, gdn.in_proj_z.out_features)
+        torch.nn.init.zeros_(gdn.in_proj_z.weight)
+        replaced = model(ids)
+        gdn._projections = None
+        replaced_separate = model(ids)
+    torch.testing.assert_close(with_fusion, separate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(replaced, replaced_separate, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(replaced, with_fusion)
+    assert isinstance(Projections([gdn.in_proj_b, gdn.in_proj_a]).groups[0], lin.FusedLinears)

@@ -11,7 +11,7 @@ from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import apply_rotary
 from qwen35.ops import cpu_kernels
-from qwen35.ops.linear import Linear
+from qwen35.ops.linear import Linear, run_projections
 
 
 def paged_indices(block_table: list[int], start: int, end: int, block_size: int,
@@ -55,14 +55,18 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.scale = D**-0.5
 
+    def projection_parts(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
         N = x.shape[0]
         D = self.head_dim
-        qg = self.q_proj(x).view(N, self.num_heads, 2 * D)
+        qg, k, v = run_projections(self, x, self.projection_parts())
+        qg = qg.view(N, self.num_heads, 2 * D)
         q, gate = qg[..., :D], qg[..., D:].reshape(N, -1)
         q = self.q_norm(q)
-        k = self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D))
-        v = self.v_proj(x).view(N, self.num_kv_heads, D)
+        k = self.k_norm(k.reshape(N, self.num_kv_heads, D))
+        v = v.reshape(N, self.num_kv_heads, D)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 

@@ -10,7 +10,7 @@ from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNormGated
 from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_rule_chunked, gated_delta_step
-from qwen35.ops.linear import Linear
+from qwen35.ops.linear import Linear, run_projections
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -37,6 +37,9 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.dv, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H)
 
+    def projection_parts(self) -> list[nn.Module]:
+        return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
+
     def _qkv_heads(self, mixed: torch.Tensor):
         """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v."""
         n = mixed.shape[0]
@@ -50,9 +53,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         N = x.shape[0]
-        mixed = self.in_proj_qkv(x)
-        z = self.in_proj_z(x)
-        b_lin, a_lin = self.in_proj_b(x), self.in_proj_a(x)
+        mixed, z, b_lin, a_lin = run_projections(self, x, self.projection_parts())
         plan = batch.decode
         k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
         beta = g = None

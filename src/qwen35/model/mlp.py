@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.config import TextConfig
-from qwen35.ops.linear import Linear, linear
+from qwen35.ops.linear import Linear, linear, run_projections
 
 
 class SwiGLU(nn.Module):
@@ -17,8 +17,12 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
 
+    def projection_parts(self) -> list[nn.Module]:
+        return [self.gate_proj, self.up_proj]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = run_projections(self, x, self.projection_parts())
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):

@@ -54,3 +54,119 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+class FusedLinears:
+    """Linear layers that read the same input, run as one product over one concatenated weight.
+
+    Decoding pays a dispatch and a thread barrier per matrix; fusing q|k|v, gate|up and the four GDN input
+    projections removes ~90 of them per token on the 0.8B. The parts' weights become row views of the fused
+    matrix, so parameters, names and memory are unchanged. Works for `Linear` parts and for `Int8Linear`
+    parts (qweight and scale concatenated). `usable()` is False once a part was replaced or moved (e.g. by
+    quantisation or `.to()`): callers then run the parts one by one.
+    """
+
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
+        self.sizes = [p.out_features for p in parts]
+        self.int8 = not isinstance(parts[0], nn.Linear)
+        with torch.no_grad():
+            if self.int8:
+                self.qweight = torch.cat([p.qweight for p in parts])
+                self.scale = torch.cat([p.scale for p in parts])
+                views = self.qweight.split(self.sizes), self.scale.split(self.sizes)
+                for p, q, s in zip(parts, *views, strict=True):
+                    p.qweight, p.scale = q, s
+                self._tensors = [p.qweight for p in parts]
+            else:
+                self.weight = torch.cat([p.weight.data for p in parts])
+                for p, w in zip(parts, self.weight.split(self.sizes), strict=True):
+                    p.weight.data = w
+                self._tensors = [p.weight for p in parts]
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+
+    @classmethod
+    def of(cls, parts: list[nn.Module]) -> FusedLinears | None:
+        """Fuse when every part is a plain `Linear` (or every part an `Int8Linear`) on one device and dtype."""
+        from qwen35.ops.quant import Int8Linear
+
+        if all(type(p) is Linear for p in parts):
+            ws = [p.weight for p in parts]
+        elif all(isinstance(p, Int8Linear) for p in parts):
+            ws = [p.qweight for p in parts]
+        else:
+            return None
+        if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1:
+            return None
+        return cls(parts)
+
+    def usable(self) -> bool:
+        ts = [p.qweight for p in self.parts] if self.int8 else [p.weight for p in self.parts]
+        return all(t.data_ptr() == ptr for t, ptr in zip(ts, self._ptrs, strict=True))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.int8:
+            from qwen35.ops.quant import int8_linear
+
+            y = int8_linear(x, self.qweight, self.scale)
+        else:
+            y = linear(x, self.weight)
+        return list(y.split(self.sizes, dim=-1))
+
+
+def _kind(m: nn.Module) -> object:
+    from qwen35.ops.quant import Int8Linear
+
+    return "linear" if type(m) is Linear else "int8" if isinstance(m, Int8Linear) else id(m)
+
+
+class Projections:
+    """Linear-like layers applied to one input, fused into as few products as their kinds allow (consecutive
+    `Linear`s together, consecutive `Int8Linear`s together). Calling it with the module's current parts gives
+    their outputs in order; a part replaced since fusing, or a fusion no longer valid, runs on its own."""
+
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = list(parts)
+        self.groups: list[FusedLinears | list[nn.Module]] = []
+        run: list[nn.Module] = []
+        for p in self.parts + [None]:
+            if run and (p is None or _kind(p) != _kind(run[-1])):
+                fused = FusedLinears.of(run) if len(run) > 1 else None
+                self.groups.append(fused if fused is not None else run)
+                run = []
+            if p is not None:
+                run.append(p)
+
+    @property
+    def fused(self) -> bool:
+        return any(isinstance(g, FusedLinears) for g in self.groups)
+
+    def __call__(self, x: torch.Tensor, parts: list[nn.Module]) -> list[torch.Tensor]:
+        if any(a is not b for a, b in zip(parts, self.parts, strict=True)):
+            return [p(x) for p in parts]
+        out: list[torch.Tensor] = []
+        for g in self.groups:
+            if isinstance(g, FusedLinears) and g.usable():
+                out += g(x)
+            else:
+                out += [p(x) for p in (g.parts if isinstance(g, FusedLinears) else g)]
+        return out
+
+
+def run_projections(module: nn.Module, x: torch.Tensor, parts: list[nn.Module]) -> list[torch.Tensor]:
+    """`parts` on `x`, through the module's fused `Projections` when `fuse_projections` made one."""
+    fused = getattr(module, "_projections", None)
+    return fused(x, parts) if fused is not None else [p(x) for p in parts]
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse the input projections of every module that names them (`projection_parts()`: attention q|k|v,
+    the GDN's four, SwiGLU gate|up); returns how many modules got a fused product."""
+    n = 0
+    for m in model.modules():
+        parts_of = getattr(m, "projection_parts", None)
+        if callable(parts_of):
+            proj = Projections(parts_of())
+            m._projections = proj if proj.fused else None
+            n += proj.fused
+    return n

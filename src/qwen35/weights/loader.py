@@ -13,6 +13,7 @@ from qwen35.config import ConfigError, ModelConfig, find_preset
 from qwen35.model import Qwen35Model
 from qwen35.model.rope import MRotaryEmbedding
 from qwen35.ops.hugepages import place_on_hugepages
+from qwen35.ops.linear import fuse_projections
 from qwen35.weights.dummy import init_dummy_weights
 from qwen35.weights.hub import resolve_model_path
 from qwen35.weights.names import Target, target_of
@@ -68,7 +69,9 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
         from qwen35.ops.quant import quantize_int8
 
         quantize_int8(model)
-    # decoding streams every weight per token: 2 MiB pages read faster (see ops/hugepages.py)
+    # one product per group of projections sharing an input (see ops/linear.py FusedLinears), then 2 MiB
+    # pages for everything: decoding streams every weight per token (see ops/hugepages.py)
+    fuse_projections(model)
     place_on_hugepages(model)
     return model
 
