@@ -86,6 +86,32 @@ def test_associative_recall_16k():
         torch.testing.assert_close(S[0, 0].T @ keys[key_id], v[0, t, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 3, 100])
+@pytest.mark.parametrize("with_window", [False, True])
+def test_causal_conv_kernel_equals_torch(dtype, T, with_window):
+    """The fused prefill conv + SiLU kernel (csrc/conv.cpp) against the torch path, channels across the
+    16-wide vectors, windows shorter than the chunk and longer."""
+    from qwen35.ops import cpu_kernels
+
+    if cpu_kernels.build() is None:
+        pytest.skip("CPU kernels could not be compiled here")
+    gen = torch.Generator().manual_seed(T)
+    C, K = 40, 4
+    x = torch.randn(1, T, C, generator=gen).to(dtype)
+    w = torch.randn(C, K, generator=gen).to(dtype)
+    win = torch.randn(1, C, K - 1, generator=gen).to(dtype) if with_window else None
+    y, new_win = causal_conv1d(x, w, win)
+    previous = cpu_kernels.set_enabled(False)
+    try:
+        y_ref, win_ref = causal_conv1d(x, w, win)
+    finally:
+        cpu_kernels.set_enabled(previous)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(new_win, win_ref)
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 10])
 def test_causal_conv_forms_agree(T):
     gen = torch.Generator().manual_seed(T)

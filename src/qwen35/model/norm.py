@@ -10,10 +10,9 @@ from qwen35.ops import cpu_kernels
 
 
 def _kernels(x: torch.Tensor, weight: torch.Tensor):
-    """The fused CPU norms when they apply (small inputs: decode; fp32 / bf16 with a matching weight)."""
+    """The fused CPU norms when they apply (fp32 / bf16 with a matching weight). One pass instead of torch's
+    six to eight: at 4K tokens the GDN output norm measured 26 ms against 77 ms, the RMSNorm 2.5 against 22."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
-        return None
-    if x.numel() > (1 << 16):  # prefill: torch's vectorised ops are as fast, keep them
         return None
     return cpu_kernels.kernels()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen35.ops import cpu_kernels
+
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | None = None):
     """Obviously-correct loop. x: [T, C], weight: [C, K], window: [C, K-1] or None (zeros)."""
@@ -30,6 +32,17 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, window: torch.Tensor | 
     """
     B, T, C = x.shape
     K = weight.shape[1]
+    k = cpu_kernels.kernels() if x.device.type == "cpu" and B == 1 and weight.dtype == x.dtype else None
+    if k is not None and x.dtype in (torch.float32, torch.bfloat16) and T > 0:
+        # fused kernel (csrc/conv.cpp); the torch code below is its twin
+        win = window[0].to(x.dtype) if window is not None else x.new_zeros(0)
+        y = k.causal_conv1d_silu(x[0], weight, win)
+        if T >= K - 1:  # the last K-1 inputs
+            new_window = x[0, T - (K - 1):].transpose(0, 1).contiguous()
+        else:
+            prev = win if window is not None else x.new_zeros(C, K - 1)
+            new_window = torch.cat([prev, x[0].transpose(0, 1)], dim=1)[:, T:].contiguous()
+        return y[None], new_window[None]
     xt = x.transpose(1, 2)
     if window is None:
         window = xt.new_zeros(B, C, K - 1)

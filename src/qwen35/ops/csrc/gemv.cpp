@@ -313,6 +313,7 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
                               int64_t head_k_dim);
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::Tensor window);
 torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -325,5 +326,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm, one pass per row");
   m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
+  m.def("causal_conv1d_silu", &causal_conv1d_silu, "prefill causal depthwise conv + SiLU, one sequence");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
