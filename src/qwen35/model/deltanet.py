@@ -13,8 +13,9 @@ from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_del
 from qwen35.ops.linear import Linear, run_projections
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps) * scale; the scale joins the per-row factor (one pass over x, not two)."""
+    return x * (torch.rsqrt((x * x).sum(-1, keepdim=True) + eps) * scale)
 
 
 class GatedDeltaNet(nn.Module):
@@ -44,7 +45,7 @@ class GatedDeltaNet(nn.Module):
         """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v."""
         n = mixed.shape[0]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.float().view(n, self.Hk, self.dk)) * self.dk**-0.5
+        q = l2_normalize(q.float().view(n, self.Hk, self.dk), scale=self.dk**-0.5)
         k = l2_normalize(k.float().view(n, self.Hk, self.dk))
         rep = self.Hv // self.Hk
         if rep > 1:

@@ -124,13 +124,17 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
 
     def chunk_major(x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, ...] -> [N, B*H, C, ...] fp32, contiguous: each chunk's slice is one contiguous block
-        (batched matmuls on it need no copies). Padded steps are zeros: g = 0 (no decay), beta = 0 (no write)."""
-        x = x.to(torch.float32)
-        if pad:
-            x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1)
+        (batched matmuls on it need no copies). Padded steps are zeros: g = 0 (no decay), beta = 0 (no write).
+        One pass: the conversion and the new layout are a single copy into the destination."""
         tail = x.shape[3:]
-        x = x.reshape(B, n_chunks, C, H, *tail).permute(1, 0, 3, 2, *range(4, 4 + len(tail)))  # [N, B, H, C, ...]
-        return x.reshape(n_chunks, BH, C, *tail).contiguous()
+        dst = (torch.zeros if pad else torch.empty)(n_chunks, B, H, C, *tail, dtype=torch.float32, device=x.device)
+        view = dst.permute(1, 0, 3, 2, *range(4, 4 + len(tail)))  # [B, N, C, H, ...]
+        full = T // C
+        if full:
+            view[:, :full].copy_(x[:, :full * C].reshape(B, full, C, H, *tail))
+        if pad:
+            view[:, full, :T - full * C].copy_(x[:, full * C:])
+        return dst.reshape(n_chunks, BH, C, *tail)
 
     q, k, v, g, beta = (chunk_major(x) for x in (q, k, v, g, beta))
     S = S.reshape(BH, dk, dv)
