@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.ops import cpu_kernels as _ck
+from qwen35.ops.hugepages import advise_hugepages
 
 GEMV_MAX_ROWS = 32  # decode batches up to this many rows stay on the bandwidth-bound kernel
 set_cpu_kernels = _ck.set_enabled
@@ -72,14 +73,18 @@ class FusedLinears:
         self.int8 = not isinstance(parts[0], nn.Linear)
         with torch.no_grad():
             if self.int8:
-                self.qweight = torch.cat([p.qweight for p in parts])
+                q0 = parts[0].qweight
+                fused = torch.empty(sum(self.sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
+                self.qweight = torch.cat([p.qweight for p in parts], out=advise_hugepages(fused))
                 self.scale = torch.cat([p.scale for p in parts])
                 views = self.qweight.split(self.sizes), self.scale.split(self.sizes)
                 for p, q, s in zip(parts, *views, strict=True):
                     p.qweight, p.scale = q, s
                 self._tensors = [p.qweight for p in parts]
             else:
-                self.weight = torch.cat([p.weight.data for p in parts])
+                w0 = parts[0].weight
+                fused = torch.empty(sum(self.sizes), w0.shape[1], dtype=w0.dtype, device=w0.device)
+                self.weight = torch.cat([p.weight.data for p in parts], out=advise_hugepages(fused))
                 for p, w in zip(parts, self.weight.split(self.sizes), strict=True):
                     p.weight.data = w
                 self._tensors = [p.weight for p in parts]

@@ -6,18 +6,17 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from qwen35.config import ConfigError, ModelConfig, find_preset
 from qwen35.model import Qwen35Model
 from qwen35.model.rope import MRotaryEmbedding
-from qwen35.ops.hugepages import place_on_hugepages
+from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages
 from qwen35.ops.linear import fuse_projections
 from qwen35.weights.dummy import init_dummy_weights
 from qwen35.weights.hub import resolve_model_path
 from qwen35.weights.names import Target, target_of
-from qwen35.weights.safetensors_io import CheckpointError, checkpoint_files, tensor_shapes
+from qwen35.weights.safetensors_io import CheckpointError, SafetensorsReader, checkpoint_files, tensor_shapes
 
 log = logging.getLogger("qwen35")
 
@@ -46,6 +45,8 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
     with torch.device("meta"):
         model = Qwen35Model(config, with_mtp=with_mtp, with_vision=with_vision)
     model = model.to(dtype).to_empty(device=device)
+    for t in [*model.parameters(), *model.buffers()]:
+        advise_hugepages(t)  # before the first write: the weights then fault in as 2 MiB pages (ops/hugepages.py)
     for m in model.modules():
         if isinstance(m, MRotaryEmbedding):
             m.reset_buffers()
@@ -191,17 +192,16 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
                disable=not progress or total_bytes < _PROGRESS_MIN_BYTES)
     with torch.no_grad():
         for path, tensor_names in by_file.items():
-            with safe_open(path, "pt") as f:
+            with SafetensorsReader(path) as f:
                 for n in tensor_names:
                     t = plan[n]
-                    src = f.get_tensor(n)
                     dst = params[t.param].data
                     if t.expert is not None:
                         dst = dst[t.expert]
                         if t.part is not None:
                             half = dst.shape[0] // 2
                             dst = dst[t.part * half:(t.part + 1) * half]
-                    dst.copy_(src)
+                    f.read_into(n, dst)
                     bar.update(dst.numel() * dst.element_size())
     bar.close()
     if tied_head_skipped:

@@ -64,3 +64,65 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], st
                 sl = f.get_slice(n)
                 out[n] = (tuple(sl.get_shape()), sl.get_dtype())
     return out
+
+
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
+           "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+class SafetensorsReader:
+    """Reads tensors of one safetensors file straight into their destination with plain file reads.
+
+    safetensors' own path maps the whole file: every page read stays in the process's resident set until the
+    file is closed, so loading showed a peak RSS of the checkpoint plus the model (3.2 GB for the 0.8B against
+    1.75 GB after loading). Reading each tensor's byte range into the parameter's memory keeps the peak at the
+    model's size (the page cache still holds the file, outside the process)."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        self.path = Path(path)
+        self._f = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        n = int.from_bytes(self._f.read(8), "little")
+        try:
+            header = json.loads(self._f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path.name}: unreadable safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._entries = header
+        self._torch = torch
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read_into(self, name: str, dst) -> None:
+        """Copy tensor `name` into the tensor `dst` (same shape; converted when the dtype differs)."""
+        torch = self._torch
+        e = self._entries[name]
+        dtype = getattr(torch, _DTYPES.get(e["dtype"], ""), None)
+        if dtype is None:
+            raise CheckpointError(f"{self.path.name}: tensor {name} has dtype {e['dtype']}, which is not supported")
+        begin, end = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if tuple(dst.shape) != shape:
+            raise CheckpointError(f"{self.path.name}: tensor {name} is {list(shape)}, expected {list(dst.shape)}")
+        nbytes = end - begin
+        direct = dst.dtype == dtype and dst.is_contiguous() and dst.device.type == "cpu"
+        buf = dst if direct else torch.empty(shape, dtype=dtype)
+        if buf.numel() * buf.element_size() != nbytes:
+            raise CheckpointError(f"{self.path.name}: tensor {name} holds {nbytes} bytes, its shape and dtype say "
+                                  f"{buf.numel() * buf.element_size()}")
+        self._f.seek(self._base + begin)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        got = self._f.readinto(view) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{self.path.name}: tensor {name} is truncated ({got} of {nbytes} bytes)")
+        if not direct:
+            dst.copy_(buf)
