@@ -152,17 +152,18 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
     rhs_k = (beta * gamma.exp())[..., None] * k
     u_base, w = inverse @ rhs_v, inverse @ rhs_k  # u = u_base - w @ S0
 
-    attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk scores, causal incl. diagonal
-    # rows [0, C): e^{gamma} q (reads S0 for the output); rows [C, 2C): w (reads S0 for the corrections)
-    reads = torch.cat([q * gamma.exp()[..., None], w], dim=2)
+    attn = (q @ k.transpose(-1, -2)).mul_(decay)  # intra-chunk scores, causal incl. diagonal
+    q_decayed = q.mul_(gamma.exp()[..., None])  # e^{gamma} q reads S0 for the output (q is ours: chunk_major)
     k_to_end_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2).contiguous()
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [N, BH, 1, 1]
 
+    # The sequential part, written so that every product lands in its destination (no temporaries):
+    #   u = u_base - w S;  o = e^{gamma} q S + attn u;  S = e^{gamma_C} S + (k e^{gamma_C - gamma})^T u
     out = torch.empty(n_chunks, BH, C, dv, dtype=torch.float32, device=k.device)
     for n in range(n_chunks):
-        r = reads[n] @ S
-        u = u_base[n] - r[:, C:]
-        out[n] = r[:, :C] + attn[n] @ u
-        S = chunk_decay[n] * S + k_to_end_t[n] @ u
+        u = torch.baddbmm(u_base[n], w[n], S, alpha=-1.0)
+        torch.bmm(q_decayed[n], S, out=out[n])
+        out[n].baddbmm_(attn[n], u)
+        S = torch.baddbmm(S * chunk_decay[n], k_to_end_t[n], u)
     out = out.reshape(n_chunks, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, dv)
     return out[:, :T], S.reshape(B, H, dk, dv)
