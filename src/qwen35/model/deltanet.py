@@ -14,8 +14,10 @@ from qwen35.ops.linear import Linear, run_projections
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
-    """x / sqrt(|x|^2 + eps) * scale; the scale joins the per-row factor (one pass over x, not two)."""
-    return x * (torch.rsqrt((x * x).sum(-1, keepdim=True) + eps) * scale)
+    """fp32 x / sqrt(|x|^2 + eps) * scale for x of any float dtype. The squared norm is taken in fp32 without
+    materialising an fp32 copy, and the scale joins the per-row factor: one pass over x writes the result."""
+    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
+    return x * (torch.rsqrt(sq + eps) * scale)
 
 
 class GatedDeltaNet(nn.Module):
@@ -42,15 +44,16 @@ class GatedDeltaNet(nn.Module):
         return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
     def _qkv_heads(self, mixed: torch.Tensor):
-        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v."""
+        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v (in the
+        conv's dtype: the chunked form converts it in its own layout copy)."""
         n = mixed.shape[0]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.float().view(n, self.Hk, self.dk), scale=self.dk**-0.5)
-        k = l2_normalize(k.float().view(n, self.Hk, self.dk))
+        q = l2_normalize(q.view(n, self.Hk, self.dk), scale=self.dk**-0.5)
+        k = l2_normalize(k.view(n, self.Hk, self.dk))
         rep = self.Hv // self.Hk
         if rep > 1:
             q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
-        return q, k, v.float().view(n, self.Hv, self.dv)
+        return q, k, v.view(n, self.Hv, self.dv)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         N = x.shape[0]
@@ -84,7 +87,7 @@ class GatedDeltaNet(nn.Module):
                 state[fresh] = 0
             conv_out = causal_conv1d_step(mixed[rows], weight, window)
             q, k, v = self._qkv_heads(conv_out)
-            out[rows] = gated_delta_step(q, k, v, g[rows], beta[rows], state)
+            out[rows] = gated_delta_step(q, k, v.float(), g[rows], beta[rows], state)
             conv_pool[slots] = window
             state_pool[slots] = state
         done = set(plan.seqs) if plan is not None else set()
