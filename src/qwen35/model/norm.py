@@ -49,13 +49,13 @@ class RMSNormGated(nn.Module):
         k = _kernels(gate, self.weight)
         if k is not None:
             D = x.shape[-1]
-            xf = x.reshape(-1, D).float()  # the values as given (already rounded to the model dtype, or fp32)
+            xf = x.reshape(-1, D).float()  # the kernel rounds it to the model dtype itself, as reference() does
             return k.rms_norm_gated(xf, gate.reshape(-1, D), self.weight, self.eps).view(gate.shape)
         return self.reference(x, gate)
 
     def reference(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = gate.dtype  # the layer's activation dtype
-        xf = x.float()
+        dtype = gate.dtype  # the layer's activation dtype; the GDN output arrives in it (or is rounded to it)
+        xf = x.to(dtype).float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         y = self.weight * y
         return (y * F.silu(gate.float())).to(dtype)

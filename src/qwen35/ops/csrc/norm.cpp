@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <vector>
+#include "simd.h"
 
 namespace {
 
@@ -25,18 +27,27 @@ void rms_rows(const T* x, const W* w, T* y, int64_t rows, int64_t D, float eps) 
 template <typename T, typename W>
 void gated_rows(const float* x, const T* gate, const W* w, T* y, int64_t rows, int64_t D, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> xs(D), g(D);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * D;
       const T* gr = gate + r * D;
       T* yr = y + r * D;
       float ss = 0.f;
-      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
       for (int64_t d = 0; d < D; ++d) {
-        const float normed = static_cast<float>(static_cast<T>(xr[d] * inv));  // the twin rounds here
+        xs[d] = static_cast<float>(static_cast<T>(xr[d]));  // the twin takes x in the model dtype
+        ss += xs[d] * xs[d];
+        g[d] = static_cast<float>(gr[d]);
+      }
+      int64_t d = 0;
+#if defined(__AVX512F__)
+      for (; d + 16 <= D; d += 16) _mm512_storeu_ps(g.data() + d, qwen35_simd::silu(_mm512_loadu_ps(g.data() + d)));
+#endif
+      for (; d < D; ++d) g[d] = g[d] / (1.f + std::exp(-g[d]));
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+      for (d = 0; d < D; ++d) {
+        const float normed = static_cast<float>(static_cast<T>(xs[d] * inv));  // the twin rounds here
         const float scaled = static_cast<float>(static_cast<T>(static_cast<float>(w[d]) * normed));
-        const float g = static_cast<float>(gr[d]);
-        yr[d] = static_cast<T>(scaled * (g / (1.f + std::exp(-g))));
+        yr[d] = static_cast<T>(scaled * g[d]);
       }
     }
   });
@@ -60,7 +71,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-// x [rows, D] fp32 (the GDN output), gate [rows, D] model dtype, w [D] model dtype -> model dtype
+// x [rows, D] fp32 (the GDN output; rounded to the model dtype first, as the twin receives it), gate [rows, D]
+// model dtype, w [D] model dtype -> model dtype
 torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps) {
   TORCH_CHECK(x.dim() == 2 && gate.sizes() == x.sizes() && w.size(0) == x.size(1), "rms_norm_gated: shapes");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm_gated: x is fp32");
