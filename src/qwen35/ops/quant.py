@@ -17,16 +17,24 @@ from qwen35.model.mlp import ExpertDispatch
 from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import GEMV_MAX_ROWS
 
+INT8PACK_MAX_ROWS = 256  # above this, dequantise + F.linear (see int8_linear)
+
 # Linear layers kept in full precision: tiny, or feeding sensitive gates (as FP8 checkpoints keep them).
 KEEP = ("in_proj_a", "in_proj_b", "shared_expert_gate")
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: w ~= q * scale[..., None]. w [..., N, K] -> (int8 [..., N, K], fp32 [..., N])."""
-    wf = w.float()
-    scale = wf.abs().amax(-1).clamp(min=1e-12) / 127.0
-    q = torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_rows(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ~= q * scale[..., None]. w [..., N, K] -> (int8 [..., N, K], fp32 [..., N]).
+    Done `block_rows` rows at a time, so the fp32 temporaries stay small (the 0.8B head is 1 GB in fp32)."""
+    flat = w.reshape(-1, w.shape[-1])
+    q = torch.empty(flat.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(flat.shape[0], dtype=torch.float32, device=w.device)
+    for a in range(0, flat.shape[0], block_rows):
+        wf = flat[a:a + block_rows].to(torch.float32, copy=True)  # never divide the weight itself
+        sc = wf.abs().amax(-1).clamp(min=1e-12) / 127.0
+        q[a:a + block_rows] = torch.round(wf.div_(sc[:, None])).clamp_(-127, 127)
+        scale[a:a + block_rows] = sc
+    return q.reshape(w.shape), scale.reshape(w.shape[:-1])
 
 
 def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -51,9 +59,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         if k is not None:
             y = k.gemv_int8(x.reshape(rows, -1).float().contiguous(), q, scale)
             return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
-    if x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu":
+    if x.dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu" and rows <= INT8PACK_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), q, scale.to(x.dtype))
         return y.reshape(*x.shape[:-1], q.shape[0])
+    # many rows (prefill): dequantising once and running the model dtype's GEMM is faster (measured 12.7 vs
+    # 27.6 ms at 512 rows, 78 vs 222 ms at 4096, on a 3584x1024 matrix), and it is the twin itself
     return int8_linear_reference(x, q, scale)
 
 
