@@ -17,7 +17,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torc
     """fp32 x / sqrt(|x|^2 + eps) * scale for x of any float dtype. The squared norm is taken in fp32 without
     materialising an fp32 copy, and the scale joins the per-row factor: one pass over x writes the result."""
     sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
-    return x * (torch.rsqrt(sq + eps) * scale)
+    return x.to(torch.float32, copy=True).mul_(torch.rsqrt(sq + eps) * scale)  # fp32 in place: no mixed-dtype op
 
 
 class GatedDeltaNet(nn.Module):
@@ -101,8 +101,8 @@ class GatedDeltaNet(nn.Module):
             state = None if fresh else state_pool[slot][None]
             conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
             q, k, v = self._qkv_heads(conv_out[0])
-            o, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state)
-            out[s:e] = o[0]
+            _, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state,
+                                                    out=out[None, s:e])
             if cache is not None:
                 conv_pool[slot] = new_window[0]
                 state_pool[slot] = new_state[0]

@@ -101,7 +101,7 @@ def unit_lower_inverse(a: torch.Tensor, base: int = 16) -> torch.Tensor:
     return t
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64):
+def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 32, out=None):
     """Chunked (UT/WY) form: the recurrence over chunks of `chunk_size` tokens, matmuls inside a chunk.
 
     Within a chunk, with gamma_i the cumulative log decay up to position i and S0 the state entering it,
@@ -110,12 +110,15 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
     and then  o_i = e^{gamma_i} q_i^T S0 + sum_{j<=i} (q_i . k_j) e^{gamma_i - gamma_j} u_j,
               S_end = e^{gamma_C} S0 + sum_j e^{gamma_C - gamma_j} k_j u_j^T.
     All exponents are <= 0, so nothing overflows.
+
+    `out` (optional, [B, T, H, dv] of any float dtype): where to write the output (it is also returned), which
+    saves a copy when the caller has a buffer.
     """
     B, T, H, dk = k.shape
     dv = v.shape[-1]
     S = _initial_state(state, B, H, dk, dv, k.device)
     if T == 0:
-        return torch.zeros(B, 0, H, dv, dtype=torch.float32, device=k.device), S
+        return (torch.zeros(B, 0, H, dv, dtype=torch.float32, device=k.device) if out is None else out), S
     C = chunk_size
     n_chunks = -(-T // C)
     pad = n_chunks * C - T
@@ -154,16 +157,19 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 64)
 
     attn = (q @ k.transpose(-1, -2)).mul_(decay)  # intra-chunk scores, causal incl. diagonal
     q_decayed = q.mul_(gamma.exp()[..., None])  # e^{gamma} q reads S0 for the output (q is ours: chunk_major)
-    k_to_end_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2).contiguous()
+    k_to_end_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # bmm reads it as is
     chunk_decay = gamma[..., -1].exp()[..., None, None]  # [N, BH, 1, 1]
 
     # The sequential part, written so that every product lands in its destination (no temporaries):
     #   u = u_base - w S;  o = e^{gamma} q S + attn u;  S = e^{gamma_C} S + (k e^{gamma_C - gamma})^T u
-    out = torch.empty(n_chunks, BH, C, dv, dtype=torch.float32, device=k.device)
+    chunks = torch.empty(n_chunks, BH, C, dv, dtype=torch.float32, device=k.device)
     for n in range(n_chunks):
         u = torch.baddbmm(u_base[n], w[n], S, alpha=-1.0)
-        torch.bmm(q_decayed[n], S, out=out[n])
-        out[n].baddbmm_(attn[n], u)
-        S = torch.baddbmm(S * chunk_decay[n], k_to_end_t[n], u)
-    out = out.reshape(n_chunks, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, dv)
-    return out[:, :T], S.reshape(B, H, dk, dv)
+        torch.bmm(q_decayed[n], S, out=chunks[n])
+        chunks[n].baddbmm_(attn[n], u)
+        S.mul_(chunk_decay[n]).baddbmm_(k_to_end_t[n], u)  # S is ours (a clone or zeros)
+    tokens = chunks.reshape(n_chunks, B, H, C, dv).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, dv)[:, :T]
+    if out is None:
+        return tokens.contiguous(), S.reshape(B, H, dk, dv)
+    out.copy_(tokens)
+    return out, S.reshape(B, H, dk, dv)

@@ -18,7 +18,7 @@ template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
 
 template <typename T>
-void run(const T* x, const float* wt, const float* pre, int64_t T_, int64_t C, int64_t K, T* y) {
+void run(const T* x, int64_t ldx, const float* wt, const float* pre, int64_t T_, int64_t C, int64_t K, T* y) {
   const int64_t W = K - 1;
   at::parallel_for(0, T_, 64, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(C);
@@ -31,7 +31,7 @@ void run(const T* x, const float* wt, const float* pre, int64_t T_, int64_t C, i
           const float* p = pre + (W + s) * C;
           for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * p[c];
         } else {
-          const T* p = x + s * C;
+          const T* p = x + s * ldx;
           for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * f32(p[c]);
         }
       }
@@ -55,23 +55,24 @@ void run(const T* x, const float* wt, const float* pre, int64_t T_, int64_t C, i
 
 }  // namespace
 
-// x [T, C] (fp32 or bf16, contiguous), weight [C, K] (same dtype), window [C, K-1] (same dtype; numel 0 =
+// x [T, C] (fp32 or bf16, unit column stride), weight [C, K] (same dtype), window [C, K-1] (same dtype; numel 0 =
 // zeros) -> silu(conv) [T, C] in x's dtype. The new window is the caller's: the last K-1 rows of (window, x).
 torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::Tensor window) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(0), "causal_conv1d_silu: shapes");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "causal_conv1d_silu: x and weight dtypes differ");
   const int64_t T_ = x.size(0), C = x.size(1), K = weight.size(1), W = K - 1;
-  auto xc = x.contiguous();
+  auto xc = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided (a column slice of a projection)
+  const int64_t ldx = xc.stride(0);
   auto wt = weight.to(at::kFloat).t().contiguous();  // [K, C]
   auto pre = window.numel() == 0 ? torch::zeros({W, C}, x.options().dtype(at::kFloat))
                                  : window.reshape({C, W}).to(at::kFloat).t().contiguous();  // [W, C]
-  auto y = torch::empty_like(xc);
+  auto y = torch::empty({T_, C}, xc.options());
   if (x.scalar_type() == at::kBFloat16) {
-    run(xc.data_ptr<at::BFloat16>(), wt.data_ptr<float>(), pre.data_ptr<float>(), T_, C, K,
+    run(xc.data_ptr<at::BFloat16>(), ldx, wt.data_ptr<float>(), pre.data_ptr<float>(), T_, C, K,
         y.data_ptr<at::BFloat16>());
   } else {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "causal_conv1d_silu: fp32 or bf16");
-    run(xc.data_ptr<float>(), wt.data_ptr<float>(), pre.data_ptr<float>(), T_, C, K, y.data_ptr<float>());
+    run(xc.data_ptr<float>(), ldx, wt.data_ptr<float>(), pre.data_ptr<float>(), T_, C, K, y.data_ptr<float>());
   }
   return y;
 }
