@@ -15,8 +15,8 @@ from torch import nn
 
 from qwen35.model.mlp import ExpertDispatch
 from qwen35.ops import cpu_kernels
-from qwen35.ops.linear import GEMV_MAX_ROWS
 
+INT8_GEMV_MAX_ROWS = 32  # the int8 kernel's limit (torch has no fast few-row int8 product to hand over to)
 INT8PACK_MAX_ROWS = 256  # above this, dequantise + F.linear (see int8_linear)
 
 # Linear layers kept in full precision: tiny, or feeding sensitive gates (as FP8 checkpoints keep them).
@@ -54,7 +54,7 @@ def int8_gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and 0 < rows <= GEMV_MAX_ROWS:
+    if x.device.type == "cpu" and 0 < rows <= INT8_GEMV_MAX_ROWS:
         k = cpu_kernels.kernels()
         if k is not None:
             y = k.gemv_int8(x.reshape(rows, -1).float().contiguous(), q, scale)

@@ -48,6 +48,39 @@ inline float row_bf16_m1(const uint16_t* w, int64_t K, const uint16_t* x) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// One weight row against MM input rows, MM a compile-time count so that every accumulator stays in a register.
+template <int MM>
+inline void row_bf16_mm(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, float* out) {
+  __m512 acc[MM];
+  for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int m = 0; m < MM; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
+  }
+  for (int m = 0; m < MM; ++m) {
+    float r = _mm512_reduce_add_ps(acc[m]);
+    for (int64_t kk = k; kk < K; ++kk) r += bf16_to_float(w[kk]) * bf16_to_float(x[m * ldx + kk]);
+    out[m] = r;
+  }
+}
+
+inline void rows_bf16_mm(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int64_t M, float* out) {
+  switch (M) {
+    case 1: return row_bf16_mm<1>(w, K, x, ldx, out);
+    case 2: return row_bf16_mm<2>(w, K, x, ldx, out);
+    case 3: return row_bf16_mm<3>(w, K, x, ldx, out);
+    case 4: return row_bf16_mm<4>(w, K, x, ldx, out);
+    case 5: return row_bf16_mm<5>(w, K, x, ldx, out);
+    case 6: return row_bf16_mm<6>(w, K, x, ldx, out);
+    case 7: return row_bf16_mm<7>(w, K, x, ldx, out);
+    default: return row_bf16_mm<8>(w, K, x, ldx, out);
+  }
+}
+#endif
+
 // R consecutive output rows for all M inputs (R independent accumulator chains hide the FMA latency).
 // x is bf16 [M, K] with row stride ldx; out is [R][kMaxM].
 template <int R>
@@ -154,7 +187,11 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool out_bf16) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {  // the weight row stays in L1 across the groups
         const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
+#if defined(__AVX512BF16__)
+        rows_bf16_mm(wp + n * K, K, xp + m0 * ldx, ldx, mg, out[0]);
+#else
         rows_bf16<1>(wp + n * K, K, xp + m0 * ldx, mg, ldx, out);
+#endif
         for (int64_t m = 0; m < mg; ++m) store((m0 + m) * N + n, out[0][m]);
       }
     }
