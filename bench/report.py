@@ -514,6 +514,9 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
     if moe:
         add("MoE decode >= 1.0x llama.cpp", ratio(data, "moe", moe, "ours", "llama", "decode_tps", kind="decode"),
             1.0, "ours / llama.cpp")
+    if select(data, "q8"):
+        add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
+            ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
     return out
 
 
