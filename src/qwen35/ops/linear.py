@@ -82,15 +82,13 @@ class FusedLinears:
                 views = self.qweight.split(self.sizes), self.scale.split(self.sizes)
                 for p, q, s in zip(parts, *views, strict=True):
                     p.qweight, p.scale = q, s
-                self._tensors = [p.qweight for p in parts]
             else:
                 w0 = parts[0].weight
                 fused = torch.empty(sum(self.sizes), w0.shape[1], dtype=w0.dtype, device=w0.device)
                 self.weight = torch.cat([p.weight.data for p in parts], out=advise_hugepages(fused))
                 for p, w in zip(parts, self.weight.split(self.sizes), strict=True):
                     p.weight.data = w
-                self._tensors = [p.weight for p in parts]
-        self._ptrs = [t.data_ptr() for t in self._tensors]
+        self._ptrs = [t.data_ptr() for t in self._part_tensors()]
 
     @classmethod
     def of(cls, parts: list[nn.Module]) -> FusedLinears | None:
@@ -107,9 +105,12 @@ class FusedLinears:
             return None
         return cls(parts)
 
+    def _part_tensors(self) -> list[torch.Tensor]:
+        return [p.qweight for p in self.parts] if self.int8 else [p.weight for p in self.parts]
+
     def usable(self) -> bool:
-        ts = [p.qweight for p in self.parts] if self.int8 else [p.weight for p in self.parts]
-        return all(t.data_ptr() == ptr for t, ptr in zip(ts, self._ptrs, strict=True))
+        """The parts still hold the views made at fusion (not replaced or moved since)."""
+        return [t.data_ptr() for t in self._part_tensors()] == self._ptrs
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.int8:
