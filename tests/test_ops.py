@@ -14,6 +14,7 @@ from qwen35.ops import (
     gated_delta_rule_naive,
     gated_delta_rule_recurrent,
 )
+from qwen35.ops.gated_delta import gated_delta_rule_prefill
 
 
 def random_inputs(B, T, H, dk, dv, seed=0, slow=True):
@@ -84,6 +85,66 @@ def test_associative_recall_16k():
     last = {int(w): t for t, w in enumerate(which.tolist())}
     for key_id, t in list(last.items()):
         torch.testing.assert_close(S[0, 0].T @ keys[key_id], v[0, t, 0], rtol=1e-4, atol=1e-4)
+
+
+def _kernels_or_skip():
+    from qwen35.ops import cpu_kernels
+
+    if cpu_kernels.build() is None:
+        pytest.skip("CPU kernels could not be compiled here")
+    return cpu_kernels
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 95, 130])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_prefill_kernel_equals_naive(T, chunk, with_state):
+    """csrc/gdn_prefill.cpp against the token-by-token equations: grouped heads (value head h reads q/k head
+    h // 2), lengths across chunk edges, a carried state, slow decay (long memory)."""
+    _kernels_or_skip()
+    B, Hk, H, dk, dv = 2, 2, 4, 16, 32
+    q, k, v, g, beta = random_inputs(B, T, H, dk, dv, seed=T + chunk)
+    q, k = q[:, :, :Hk], k[:, :, :Hk]
+    S0 = torch.randn(B, H, dk, dv) if with_state else None
+    S0_before = None if S0 is None else S0.clone()
+    o, s = gated_delta_rule_prefill(q, k, v, g, beta, S0, chunk_size=chunk)
+    if S0 is not None:
+        assert torch.equal(S0, S0_before)  # the caller's state is not modified in place
+    o_ref, s_ref = gated_delta_rule_naive(q.repeat_interleave(2, 2), k.repeat_interleave(2, 2), v, g, beta, S0)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_equals_chunked_twin():
+    """The kernel against its torch twin on the 0.8B's head shape (dk = dv = 128), bf16 values, strided v (a
+    slice of the conv output, as the layer passes it), fast decay with near-total forgetting, written into `out`."""
+    ck = _kernels_or_skip()
+    T, H, dk, dv = 300, 4, 128, 128
+    q, k, _, g, beta = random_inputs(1, T, H, dk, dv, seed=7, slow=False)
+    g[:, 100:110] = -50.0
+    wide = torch.randn(1, T, H, 2 * dv, generator=torch.Generator().manual_seed(8)).bfloat16()
+    v = wide[..., dv:]
+    out = torch.full((1, T, H, dv), float("nan"))
+    o, s = gated_delta_rule_prefill(q, k, v, g, beta, out=out)
+    assert o is out
+    previous = ck.set_enabled(False)
+    try:
+        o_twin, s_twin = gated_delta_rule_prefill(q, k, v, g, beta)
+    finally:
+        ck.set_enabled(previous)
+    torch.testing.assert_close(o, o_twin, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_twin, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_kernel_rejects_bad_shapes():
+    ck = _kernels_or_skip().build()
+    q = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="state must be contiguous fp32"):
+        ck.gdn_chunked_prefill(q, q, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2), torch.zeros(1, 4, 2),
+                               torch.zeros(1, 2, 16, 8), torch.zeros(1, 4, 2, 16), 16)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ck.gdn_chunked_prefill(q, q, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2), torch.zeros(1, 4, 2),
+                               torch.zeros(1, 2, 16, 16), torch.zeros(1, 4, 2, 16), 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

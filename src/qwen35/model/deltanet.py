@@ -9,7 +9,8 @@ from torch import nn
 from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNormGated
-from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_rule_chunked, gated_delta_step
+from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_step
+from qwen35.ops.gated_delta import gated_delta_rule_prefill
 from qwen35.ops.linear import Linear, run_projections
 
 
@@ -43,15 +44,15 @@ class GatedDeltaNet(nn.Module):
     def projection_parts(self) -> list[nn.Module]:
         return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
-    def _qkv_heads(self, mixed: torch.Tensor):
-        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v (in the
-        conv's dtype: the chunked form converts it in its own layout copy)."""
+    def _qkv_heads(self, mixed: torch.Tensor, repeat: bool = True):
+        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads unless `repeat` is
+        False) and v (in the conv's dtype: the chunked forms convert it themselves)."""
         n = mixed.shape[0]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.view(n, self.Hk, self.dk), scale=self.dk**-0.5)
         k = l2_normalize(k.view(n, self.Hk, self.dk))
         rep = self.Hv // self.Hk
-        if rep > 1:
+        if rep > 1 and repeat:
             q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
         return q, k, v.view(n, self.Hv, self.dv)
 
@@ -100,8 +101,8 @@ class GatedDeltaNet(nn.Module):
             window = None if fresh else conv_pool[slot][None]
             state = None if fresh else state_pool[slot][None]
             conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
-            q, k, v = self._qkv_heads(conv_out[0])
-            _, new_state = gated_delta_rule_chunked(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state,
+            q, k, v = self._qkv_heads(conv_out[0], repeat=False)
+            _, new_state = gated_delta_rule_prefill(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state,
                                                     out=out[None, s:e])
             if cache is not None:
                 conv_pool[slot] = new_window[0]

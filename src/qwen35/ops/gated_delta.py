@@ -173,3 +173,29 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 32,
         return tokens.contiguous(), S.reshape(B, H, dk, dv)
     out.copy_(tokens)
     return out, S.reshape(B, H, dk, dv)
+
+
+def gated_delta_rule_prefill(q, k, v, g, beta, state=None, chunk_size: int = 32, out=None):
+    """The chunked form for a prompt, with grouped heads: q, k [B, T, Hk, dk] where value head h reads q/k head
+    h // (H / Hk) (no repeated copies). On CPU this runs the compiled kernel (csrc/gdn_prefill.cpp, one task per
+    head with its working set in cache); elsewhere, or without the kernels, it repeats the heads and runs
+    `gated_delta_rule_chunked`, its twin. Returns (o [B, T, H, dv] fp32, final state [B, H, dk, dv] fp32)."""
+    from qwen35.ops import cpu_kernels
+
+    B, T, Hk, dk = k.shape
+    H, dv = v.shape[2], v.shape[3]
+    ops = cpu_kernels.kernels() if k.device.type == "cpu" else None
+    if (ops is not None and T > 0 and dk % 16 == 0 and dv % 16 == 0 and chunk_size % 16 == 0
+            and v.dtype in (torch.float32, torch.bfloat16)):
+        S = (torch.zeros(B, H, dk, dv, dtype=torch.float32, device=k.device) if state is None
+             else state.to(torch.float32).contiguous().clone())
+        dst = out if out is not None and out.dtype == torch.float32 else torch.empty(
+            B, T, H, dv, dtype=torch.float32, device=k.device)
+        ops.gdn_chunked_prefill(q.float(), k.float(), v, g.float(), beta.float(), S, dst, chunk_size)
+        if out is not None and dst is not out:
+            out.copy_(dst)
+        return dst, S
+    rep = H // Hk
+    if rep > 1:
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    return gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=chunk_size, out=out)

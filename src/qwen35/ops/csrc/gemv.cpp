@@ -352,6 +352,8 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::Tensor window);
 torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps);
+void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
+                         torch::Tensor state, torch::Tensor out, int64_t chunk_size);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows", py::arg("x"), py::arg("w"),
@@ -364,5 +366,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm, one pass per row");
   m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
   m.def("causal_conv1d_silu", &causal_conv1d_silu, "prefill causal depthwise conv + SiLU, one sequence");
+  m.def("gdn_chunked_prefill", &gdn_chunked_prefill, "chunked gated delta rule over a prompt, state in place");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
