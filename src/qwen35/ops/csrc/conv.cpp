@@ -17,37 +17,59 @@ using namespace qwen35_simd;
 template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// round to T and back (the twin's rounding of the conv output and of the SiLU output)
+inline __m512 round_to(__m512 v, const float*) { return v; }
+inline __m512 round_to(__m512 v, const at::BFloat16*) {
+  // round to nearest even on the upper 16 bits, as c10::BFloat16's conversion does (NaN not expected here)
+  __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // v already rounded: truncation is exact
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
+
 template <typename T>
 void run(const T* x, int64_t ldx, const float* wt, const float* pre, int64_t T_, int64_t C, int64_t K, T* y) {
   const int64_t W = K - 1;
   at::parallel_for(0, T_, 64, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(C);
-    for (int64_t t = t0; t < t1; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t s = t - W + j;  // input row; negative rows are the window's
-        const float* w = wt + j * C;
-        if (s < 0) {
-          const float* p = pre + (W + s) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * p[c];
-        } else {
-          const T* p = x + s * ldx;
-          for (int64_t c = 0; c < C; ++c) acc[c] += w[c] * f32(p[c]);
+    int64_t c0 = 0;
+#if defined(__AVX512F__)
+    // 16 channels at a time, their K weights in registers, over the task's rows
+    if (K <= 8) {
+      for (; c0 + 16 <= C; c0 += 16) {
+        __m512 w[8];
+        for (int64_t j = 0; j < K; ++j) w[j] = _mm512_loadu_ps(wt + j * C + c0);
+        for (int64_t t = t0; t < t1; ++t) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t s = t - W + j;  // input row; negative rows are the window's
+            const __m512 in = s < 0 ? _mm512_loadu_ps(pre + (W + s) * C + c0) : load16(x + s * ldx + c0);
+            acc = _mm512_fmadd_ps(w[j], in, acc);
+          }
+          store16(y + t * C + c0, round_to(silu(round_to(acc, y)), y));
         }
       }
-      T* out = y + t * C;
-      int64_t c = 0;
-#if defined(__AVX512F__)
-      for (; c + 16 <= C; c += 16) {
-        alignas(64) float r[16];
-        for (int i = 0; i < 16; ++i) r[i] = f32(static_cast<T>(acc[c + i]));
-        _mm512_store_ps(r, silu(_mm512_load_ps(r)));
-        for (int i = 0; i < 16; ++i) out[c + i] = static_cast<T>(r[i]);
-      }
+    }
 #endif
-      for (; c < C; ++c) {
-        const float r = f32(static_cast<T>(acc[c]));
-        out[c] = static_cast<T>(r / (1.f + std::exp(-r)));
+    for (int64_t t = t0; t < t1; ++t) {  // channels left over (all of them without AVX-512)
+      for (int64_t c = c0; c < C; ++c) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t s = t - W + j;
+          acc += wt[j * C + c] * (s < 0 ? pre[(W + s) * C + c] : f32(x[s * ldx + c]));
+        }
+        const float r = f32(static_cast<T>(acc));
+        y[t * C + c] = static_cast<T>(r / (1.f + std::exp(-r)));
       }
     }
   });
