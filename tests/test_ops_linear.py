@@ -203,3 +203,49 @@ def test_fused_projections_equal_the_separate_layers(tmp_path, quantization):
     torch.testing.assert_close(replaced, replaced_separate, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(replaced, with_fusion)
     assert isinstance(Projections([gdn.in_proj_b, gdn.in_proj_a]).groups[0], lin.FusedLinears)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_moe_experts_kernel_equals_the_expert_loop(tokens):
+    """csrc/moe.cpp against `ExpertDispatch.forward` (the loop transformers runs): the same bf16 roundings and
+    the same accumulation order, so the same numbers; tokens sharing an expert, rows not a multiple of 32."""
+    from qwen35.model.mlp import Experts, Router
+
+    if lin.cpu_kernels() is None:
+        pytest.skip("CPU kernels could not be compiled here")
+    gen = torch.Generator().manual_seed(tokens)
+    E, H, inner, k = 16, 80, 48, 4
+    experts = Experts(E, H, inner)
+    router = Router(H, E, k)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * inner, H, generator=gen) * 0.2)
+        experts.down_proj.copy_(torch.randn(E, H, inner, generator=gen) * 0.2)
+        router.weight.copy_(torch.randn(E, H, generator=gen))
+    experts, router = experts.bfloat16(), router.bfloat16()
+    x = torch.randn(tokens, H, generator=gen).bfloat16()
+    weights, ids = router(x)
+    if tokens > 1:
+        ids[1] = ids[0]  # two tokens choosing the same experts
+    out = experts(x, weights, ids)
+    assert torch.equal(out, lin.cpu_kernels().moe_experts_bf16(x, experts.gate_up_proj, experts.down_proj, ids,
+                                                               weights))  # the kernel ran
+    previous = lin.set_cpu_kernels(False)
+    try:
+        twin = experts(x, weights, ids)
+    finally:
+        lin.set_cpu_kernels(previous)
+    torch.testing.assert_close(out.float(), twin.float(), rtol=1e-2, atol=1e-2)
+    assert (out != twin).float().mean() < 0.02  # rounding ties at most, not a different computation
+
+
+def test_moe_experts_kernel_rejects_bad_ids():
+    k = lin.cpu_kernels()
+    if k is None:
+        pytest.skip("CPU kernels could not be compiled here")
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    gate_up, down = torch.zeros(4, 16, 32, dtype=torch.bfloat16), torch.zeros(4, 32, 8, dtype=torch.bfloat16)
+    w = torch.ones(1, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="expert id 4 out of range"):
+        k.moe_experts_bf16(x, gate_up, down, torch.tensor([[0, 4]]), w)
+    with pytest.raises(RuntimeError, match="must be bf16"):
+        k.moe_experts_bf16(x.float(), gate_up, down, torch.tensor([[0, 1]]), w)

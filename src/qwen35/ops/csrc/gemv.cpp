@@ -12,41 +12,14 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include "bf16_dot.h"
 
 namespace {
 
+using namespace qwen35_bf16;
+
 constexpr int kMaxM = 8;     // rows computed together in registers
 constexpr int kMaxRows = 32;  // rows per call: larger groups re-read each weight row from L1
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-#if defined(__AVX512F__)
-inline __m512 widen_bf16(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-#endif
-
-#if defined(__AVX512BF16__)
-// One input row (batch-1 decode): two independent vdpbf16ps chains, 64 weights per step.
-inline float row_bf16_m1(const uint16_t* w, int64_t K, const uint16_t* x) {
-  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-    b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
-  }
-  for (; k + 32 <= K; k += 32)
-    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-  float r = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-  for (; k < K; ++k) r += bf16_to_float(w[k]) * bf16_to_float(x[k]);
-  return r;
-}
-#endif
 
 #if defined(__AVX512BF16__)
 // One weight row against MM input rows, MM a compile-time count so that every accumulator stays in a register.
@@ -352,6 +325,8 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::Tensor window);
 torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps);
+torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor ids,
+                               torch::Tensor weights);
 void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
                          torch::Tensor state, torch::Tensor out, int64_t chunk_size);
 
@@ -367,5 +342,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
   m.def("causal_conv1d_silu", &causal_conv1d_silu, "prefill causal depthwise conv + SiLU, one sequence");
   m.def("gdn_chunked_prefill", &gdn_chunked_prefill, "chunked gated delta rule over a prompt, state in place");
+  m.def("moe_experts_bf16", &moe_experts_bf16, "routed experts of a MoE block for a few tokens (decode)");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }

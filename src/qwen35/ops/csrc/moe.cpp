@@ -1,0 +1,97 @@
+// The routed experts of a sparse MoE block for a few tokens (decode), in two parallel passes.
+//
+// The twin (`ExpertDispatch.forward` in model/mlp.py, as transformers does it) loops over the chosen experts in
+// Python: per expert a gather, two products, SiLU, a multiply, a scale and an index_add, ~10 dispatches per expert,
+// 80 per layer at top-8, which cost more than the 50 MB of expert weights take to stream. Here:
+//   pass 1, over (token, chosen expert, row r < I): act[p, r] = silu(x . gate_r) * (x . up_r), each product
+//           rounded to the model dtype as the twin's bf16 tensors are;
+//   pass 2, over output rows n < H: for each token, its experts in ascending id order (the twin's order):
+//           out[n] += w_e * (act_e . down_e[n]), rounded to bf16 after each step, as index_add_ into a bf16
+//           tensor does.
+// Only the chosen experts' rows are read, each once per token that chose it.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include "bf16_dot.h"
+
+namespace {
+
+using namespace qwen35_bf16;
+
+inline float round_bf16(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
+
+inline uint16_t bits_bf16(float v) {
+  const at::BFloat16 b(v);  // round to nearest even
+  return b.x;
+}
+
+}  // namespace
+
+// x [M, H] bf16; gate_up [E, 2I, H] bf16 (gate rows first); down [E, H, I] bf16; ids [M, k] int64 expert ids;
+// weights [M, k] bf16 routing weights -> [M, H] bf16, the weighted sum of each token's experts.
+torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor ids,
+                               torch::Tensor weights) {
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && ids.dim() == 2 && weights.sizes() == ids.sizes(),
+              "moe_experts_bf16: x [M, H], gate_up [E, 2I, H], down [E, H, I], ids and weights [M, k]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && gate_up.scalar_type() == at::kBFloat16 &&
+              down.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kBFloat16,
+              "moe_experts_bf16: x, weights and expert weights must be bf16");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "moe_experts_bf16: expert weights must be contiguous");
+  const int64_t M = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, k = ids.size(1);
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == H && down.size(0) == E && down.size(1) == H &&
+              down.size(2) == I && ids.size(0) == M, "moe_experts_bf16: shapes disagree");
+  auto xc = x.contiguous();
+  auto id = ids.to(at::kLong).contiguous();
+  auto wt = weights.contiguous();
+  const int64_t* idp = id.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M * k; ++i)
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_experts_bf16: expert id ", idp[i], " out of range [0, ", E, ")");
+  const int64_t P = M * k;
+  // per token, its slots in ascending expert id (the twin's accumulation order)
+  std::vector<int64_t> order(P);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < k; ++j) order[m * k + j] = m * k + j;
+    std::stable_sort(order.begin() + m * k, order.begin() + (m + 1) * k,
+                     [&](int64_t a, int64_t b) { return idp[a] < idp[b]; });
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
+  const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
+  const at::BFloat16* wp = wt.data_ptr<at::BFloat16>();
+  std::vector<uint16_t> act(static_cast<size_t>(P * I));
+
+  // pass 1: gate and up rows of every chosen expert (tasks of ~1 MB of weights)
+  const int64_t grain1 = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(H, 1));
+  at::parallel_for(0, P * I, grain1, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t p = i / I, r = i % I;
+      const uint16_t* xr = xp + (p / k) * H;
+      const uint16_t* w = gu + idp[p] * 2 * I * H;
+      const float g = round_bf16(dot_bf16(w + r * H, H, xr));
+      const float u = round_bf16(dot_bf16(w + (I + r) * H, H, xr));
+      const float s = round_bf16(g / (1.f + std::exp(-g)));
+      act[p * I + r] = bits_bf16(s * u);
+    }
+  });
+
+  // pass 2: every output row of every token, its experts in order
+  auto out = torch::empty({M, H}, x.options());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t grain2 = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(P * I, 1));
+  at::parallel_for(0, H, grain2, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = order[m * k + j];
+          const float y = round_bf16(dot_bf16(dn + (idp[p] * H + n) * I, I, act.data() + p * I));
+          acc = round_bf16(acc + round_bf16(y * static_cast<float>(wp[p])));
+        }
+        op[m * H + n] = static_cast<at::BFloat16>(acc);
+      }
+    }
+  });
+  return out;
+}
