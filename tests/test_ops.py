@@ -14,7 +14,7 @@ from qwen35.ops import (
     gated_delta_rule_naive,
     gated_delta_rule_recurrent,
 )
-from qwen35.ops.gated_delta import gated_delta_rule_prefill
+from qwen35.ops.gated_delta import gated_delta_rule_prefill, l2_normalize
 
 
 def random_inputs(B, T, H, dk, dv, seed=0, slow=True):
@@ -136,15 +136,39 @@ def test_prefill_kernel_equals_chunked_twin():
     torch.testing.assert_close(s, s_twin, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_kernel_normalises_raw_q_and_k(dtype):
+    """With l2norm_eps the kernel normalises raw q/k rows itself (read in the model dtype from strided slices of
+    the conv output, as the layer passes them): equal to normalising first (`l2_normalize`) and the twin."""
+    ck = _kernels_or_skip()
+    gen = torch.Generator().manual_seed(11)
+    T, Hk, H, dk, dv = 70, 2, 4, 32, 16
+    conv = (torch.randn(1, T, 2 * Hk * dk + H * dv, generator=gen) * 3).to(dtype)  # q | k | v per row
+    q, k, v = conv.split([Hk * dk, Hk * dk, H * dv], dim=-1)
+    q, k, v = q.view(1, T, Hk, dk), k.view(1, T, Hk, dk), v.view(1, T, H, dv)
+    g, beta = -torch.rand(1, T, H, generator=gen) * 0.1, torch.rand(1, T, H, generator=gen)
+    o, s = gated_delta_rule_prefill(q, k, v, g, beta, chunk_size=32, l2norm_eps=1e-6, q_scale=dk**-0.5)
+    qn, kn = l2_normalize(q, 1e-6, dk**-0.5), l2_normalize(k, 1e-6)
+    o_ref, s_ref = gated_delta_rule_naive(qn.repeat_interleave(2, 2), kn.repeat_interleave(2, 2), v.float(), g, beta)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    previous = ck.set_enabled(False)
+    try:
+        o_twin, _ = gated_delta_rule_prefill(q, k, v, g, beta, chunk_size=32, l2norm_eps=1e-6, q_scale=dk**-0.5)
+    finally:
+        ck.set_enabled(previous)
+    torch.testing.assert_close(o, o_twin, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_kernel_rejects_bad_shapes():
     ck = _kernels_or_skip().build()
     q = torch.zeros(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="state must be contiguous fp32"):
         ck.gdn_chunked_prefill(q, q, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2), torch.zeros(1, 4, 2),
-                               torch.zeros(1, 2, 16, 8), torch.zeros(1, 4, 2, 16), 16)
+                               torch.zeros(1, 2, 16, 8), torch.zeros(1, 4, 2, 16), 16, -1.0, 1.0)
     with pytest.raises(RuntimeError, match="multiples of 16"):
         ck.gdn_chunked_prefill(q, q, torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2), torch.zeros(1, 4, 2),
-                               torch.zeros(1, 2, 16, 16), torch.zeros(1, 4, 2, 16), 8)
+                               torch.zeros(1, 2, 16, 16), torch.zeros(1, 4, 2, 16), 8, -1.0, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

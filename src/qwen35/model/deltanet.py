@@ -10,15 +10,8 @@ from qwen35.config import TextConfig
 from qwen35.model.cache import ForwardBatch
 from qwen35.model.norm import RMSNormGated
 from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_step
-from qwen35.ops.gated_delta import gated_delta_rule_prefill
+from qwen35.ops.gated_delta import gated_delta_rule_prefill, l2_normalize
 from qwen35.ops.linear import Linear, run_projections
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
-    """fp32 x / sqrt(|x|^2 + eps) * scale for x of any float dtype. The squared norm is taken in fp32 without
-    materialising an fp32 copy, and the scale joins the per-row factor: one pass over x writes the result."""
-    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
-    return x.to(torch.float32, copy=True).mul_(torch.rsqrt(sq + eps) * scale)  # fp32 in place: no mixed-dtype op
 
 
 class GatedDeltaNet(nn.Module):
@@ -44,15 +37,15 @@ class GatedDeltaNet(nn.Module):
     def projection_parts(self) -> list[nn.Module]:
         return [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
-    def _qkv_heads(self, mixed: torch.Tensor, repeat: bool = True):
-        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads unless `repeat` is
-        False) and v (in the conv's dtype: the chunked forms convert it themselves)."""
+    def _qkv_heads(self, mixed: torch.Tensor):
+        """Split conv output [n, C] into fp32 q, k (normalised, q scaled, repeated to Hv heads) and v (in the
+        conv's dtype). Decode's torch twin uses it; the prefill kernel normalises q and k itself."""
         n = mixed.shape[0]
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.view(n, self.Hk, self.dk), scale=self.dk**-0.5)
         k = l2_normalize(k.view(n, self.Hk, self.dk))
         rep = self.Hv // self.Hk
-        if rep > 1 and repeat:
+        if rep > 1:
             q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
         return q, k, v.view(n, self.Hv, self.dv)
 
@@ -101,9 +94,12 @@ class GatedDeltaNet(nn.Module):
             window = None if fresh else conv_pool[slot][None]
             state = None if fresh else state_pool[slot][None]
             conv_out, new_window = causal_conv1d(mixed[None, s:e], weight, window)
-            q, k, v = self._qkv_heads(conv_out[0], repeat=False)
-            _, new_state = gated_delta_rule_prefill(q[None], k[None], v[None], g[None, s:e], beta[None, s:e], state,
-                                                    out=out[None, s:e])
+            n = e - s
+            q, k, v = conv_out[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            q, k = q.view(1, n, self.Hk, self.dk), k.view(1, n, self.Hk, self.dk)  # normalised in there
+            _, new_state = gated_delta_rule_prefill(q, k, v.view(1, n, self.Hv, self.dv), g[None, s:e],
+                                                    beta[None, s:e], state, out=out[None, s:e],
+                                                    l2norm_eps=1e-6, q_scale=self.dk**-0.5)
             if cache is not None:
                 conv_pool[slot] = new_window[0]
                 state_pool[slot] = new_state[0]

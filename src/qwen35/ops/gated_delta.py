@@ -175,11 +175,23 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 32,
     return out, S.reshape(B, H, dk, dv)
 
 
-def gated_delta_rule_prefill(q, k, v, g, beta, state=None, chunk_size: int = 32, out=None):
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """fp32 x / sqrt(|x|^2 + eps) * scale for x of any float dtype. The squared norm is taken in fp32 without
+    materialising an fp32 copy, and the scale joins the per-row factor: one pass over x writes the result."""
+    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
+    return x.to(torch.float32, copy=True).mul_(torch.rsqrt(sq + eps) * scale)  # fp32 in place: no mixed-dtype op
+
+
+def gated_delta_rule_prefill(q, k, v, g, beta, state=None, chunk_size: int = 32, out=None,
+                             l2norm_eps: float | None = None, q_scale: float = 1.0):
     """The chunked form for a prompt, with grouped heads: q, k [B, T, Hk, dk] where value head h reads q/k head
-    h // (H / Hk) (no repeated copies). On CPU this runs the compiled kernel (csrc/gdn_prefill.cpp, one task per
-    head with its working set in cache); elsewhere, or without the kernels, it repeats the heads and runs
-    `gated_delta_rule_chunked`, its twin. Returns (o [B, T, H, dv] fp32, final state [B, H, dk, dv] fp32)."""
+    h // (H / Hk) (no repeated copies). With `l2norm_eps`, q and k are raw (any float dtype, e.g. slices of the
+    conv output) and are L2-normalised here, q also scaled by `q_scale` (`l2_normalize`); without, they are
+    taken as given. On CPU this runs the compiled kernel (csrc/gdn_prefill.cpp, one task per head with its
+    working set in cache, normalising rows as it loads them); elsewhere, or without the kernels, it normalises,
+    repeats the heads and runs `gated_delta_rule_chunked`, its twin.
+    Returns (o [B, T, H, dv] fp32, final state [B, H, dk, dv] fp32)."""
     from qwen35.ops import cpu_kernels
 
     B, T, Hk, dk = k.shape
@@ -191,10 +203,18 @@ def gated_delta_rule_prefill(q, k, v, g, beta, state=None, chunk_size: int = 32,
              else state.to(torch.float32).contiguous().clone())
         dst = out if out is not None and out.dtype == torch.float32 else torch.empty(
             B, T, H, dv, dtype=torch.float32, device=k.device)
-        ops.gdn_chunked_prefill(q.float(), k.float(), v, g.float(), beta.float(), S, dst, chunk_size)
+        if l2norm_eps is None or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != q.dtype:
+            if l2norm_eps is not None:
+                q, k = l2_normalize(q, l2norm_eps, q_scale), l2_normalize(k, l2norm_eps)
+            q, k, eps = q.float(), k.float(), -1.0
+        else:
+            eps = l2norm_eps
+        ops.gdn_chunked_prefill(q, k, v, g.float(), beta.float(), S, dst, chunk_size, eps, q_scale)
         if out is not None and dst is not out:
             out.copy_(dst)
         return dst, S
+    if l2norm_eps is not None:
+        q, k = l2_normalize(q, l2norm_eps, q_scale), l2_normalize(k, l2norm_eps)
     rep = H // Hk
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)

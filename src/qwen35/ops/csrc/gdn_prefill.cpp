@@ -91,10 +91,25 @@ struct Strides {
   int64_t q_b, k_b, v_b, g_b, b_b, o_b;
 };
 
+// dst = src (widened to fp32), then, with `eps` >= 0, scaled to unit L2 norm times `scale` as the twin's
+// l2_normalize does: x * rsqrt(|x|^2 + eps) * scale, the norm squared after its square root as torch rounds it.
+template <typename QK>
+inline void load_row(const QK* src, int64_t n, float eps, float scale, float* dst) {
+  float ss = 0.f;
+  for (int64_t d = 0; d < n; ++d) {
+    dst[d] = f32(src[d]);
+    ss += dst[d] * dst[d];
+  }
+  if (eps < 0.f) return;
+  const float nrm = std::sqrt(ss);
+  const float f = (1.f / std::sqrt(nrm * nrm + eps)) * scale;
+  for (int64_t d = 0; d < n; ++d) dst[d] *= f;
+}
+
 // One (sequence, value head) over T tokens: reads its q/k head (`kh`) and value head (`h`), updates S in place.
-template <typename V>
-void head(const float* q, const float* k, const V* v, const float* g, const float* beta, float* S, float* out,
-          const Strides& st, int64_t T, int64_t C, int64_t dk, int64_t dv) {
+template <typename QK, typename V>
+void head(const QK* q, const QK* k, const V* v, const float* g, const float* beta, float* S, float* out,
+          const Strides& st, int64_t T, int64_t C, int64_t dk, int64_t dv, float eps, float q_scale) {
   std::vector<float> buf(static_cast<size_t>(C * (5 * dk + 3 * dv + 3 * C + 2)));
   float* Q = buf.data();        // [C, dk]  q, then e^gamma q
   float* Kr = Q + C * dk;       // [C, dk]  k
@@ -120,11 +135,9 @@ void head(const float* q, const float* k, const V* v, const float* g, const floa
       float* vi = Vb + i * dv;
       if (i < L) {
         const int64_t t = t0 + i;
-        const float* qs = q + t * st.q_t;
-        const float* ks = k + t * st.k_t;
         const V* vs = v + t * st.v_t;
-        std::copy(qs, qs + dk, qi);
-        std::copy(ks, ks + dk, ki);
+        load_row(q + t * st.q_t, dk, eps, q_scale, qi);
+        load_row(k + t * st.k_t, dk, eps, 1.f, ki);
         const float b = beta[t * st.b_t];
         for (int64_t d = 0; d < dv; ++d) vi[d] = b * f32(vs[d]);
         run += g[t * st.g_t];
@@ -202,16 +215,16 @@ void head(const float* q, const float* k, const V* v, const float* g, const floa
   }
 }
 
-template <typename V>
+template <typename QK, typename V>
 void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& g,
-         const torch::Tensor& beta, torch::Tensor& state, torch::Tensor& out, int64_t C) {
+         const torch::Tensor& beta, torch::Tensor& state, torch::Tensor& out, int64_t C, float eps, float q_scale) {
   const int64_t B = q.size(0), T = q.size(1), Hk = q.size(2), dk = q.size(3);
   const int64_t H = v.size(2), dv = v.size(3), rep = H / Hk;
   Strides st{q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), g.stride(1),
              g.stride(2), beta.stride(1), beta.stride(2), out.stride(1), out.stride(2),
              q.stride(0), k.stride(0), v.stride(0), g.stride(0), beta.stride(0), out.stride(0)};
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
+  const QK* qp = q.data_ptr<QK>();
+  const QK* kp = k.data_ptr<QK>();
   const V* vp = v.data_ptr<V>();
   const float* gp = g.data_ptr<float>();
   const float* bp = beta.data_ptr<float>();
@@ -220,21 +233,23 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / H, h = task % H, kh = h / rep;
-      head<V>(qp + b * st.q_b + kh * st.q_h, kp + b * st.k_b + kh * st.k_h, vp + b * st.v_b + h * st.v_h,
+      head<QK, V>(qp + b * st.q_b + kh * st.q_h, kp + b * st.k_b + kh * st.k_h, vp + b * st.v_b + h * st.v_h,
               gp + b * st.g_b + h * st.g_h, bp + b * st.b_b + h * st.b_h, sp + (b * H + h) * dk * dv,
-              op + b * st.o_b + h * st.o_h, st, T, C, dk, dv);
+              op + b * st.o_b + h * st.o_h, st, T, C, dk, dv, eps, q_scale);
     }
   });
 }
 
 }  // namespace
 
-// q, k [B, T, Hk, dk] fp32 (q already normalised and scaled, k normalised; value head h reads q/k head h / (H/Hk));
+// q, k [B, T, Hk, dk] fp32 or bf16 (value head h reads q/k head h / (H/Hk)): with l2norm_eps >= 0 they are
+// normalised here (q also times q_scale), else taken as they are (normalised and scaled by the caller);
 // v [B, T, H, dv] fp32 or bf16; g, beta [B, T, H] fp32; state [B, H, dk, dv] fp32, contiguous, updated in place
 // (zeros for a fresh sequence); out [B, T, H, dv] fp32, written. Innermost dims must be contiguous; dv, dk and
 // chunk_size multiples of 16.
 void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
-                         torch::Tensor state, torch::Tensor out, int64_t chunk_size) {
+                         torch::Tensor state, torch::Tensor out, int64_t chunk_size, double l2norm_eps,
+                         double q_scale) {
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && g.dim() == 3 && beta.sizes() == g.sizes(),
               "gdn_chunked_prefill: shapes");
   const int64_t B = q.size(0), T = q.size(1), Hk = q.size(2), dk = q.size(3), H = v.size(2), dv = v.size(3);
@@ -245,16 +260,18 @@ void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
               "gdn_chunked_prefill: state must be contiguous fp32 [B, H, dk, dv]");
   TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == T && out.size(2) == H && out.size(3) == dv &&
               out.scalar_type() == at::kFloat, "gdn_chunked_prefill: out must be fp32 [B, T, H, dv]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat &&
-              beta.scalar_type() == at::kFloat, "gdn_chunked_prefill: q, k, g, beta must be fp32");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && g.scalar_type() == at::kFloat && beta.scalar_type() == at::kFloat,
+              "gdn_chunked_prefill: q and k share a dtype; g and beta must be fp32");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1,
               "gdn_chunked_prefill: the head dims must be contiguous");
   TORCH_CHECK(dk % 16 == 0 && dv % 16 == 0 && chunk_size % 16 == 0 && chunk_size > 0,
               "gdn_chunked_prefill: dk, dv and chunk_size must be multiples of 16");
-  if (v.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(q, k, v, g, beta, state, out, chunk_size);
-  } else {
-    TORCH_CHECK(v.scalar_type() == at::kFloat, "gdn_chunked_prefill: v must be fp32 or bf16");
-    run<float>(q, k, v, g, beta, state, out, chunk_size);
-  }
+  const bool qk_bf16 = q.scalar_type() == at::kBFloat16, v_bf16 = v.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((qk_bf16 || q.scalar_type() == at::kFloat) && (v_bf16 || v.scalar_type() == at::kFloat),
+              "gdn_chunked_prefill: q, k and v must be fp32 or bf16");
+  const float eps = static_cast<float>(l2norm_eps), qs = static_cast<float>(q_scale);
+  if (qk_bf16 && v_bf16) run<at::BFloat16, at::BFloat16>(q, k, v, g, beta, state, out, chunk_size, eps, qs);
+  else if (qk_bf16) run<at::BFloat16, float>(q, k, v, g, beta, state, out, chunk_size, eps, qs);
+  else if (v_bf16) run<float, at::BFloat16>(q, k, v, g, beta, state, out, chunk_size, eps, qs);
+  else run<float, float>(q, k, v, g, beta, state, out, chunk_size, eps, qs);
 }

@@ -328,7 +328,8 @@ torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor 
 torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor ids,
                                torch::Tensor weights);
 void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
-                         torch::Tensor state, torch::Tensor out, int64_t chunk_size);
+                         torch::Tensor state, torch::Tensor out, int64_t chunk_size, double l2norm_eps,
+                         double q_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows", py::arg("x"), py::arg("w"),
