@@ -17,6 +17,11 @@ CASES = {
         layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention",
                      "linear_attention"])),
     "moe-causal-tied": ("causal", True, True, {}),
+    # head sizes the compiled prefill kernels take (GDN dk, dv multiples of 16; attention head dim 64)
+    "dense-cg-kernel-dims": ("cg", False, False, dict(
+        head_dim=64, linear_key_head_dim=16, linear_value_head_dim=32,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                             mrope_section=[6, 5, 5], mrope_interleaved=True))),
 }
 
 

@@ -249,3 +249,44 @@ def test_moe_experts_kernel_rejects_bad_ids():
         k.moe_experts_bf16(x, gate_up, down, torch.tensor([[0, 4]]), w)
     with pytest.raises(RuntimeError, match="must be bf16"):
         k.moe_experts_bf16(x.float(), gate_up, down, torch.tensor([[0, 1]]), w)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,L,hq,hkv,d", [(100, 100, 4, 2, 64), (37, 200, 8, 2, 256), (130, 130, 6, 6, 128),
+                                          (64, 64, 2, 1, 64), (1, 77, 4, 1, 64), (200, 333, 3, 1, 192)])
+def test_prefill_attention_kernel_equals_softmax(n, L, hq, hkv, d):
+    """csrc/attention_prefill.cpp against fp64 causal softmax attention and against SDPA (its twin): query and
+    key blocks cut mid-way, a prompt chunk over earlier context (L > n), strided q (a view of the projection)."""
+    import torch.nn.functional as F
+
+    if not kernels.prefill_attention_supported():
+        pytest.skip("prefill_attention needs AVX512-BF16")
+    gen = torch.Generator().manual_seed(n * 7 + L)
+    wide = (torch.randn(n, hq, 2 * d, generator=gen) * 2).bfloat16()
+    q = wide[..., :d]  # rows strided as the layer's [query | gate] split gives them
+    k = (torch.randn(L, hkv, d, generator=gen) * 2).bfloat16()
+    v = torch.randn(L, hkv, d, generator=gen).bfloat16()
+    scale = d**-0.5
+    got = kernels.prefill_attention(q, k, v, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, hq, d)
+    g = hq // hkv
+    allowed = torch.arange(L)[None, :] <= (L - n + torch.arange(n))[:, None]
+    s = torch.einsum("ihd,jhd->hij", q.double(), k.double().repeat_interleave(g, 1)) * scale
+    ref = torch.einsum("hij,jhd->ihd", s.masked_fill(~allowed, float("-inf")).softmax(-1),
+                       v.double().repeat_interleave(g, 1))
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=allowed, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+    err, sdpa_err = float((got.double() - ref).abs().max()), float((sdpa.double() - ref).abs().max())
+    assert err <= 1.5 * sdpa_err + 1e-3, (err, sdpa_err)  # as close as SDPA: bf16 output rounding
+    torch.testing.assert_close(got.float(), sdpa.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_prefill_attention_kernel_rejects_bad_input():
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16 inputs"):
+        kernels.prefill_attention(q.float(), q, q, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.prefill_attention(q[..., :32], q[..., :32], q[..., :32], 1.0)
+    with pytest.raises(RuntimeError, match="lengths"):
+        kernels.prefill_attention(q, q[:2], q[:2], 1.0)

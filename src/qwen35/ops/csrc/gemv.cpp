@@ -327,6 +327,8 @@ torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::T
 torch::Tensor rms_norm_gated(torch::Tensor x, torch::Tensor gate, torch::Tensor w, double eps);
 torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Tensor down, torch::Tensor ids,
                                torch::Tensor weights);
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
+bool prefill_attention_supported();
 void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
                          torch::Tensor state, torch::Tensor out, int64_t chunk_size, double l2norm_eps,
                          double q_scale);
@@ -344,5 +346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d_silu", &causal_conv1d_silu, "prefill causal depthwise conv + SiLU, one sequence");
   m.def("gdn_chunked_prefill", &gdn_chunked_prefill, "chunked gated delta rule over a prompt, state in place");
   m.def("moe_experts_bf16", &moe_experts_bf16, "routed experts of a MoE block for a few tokens (decode)");
+  m.def("prefill_attention", &prefill_attention, "causal GQA attention of a prompt chunk, bf16 (flash style)");
+  m.def("prefill_attention_supported", &prefill_attention_supported, "prefill_attention was built (AVX512-BF16)");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
 }
