@@ -5,9 +5,10 @@
 // 80 per layer at top-8, which cost more than the 50 MB of expert weights take to stream. Here:
 //   pass 1, over (token, chosen expert, row r < I): act[p, r] = silu(x . gate_r) * (x . up_r), each product
 //           rounded to the model dtype as the twin's bf16 tensors are;
-//   pass 2, over output rows n < H: for each token, its experts in ascending id order (the twin's order):
-//           out[n] += w_e * (act_e . down_e[n]), rounded to bf16 after each step, as index_add_ into a bf16
-//           tensor does.
+//   pass 2, over (token, chosen expert, row n < H): y[p, n] = w_e * (act_p . down_e[n]), rounded as the twin's;
+//   pass 3: per token, out[n] = the y of its experts summed in ascending id order (the twin's order), rounded to
+//           bf16 after each step, as index_add_ into a bf16 tensor does.
+// Tasks are blocks of consecutive rows of one expert: each reads one or two sequential streams.
 // Only the chosen experts' rows are read, each once per token that chose it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -62,36 +63,48 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Te
   const at::BFloat16* wp = wt.data_ptr<at::BFloat16>();
   std::vector<uint16_t> act(static_cast<size_t>(P * I));
 
-  // pass 1: gate and up rows of every chosen expert (tasks of ~1 MB of weights)
-  const int64_t grain1 = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(H, 1));
-  at::parallel_for(0, P * I, grain1, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const int64_t p = i / I, r = i % I;
+  // pass 1: gate then up rows of every chosen expert, in blocks of kRows rows (two sequential streams per task)
+  constexpr int64_t kRows = 64;
+  const int64_t nrb = (I + kRows - 1) / kRows;
+  const int64_t grain1 = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(2 * kRows * H * 2, 1));
+  at::parallel_for(0, P * nrb, grain1, [&](int64_t a, int64_t b) {
+    float gv[kRows];
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t p = task / nrb, r0 = (task % nrb) * kRows, r1 = std::min(I, r0 + kRows);
       const uint16_t* xr = xp + (p / k) * H;
       const uint16_t* w = gu + idp[p] * 2 * I * H;
-      const float g = round_bf16(dot_bf16(w + r * H, H, xr));
-      const float u = round_bf16(dot_bf16(w + (I + r) * H, H, xr));
-      const float s = round_bf16(g / (1.f + std::exp(-g)));
-      act[p * I + r] = bits_bf16(s * u);
-    }
-  });
-
-  // pass 2: every output row of every token, its experts in order
-  auto out = torch::empty({M, H}, x.options());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t grain2 = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(P * I, 1));
-  at::parallel_for(0, H, grain2, [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) {
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t p = order[m * k + j];
-          const float y = round_bf16(dot_bf16(dn + (idp[p] * H + n) * I, I, act.data() + p * I));
-          acc = round_bf16(acc + round_bf16(y * static_cast<float>(wp[p])));
-        }
-        op[m * H + n] = static_cast<at::BFloat16>(acc);
+      for (int64_t r = r0; r < r1; ++r) gv[r - r0] = round_bf16(dot_bf16(w + r * H, H, xr));
+      for (int64_t r = r0; r < r1; ++r) {
+        const float g = gv[r - r0];
+        const float u = round_bf16(dot_bf16(w + (I + r) * H, H, xr));
+        const float s = round_bf16(g / (1.f + std::exp(-g)));
+        act[p * I + r] = bits_bf16(s * u);
       }
     }
   });
+
+  // pass 2: each chosen expert's down rows in order (one sequential stream per task): y[p, n], rounded, weighted
+  std::vector<float> y(static_cast<size_t>(P * H));
+  const int64_t nnb = (H + kRows - 1) / kRows;
+  const int64_t grain2 = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(kRows * I * 2, 1));
+  at::parallel_for(0, P * nnb, grain2, [&](int64_t a, int64_t b) {
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t p = task / nnb, n0 = (task % nnb) * kRows, n1 = std::min(H, n0 + kRows);
+      const float wgt = static_cast<float>(wp[p]);
+      for (int64_t n = n0; n < n1; ++n)
+        y[p * H + n] = round_bf16(round_bf16(dot_bf16(dn + (idp[p] * H + n) * I, I, act.data() + p * I)) * wgt);
+    }
+  });
+
+  // pass 3: each token's experts summed in ascending id order, rounded to bf16 after each step (index_add_)
+  auto out = torch::empty({M, H}, x.options());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < H; ++n) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < k; ++j) acc = round_bf16(acc + y[order[m * k + j] * H + n]);
+      op[m * H + n] = static_cast<at::BFloat16>(acc);
+    }
+  }
   return out;
 }
