@@ -85,18 +85,12 @@ class GatedAttention(nn.Module):
         plan = batch.decode
         k_ops = cpu_kernels.kernels() if plan is not None and x.device.type == "cpu" else None
         if k_ops is not None:  # one-token sequences (decodes) attend straight from the paged pool, together
+            rows = plan.rows
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            if plan.all_rows:  # a pure decode batch: the rows are the batch, no gather or scatter
-                kc[plan.kv_blocks, :, plan.kv_offsets] = k.to(kc.dtype)
-                vc[plan.kv_blocks, :, plan.kv_offsets] = v.to(vc.dtype)
-                out = k_ops.paged_attention_decode(q, kc, vc, plan.block_tables, plan.context_lens,
-                                                   self.scale).to(q.dtype)
-            else:
-                rows = plan.rows
-                kc[plan.kv_blocks, :, plan.kv_offsets] = k[rows].to(kc.dtype)
-                vc[plan.kv_blocks, :, plan.kv_offsets] = v[rows].to(vc.dtype)
-                out[rows] = k_ops.paged_attention_decode(q[rows], kc, vc, plan.block_tables, plan.context_lens,
-                                                         self.scale).to(q.dtype)
+            kc[plan.kv_blocks, :, plan.kv_offsets] = k[rows].to(kc.dtype)
+            vc[plan.kv_blocks, :, plan.kv_offsets] = v[rows].to(vc.dtype)
+            out[rows] = k_ops.paged_attention_decode(q[rows], kc, vc, plan.block_tables, plan.context_lens,
+                                                     self.scale).to(q.dtype)
             done = set(plan.seqs)
         for i in range(batch.num_seqs):
             s, e = batch.starts[i], batch.starts[i + 1]

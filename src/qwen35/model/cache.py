@@ -174,7 +174,6 @@ class DecodePlan:
     kv_offsets: torch.Tensor  # its position inside that block (long)
     block_tables: torch.Tensor  # int32 [n, max_blocks], zero-padded
     context_lens: torch.Tensor  # int32: keys per sequence, the new one included
-    all_rows: bool = False  # every token of the batch is a decode, in order (rows == arange(N)): no gather needed
 
     @classmethod
     def build(cls, batch: ForwardBatch) -> DecodePlan | None:
@@ -193,8 +192,7 @@ class DecodePlan:
                    fresh=torch.as_tensor([c == 0 for c in ctx]),
                    kv_blocks=torch.as_tensor([t[c // bs] for t, c in zip(tables, ctx, strict=True)], dtype=torch.long),
                    kv_offsets=torch.as_tensor([c % bs for c in ctx], dtype=torch.long),
-                   block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32),
-                   all_rows=len(seqs) == batch.num_tokens)
+                   block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32))
 
 
 def text_positions(context_lens: list[int], query_lens: list[int], device=None) -> torch.Tensor:

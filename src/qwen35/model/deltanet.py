@@ -68,15 +68,10 @@ class GatedDeltaNet(nn.Module):
         # (prefill chunks) run the chunked form one by one.
         if plan is not None and k_ops is not None:
             # fused kernel, in place on the pools; the torch twin below is what tests hold it to
-            if plan.all_rows:  # a pure decode batch: the rows are the batch, no gather or scatter
-                out = k_ops.gdn_decode_step(mixed.contiguous(), weight, conv_pool, state_pool, plan.slots, plan.fresh,
-                                            a_lin.contiguous(), b_lin.contiguous(), self.A_log.float(),
-                                            self.dt_bias.float(), self.Hk, self.dk)
-            else:
-                out[plan.rows] = k_ops.gdn_decode_step(
-                    mixed[plan.rows].contiguous(), weight, conv_pool, state_pool, plan.slots, plan.fresh,
-                    a_lin[plan.rows].contiguous(), b_lin[plan.rows].contiguous(), self.A_log.float(),
-                    self.dt_bias.float(), self.Hk, self.dk)
+            out[plan.rows] = k_ops.gdn_decode_step(
+                mixed[plan.rows].contiguous(), weight, conv_pool, state_pool, plan.slots, plan.fresh,
+                a_lin[plan.rows].contiguous(), b_lin[plan.rows].contiguous(), self.A_log.float(),
+                self.dt_bias.float(), self.Hk, self.dk)
         elif plan is not None:
             rows, slots = plan.rows.to(x.device), plan.slots.to(x.device)
             window, state = conv_pool[slots], state_pool[slots]
