@@ -175,7 +175,6 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state=None, chunk_size: int = 32,
     return out, S.reshape(B, H, dk, dv)
 
 
-
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
     """fp32 x / sqrt(|x|^2 + eps) * scale for x of any float dtype. The squared norm is taken in fp32 without
     materialising an fp32 copy, and the scale joins the per-row factor: one pass over x writes the result."""

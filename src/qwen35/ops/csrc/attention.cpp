@@ -33,15 +33,6 @@ constexpr int64_t kAhead = 16;   // rows prefetched ahead (measured: 8 rows into
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-#endif
-
 template <typename KV>
 inline void prefetch_row(const KV* p, int64_t D) {
   const char* c = reinterpret_cast<const char*>(p);

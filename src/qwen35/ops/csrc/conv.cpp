@@ -18,11 +18,6 @@ template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 // round to T and back (the twin's rounding of the conv output and of the SiLU output)
 inline __m512 round_to(__m512 v, const float*) { return v; }
 inline __m512 round_to(__m512 v, const at::BFloat16*) {

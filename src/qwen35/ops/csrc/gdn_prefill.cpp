@@ -114,7 +114,7 @@ void head(const QK* q, const QK* k, const V* v, const float* g, const float* bet
   float* Q = buf.data();        // [C, dk]  q, then e^gamma q
   float* Kr = Q + C * dk;       // [C, dk]  k
   float* KT = Kr + C * dk;      // [dk, C]  k^T, then (k e^{gamma_C - gamma})^T
-  float* KB = KT + dk * C;      // [C, dk]  -beta e^gamma k, then W = T (that)
+  float* KB = KT + dk * C;      // [C, dk]  -beta e^gamma k
   float* Vb = KB + C * dk;      // [C, dv]  beta v
   float* U = Vb + C * dv;       // [C, dv]  T beta v, then u
   float* O = U + C * dv;        // [C, dv]

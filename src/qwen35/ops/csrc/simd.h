@@ -1,10 +1,18 @@
 // Small AVX-512 helpers shared by the kernels.
 #pragma once
 #include <immintrin.h>
+#include <c10/util/BFloat16.h>
 
 namespace qwen35_simd {
 
 #if defined(__AVX512F__)
+// 16 values widened to fp32 (bf16 is the upper half of an fp32)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // e^x for x <= 0 (softmax after max subtraction), ~1 ulp: 2^n * p(r), r in [-ln2/2, ln2/2].
 inline __m512 exp_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
