@@ -51,6 +51,8 @@ class Ours:
             kw["quantization"] = quantization
         t0 = time.perf_counter()
         self.model = qwen35.load_model(path, dtype=getattr(torch, dtype), progress=False, **kw)
+        # as the engine's model runner does: greedy steps read the int8 screen of the head where it applies
+        self.head_screen = self.model.enable_head_screen() if hasattr(self.model, "enable_head_screen") else False
         self.load_s = time.perf_counter() - t0
         self.cache = None
         self.seqs = []
@@ -70,6 +72,8 @@ class Ours:
         for s, c in zip(seqs, chunks, strict=True):
             s.num_tokens += len(c)
         last = torch.tensor(batch.starts[1:], dtype=torch.long) - 1
+        if self.head_screen:  # greedy, as the engine's model runner: the argmax without the full logits
+            return self.model.greedy_tokens(hidden[last]).tolist()
         logits = self.model.compute_logits(hidden[last], torch.float32)  # as the engine's model runner
         return logits.argmax(-1).tolist()
 
@@ -121,6 +125,19 @@ class Ours:
                 for a in range(0, flat.numel(), step):
                     n = min(step, flat.numel() - a)
                     flat[a:a + n].copy_(torch.randn(n, generator=gen) * scale)
+
+
+class OursFullHead(Ours):
+    """qwen35 with the head screen off (QWEN35_HEAD_SCREEN=0): every greedy step reads the whole bf16 head, as
+    the peers do. Measured next to `Ours` to show what the screen is worth."""
+
+    name = "qwen35, full head"
+
+    def __init__(self, *args, **kw):
+        import os
+
+        os.environ["QWEN35_HEAD_SCREEN"] = "0"
+        super().__init__(*args, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -280,4 +297,4 @@ class Llama:
         raise Unsupported("llama.cpp: no synthetic context")
 
 
-ENGINES = {"ours": Ours, "hf": HF, "llama": Llama}
+ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "hf": HF, "llama": Llama}

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINE_NAMES = {"ours": "qwen35", "hf": "transformers", "llama": "llama.cpp"}
-SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e")
+ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "hf": "transformers", "llama": "llama.cpp"}
+SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -312,6 +312,11 @@ class Runner:
                     self.measure(sec, dense, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf="q8_0")
                     self.measure(sec, dense, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
                                               "fill": "prefill"}, rnd, engs, gguf="q8_0")
+                elif sec == "screen":  # what the greedy head screen is worth: ours with it off, same rounds
+                    engs = [e for e in p["engines"] if e in ("ours", "llama")]
+                    engs = engs[:1] + ["ours-fullhead"] + engs[1:] if "ours" in engs else engs
+                    self.measure(sec, dense, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
+                                              "fill": "prefill"}, rnd, engs)
                 elif sec == "e2e":
                     for c, b in ((1024, 1), (p["batch_context"], max(p["batches"]))):
                         self.measure(sec, dense, {"kind": "e2e", "context": c, "steps": steps, "batch": b}, rnd,

@@ -30,6 +30,7 @@ class ModelRunner:
         self.cache = HybridCache(model.config.text, plan.num_slots, plan.num_blocks, plan.block_size,
                                  dtype=self.dtype, device=self.device)
         self.sampler = Sampler()
+        self.head_screen = model.enable_head_screen()
         self.vision_cache = VisionFeatureCache()
 
     @torch.inference_mode()
@@ -60,8 +61,14 @@ class ModelRunner:
                 last_rows.append(batch.starts[i + 1] - 1)
         if not sampling:
             return [], None
-        logits = self.model.compute_logits(hidden[torch.as_tensor(last_rows, device=self.device)], torch.float32)
-        return sampling, self.sampler(logits, [sampler_row(s) for s in sampling])
+        rows = [sampler_row(s) for s in sampling]
+        last = hidden[torch.as_tensor(last_rows, device=self.device)]
+        if self.head_screen and all(r.argmax_only for r in rows):
+            # Greedy steps: the argmax without the full logits (exact; qwen35.ops.head_screen).
+            tokens = self.model.greedy_tokens(last).tolist()
+            tokens = [t if r.forced is None else r.forced for t, r in zip(tokens, rows, strict=True)]
+            return sampling, SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
+        return sampling, self.sampler(self.model.compute_logits(last, torch.float32), rows)
 
     def _multimodal_inputs(self, work: SchedulerOutput, flat: torch.Tensor, ctx: list[int],
                            ) -> tuple[torch.Tensor, torch.Tensor]:

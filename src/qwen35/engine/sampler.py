@@ -92,6 +92,16 @@ class SamplerRow:
     masked_ids: Seq[int] = ()  # token ids that may not be sampled now (EOS/stop ids before min_tokens)
     forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
 
+    @property
+    def argmax_only(self) -> bool:
+        """True when this row's token is the argmax of the raw logits (or forced) and nothing else of the logits
+        is reported: the model may then find the argmax without computing every logit (an exact shortcut)."""
+        p = self.params
+        if self.forced is not None:
+            return p.logprobs is None
+        return (p.greedy and p.logprobs is None and not self.masked_ids and p.repetition_penalty == 1.0
+                and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+
 
 @dataclass
 class SamplerOutput:

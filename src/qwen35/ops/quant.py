@@ -15,6 +15,7 @@ from torch import nn
 
 from qwen35.model.mlp import ExpertDispatch
 from qwen35.ops import cpu_kernels
+from qwen35.ops.hugepages import advise_hugepages
 
 INT8_GEMV_MAX_ROWS = 32  # the int8 kernel's limit (torch has no fast few-row int8 product to hand over to)
 INT8PACK_MAX_ROWS = 256  # above this, dequantise + F.linear (see int8_linear)
@@ -27,7 +28,7 @@ def quantize_rows(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor
     """Symmetric per-row int8: w ~= q * scale[..., None]. w [..., N, K] -> (int8 [..., N, K], fp32 [..., N]).
     Done `block_rows` rows at a time, so the fp32 temporaries stay small (the 0.8B head is 1 GB in fp32)."""
     flat = w.reshape(-1, w.shape[-1])
-    q = torch.empty(flat.shape, dtype=torch.int8, device=w.device)
+    q = advise_hugepages(torch.empty(flat.shape, dtype=torch.int8, device=w.device))  # streamed when decoding
     scale = torch.empty(flat.shape[0], dtype=torch.float32, device=w.device)
     for a in range(0, flat.shape[0], block_rows):
         wf = flat[a:a + block_rows].to(torch.float32, copy=True)  # never divide the weight itself

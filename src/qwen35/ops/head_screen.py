@@ -1,0 +1,128 @@
+"""Exact greedy tokens through an int8 screen of the head: half the head's bytes per decoded token.
+
+The 0.8B's head (the tied embedding, 248320 x 1024) is a third of the bytes a decode step reads. A greedy
+step only needs the argmax of the logits, not the logits, so it can read an int8 copy of the head instead,
+with a bound per vocabulary row on how far its int8 logit can be from the bf16 one, and then compute exactly
+(with the bf16 GEMV, the same call the full head would make) only the rows the bounds cannot rule out:
+
+    w_i = s_i q_i + r_i                        int8 row q_i, scale s_i, residual r_i (stored: |r_i|)
+    |exact_i - approx_i| <= |r_i| |x| + |s_i q_i| e_x + rounding           (Cauchy-Schwarz on each part)
+
+with x the bf16 hidden state, e_x a bound on the kernel's int16 rounding of x, and "rounding" the fp32
+accumulation error of both kernels (gamma_n bound, n = 4K, on sum |w_ij x_j| <= |w_i| |x|). With
+lo_i / hi_i the interval around approx_i and L = max lo_i, a row with hi_i < L has an exact logit below
+exact_j for the j that reached L, so it is not the argmax; every other row is a candidate, its exact logit is
+computed, and the first (lowest id) maximum among them is the token: the same token as `argmax` over the full
+fp32 logits, ties included (a non-candidate is strictly below the maximum).
+
+On random 0.8B-shaped weights 8-30 rows stay candidates, so a greedy head costs the int8 read (~8 ms here)
+instead of the bf16 one (~17 ms). Steps that need the logits themselves (sampling, penalties, logprobs, masked
+tokens) read the bf16 head as before. `full_argmax` is the obviously correct twin the tests hold it to.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from qwen35.ops import cpu_kernels as _ck
+from qwen35.ops.linear import GEMV_MAX_ROWS, linear
+from qwen35.ops.quant import INT8_GEMV_MAX_ROWS, quantize_rows
+
+U32 = 2.0 ** -24  # fp32 unit roundoff
+# More candidates than this (x all zero, a degenerate head): compute the full logits instead.
+MAX_CANDIDATES = 4096
+ABS_SLACK = 1e-30
+
+
+def head_screen_enabled() -> bool:
+    """QWEN35_HEAD_SCREEN=0 turns the screen off (every greedy step then reads the bf16 head)."""
+    return os.environ.get("QWEN35_HEAD_SCREEN", "1") != "0"
+
+
+def full_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The twin: fp32 logits of the whole head, then argmax (first index on ties)."""
+    return linear(x, weight, out_dtype=torch.float32).argmax(dim=-1)
+
+
+class HeadScreen:
+    """An int8 copy of a bf16 head [V, K] with per-row error bounds; `argmax(x)` = `full_argmax(x, weight)`."""
+
+    def __init__(self, weight: torch.Tensor, block_rows: int = 4096):
+        if weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            raise ValueError(f"HeadScreen needs a 2-D bf16 CPU weight, got {tuple(weight.shape)} {weight.dtype} "
+                             f"on {weight.device}")
+        self.weight = weight
+        self._version = (weight.data_ptr(), weight._version)
+        V, K = weight.shape
+        self.qweight, self.scale = quantize_rows(weight)
+        # Per-row bound coefficients: bound_i = coef_r[i] * |x| + coef_x[i] * e_x. gamma covers the fp32
+        # accumulation of both kernels; the norms are computed here in fp32 too, and each fp32 step (the
+        # dequantised product, the difference, the sum of squares) is covered by 2 gamma (|w| + |deq|) more,
+        # then everything is rounded up (relative 4 gamma). Worth ~10% of the bound; fp64 took 7x longer.
+        g = K * U32 / (1 - K * U32)
+        gamma = 4 * g
+        self.coef_r = torch.empty(V, dtype=torch.float32)
+        self.coef_x = torch.empty(V, dtype=torch.float32)
+        for a in range(0, V, block_rows):
+            w = weight[a:a + block_rows].float()
+            deq = self.qweight[a:a + block_rows].float().mul_(self.scale[a:a + block_rows, None])
+            w_norm, deq_norm = w.norm(dim=-1), deq.norm(dim=-1)
+            rho = w.sub_(deq).norm(dim=-1)
+            self.coef_r[a:a + block_rows] = (rho + (gamma + 2 * g) * (w_norm + deq_norm)) * (1 + 4 * g)
+            self.coef_x[a:a + block_rows] = deq_norm * (1 + 4 * g)
+        self.candidates_last: int = 0  # candidate rows of the last call (all batch rows), for tests and profiling
+
+    @staticmethod
+    def supported(weight: torch.Tensor) -> bool:
+        """The screen needs a bf16 CPU head and the compiled kernels (the int8 and bf16 GEMVs)."""
+        return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.is_contiguous() and _ck.kernels() is not None)
+
+    def is_current(self) -> bool:
+        """False once the head's storage moved or was written in place (the copy would be stale)."""
+        return self._version == (self.weight.data_ptr(), self.weight._version)
+
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(approx [M, V] int8 logits, bound [M, V]): the exact fp32 logit of row i lies in approx +- bound."""
+        k = _ck.kernels()
+        xf = x.to(torch.bfloat16).float()  # what the bf16 GEMV multiplies: x rounded to bf16
+        approx = k.gemv_int8(xf.contiguous(), self.qweight, self.scale)
+        K = xf.shape[-1]
+        xd = xf.double()
+        x_norm = xd.norm(dim=-1, keepdim=True)
+        # int16 rounding of x in the VNNI kernel: at most max|x| / 65534 per element (doubled for the fp32
+        # scale arithmetic); zero where the kernel multiplies fp32 x directly.
+        e_x = 2 * math.sqrt(K) * xd.abs().amax(-1, keepdim=True) / 65534 if k.int8_uses_int16_activations() \
+            else torch.zeros_like(x_norm)
+        # (x_norm and e_x rounded up to fp32; the relative slack of the coefficients covers the fp32 products and
+        # the sum here, and the fp32 evaluation of approx +- bound: a few ulps of |approx| <= |deq| |x|)
+        bound = torch.addcmul(self.coef_x * (e_x * (1 + 1e-6)).float(), self.coef_r, (x_norm * (1 + 1e-6)).float())
+        # plus an absolute term for flush-to-zero (each of K products can lose < 2^-126)
+        return approx, bound.add_(ABS_SLACK)
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, V] bool: the rows whose exact logit may be the maximum of its batch row."""
+        approx, bound = self.bounds(x)
+        lo_max = (approx - bound).amax(dim=-1, keepdim=True)
+        return (approx + bound) >= lo_max
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (M <= GEMV_MAX_ROWS) -> [M] token ids, equal to `full_argmax(x, weight)`."""
+        M = x.shape[0]
+        if not (0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all()):
+            return full_argmax(x, self.weight)  # NaN/inf: the full logits say what argmax makes of them
+        cand = self.candidates(x)
+        rows = cand.any(dim=0).nonzero().flatten()  # sorted ascending: first maximum = lowest token id
+        self.candidates_last = len(rows)
+        if len(rows) > MAX_CANDIDATES:
+            return full_argmax(x, self.weight)
+        # The same GEMV call (all M rows of x) as the full head, so each candidate's logit is bit-identical.
+        # (A row that is a candidate only for another batch row is strictly below this row's maximum.)
+        exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
+        return rows[exact.argmax(dim=-1)]
+
+
+__all__ = ["HeadScreen", "full_argmax", "head_screen_enabled", "MAX_CANDIDATES"]
