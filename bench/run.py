@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "hf": "transformers", "llama": "llama.cpp"}
+ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "hf": "transformers",
+                "llama": "llama.cpp"}
 SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen")
 
 

@@ -33,6 +33,16 @@ def test_screen_argmax_equals_full_argmax(V, K):
         assert 0 < screen.candidates_last <= 40 * M, screen.candidates_last
 
 
+@pytest.mark.parametrize("V,K", [(5003, 200), (20000, 64)])
+def test_fused_candidates_match_the_torch_twin(V, K):
+    w = random_head(V, K, seed=V)
+    screen = HeadScreen(w)
+    for trial in range(10):
+        x = hidden(1 + trial % 8, K, seed=50 + trial, scale=[1.0, 8.0][trial % 2])
+        fused, twin = screen.candidates_fused(x), screen.candidates(x)
+        assert torch.equal(fused, twin), (trial, fused.tolist(), twin.tolist())
+
+
 def test_screen_keeps_the_first_index_on_exact_ties():
     V, K = 4000, 256
     w = random_head(V, K, seed=1)

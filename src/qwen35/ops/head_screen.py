@@ -85,37 +85,46 @@ class HeadScreen:
         """False once the head's storage moved or was written in place (the copy would be stale)."""
         return self._version == (self.weight.data_ptr(), self.weight._version)
 
-    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(approx [M, V] int8 logits, bound [M, V]): the exact fp32 logit of row i lies in approx +- bound."""
-        k = _ck.kernels()
-        xf = x.to(torch.bfloat16).float()  # what the bf16 GEMV multiplies: x rounded to bf16
-        approx = k.gemv_int8(xf.contiguous(), self.qweight, self.scale)
-        K = xf.shape[-1]
+    def _x_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x as the bf16 GEMV multiplies it, in fp32; |x| and e_x per row, rounded up to fp32 [M])."""
+        xf = x.to(torch.bfloat16).float().contiguous()
         xd = xf.double()
-        x_norm = xd.norm(dim=-1, keepdim=True)
+        x_norm = xd.norm(dim=-1)
         # int16 rounding of x in the VNNI kernel: at most max|x| / 65534 per element (doubled for the fp32
         # scale arithmetic); zero where the kernel multiplies fp32 x directly.
-        e_x = 2 * math.sqrt(K) * xd.abs().amax(-1, keepdim=True) / 65534 if k.int8_uses_int16_activations() \
+        e_x = 2 * math.sqrt(xf.shape[-1]) * xd.abs().amax(-1) / 65534 if _ck.kernels().int8_uses_int16_activations() \
             else torch.zeros_like(x_norm)
-        # (x_norm and e_x rounded up to fp32; the relative slack of the coefficients covers the fp32 products and
-        # the sum here, and the fp32 evaluation of approx +- bound: a few ulps of |approx| <= |deq| |x|)
-        bound = torch.addcmul(self.coef_x * (e_x * (1 + 1e-6)).float(), self.coef_r, (x_norm * (1 + 1e-6)).float())
-        # plus an absolute term for flush-to-zero (each of K products can lose < 2^-126)
+        return xf, (x_norm * (1 + 1e-6)).float(), (e_x * (1 + 1e-6)).float()
+
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(approx [M, V] int8 logits, bound [M, V]): the exact fp32 logit of row i lies in approx +- bound."""
+        xf, x_norm, e_x = self._x_terms(x)
+        approx = _ck.kernels().gemv_int8(xf, self.qweight, self.scale)
+        # The relative slack of the coefficients covers the fp32 products and the sum here, and the fp32
+        # evaluation of approx +- bound (a few ulps of |approx| <= |deq| |x|); plus an absolute term for
+        # flush-to-zero (each of K products can lose < 2^-126).
+        bound = torch.addcmul(self.coef_x * e_x[:, None], self.coef_r, x_norm[:, None])
         return approx, bound.add_(ABS_SLACK)
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
-        """[M, V] bool: the rows whose exact logit may be the maximum of its batch row."""
+        """The twin of the fused kernel: sorted ids of the rows whose exact logit may be the maximum of some
+        batch row (upper end >= that row's largest lower end)."""
         approx, bound = self.bounds(x)
         lo_max = (approx - bound).amax(dim=-1, keepdim=True)
-        return (approx + bound) >= lo_max
+        return ((approx + bound) >= lo_max).any(dim=0).nonzero().flatten()
+
+    def candidates_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """`candidates` in one pass over the int8 head (csrc/gemv.cpp, head_screen_candidates)."""
+        xf, x_norm, e_x = self._x_terms(x)
+        return _ck.kernels().head_screen_candidates(xf, self.qweight, self.scale, self.coef_r, self.coef_x, x_norm,
+                                                    e_x, ABS_SLACK)
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (M <= GEMV_MAX_ROWS) -> [M] token ids, equal to `full_argmax(x, weight)`."""
         M = x.shape[0]
         if not (0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all()):
             return full_argmax(x, self.weight)  # NaN/inf: the full logits say what argmax makes of them
-        cand = self.candidates(x)
-        rows = cand.any(dim=0).nonzero().flatten()  # sorted ascending: first maximum = lowest token id
+        rows = self.candidates_fused(x)  # sorted ascending: the first maximum below is the lowest token id
         self.candidates_last = len(rows)
         if len(rows) > MAX_CANDIDATES:
             return full_argmax(x, self.weight)

@@ -228,6 +228,41 @@ inline void rows_int8_vnni(const int8_t* w, const int16_t* xq, int64_t K, int64_
 }
 #endif
 
+// The activations of an int8 product, prepared once per call: with VNNI each row of x rounded to int16 (its
+// own scale, see gemv_int8); without, x itself. dot() gives the fp32 results of one weight row for rows
+// [m0, m0 + mg) of x, scales applied.
+class Int8Rows {
+ public:
+  Int8Rows(const float* x, int64_t M, int64_t K, int64_t ldx) : x_(x), K_(K), ldx_(ldx) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    K32_ = (K + 31) / 32 * 32;
+    xq_.assign(M * K32_, 0);
+    xs_.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[m * ldx + k]));
+      const float inv = amax > 0.f ? 32767.0f / amax : 0.f;
+      xs_[m] = amax / 32767.0f;
+      for (int64_t k = 0; k < K; ++k) xq_[m * K32_ + k] = static_cast<int16_t>(std::nearbyint(x[m * ldx + k] * inv));
+    }
+#endif
+  }
+  void dot(const int8_t* w, float scale, int64_t m0, int64_t mg, float* out) const {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    rows_int8_vnni(w, xq_.data() + m0 * K32_, K_, K32_, mg, out);
+    for (int64_t m = 0; m < mg; ++m) out[m] = out[m] * (xs_[m0 + m] * scale);
+#else
+    row_int8(w, scale, x_ + m0 * ldx_, K_, mg, ldx_, out);
+#endif
+  }
+
+ private:
+  const float* x_;
+  int64_t K_, ldx_, K32_ = 0;
+  std::vector<int16_t> xq_;
+  std::vector<float> xs_;
+};
+
 }  // namespace
 
 // x: fp32 [M, K], w: int8 [N, K], scale: fp32 [N] -> fp32 [M, N]
@@ -247,40 +282,90 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const float* xp = x.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  const int64_t K32 = (K + 31) / 32 * 32;
-  std::vector<int16_t> xq(M * K32, 0);
-  std::vector<float> xs(M);
-  for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xp[m * ldx + k]));
-    const float inv = amax > 0.f ? 32767.0f / amax : 0.f;
-    xs[m] = amax / 32767.0f;
-    for (int64_t k = 0; k < K; ++k) xq[m * K32 + k] = static_cast<int16_t>(std::nearbyint(xp[m * ldx + k] * inv));
-  }
+  const Int8Rows rows(xp, M, K, ldx);
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     float out[kMaxM];
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
         const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
-        rows_int8_vnni(wp + n * K, xq.data() + m0 * K32, K, K32, mg, out);
-        for (int64_t m = 0; m < mg; ++m) yp[(m0 + m) * N + n] = out[m] * (xs[m0 + m] * sp[n]);
-      }
-    }
-  });
-#else
-  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
-    float out[kMaxM];
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-        const int64_t mg = std::min<int64_t>(kMaxM, M - m0);
-        row_int8(wp + n * K, sp[n], xp + m0 * ldx, K, mg, ldx, out);
+        rows.dot(wp + n * K, sp[n], m0, mg, out);
         for (int64_t m = 0; m < mg; ++m) yp[(m0 + m) * N + n] = out[m];
       }
     }
   });
-#endif
   return y;
+}
+
+// The head screen's pass (qwen35/ops/head_screen.py): the int8 logits approx[m, n] as gemv_int8 computes
+// them, an interval approx +- bound with bound = coef_r[n] * x_norm[m] + coef_x[n] * e_x[m] + slack, and the rows n
+// whose upper end reaches the largest lower end of some batch row m: every row that can hold that row's
+// maximum. Returns them sorted (int64). One pass over the int8 head: each thread keeps the rows that reach
+// its own running maximum (a superset, as that maximum only grows), filtered by the global one at the end.
+torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor coef_r,
+                                     torch::Tensor coef_x, torch::Tensor x_norm, torch::Tensor e_x, double slack) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "head_screen_candidates: x fp32, w int8, scale fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
+  TORCH_CHECK(M <= kMaxM, "head_screen_candidates: at most ", kMaxM, " rows");
+  for (const auto* t : {&scale, &coef_r, &coef_x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
+                "head_screen_candidates: per-row fp32 vectors of ", N);
+  for (const auto* t : {&x_norm, &e_x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == M,
+                "head_screen_candidates: per-input fp32 vectors of ", M);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float *sp = scale.data_ptr<float>(), *cr = coef_r.data_ptr<float>(), *cx = coef_x.data_ptr<float>();
+  const float *xn = x_norm.data_ptr<float>(), *ex = e_x.data_ptr<float>();
+  const Int8Rows rows(x.data_ptr<float>(), M, K, ldx);
+  const float abs_slack = static_cast<float>(slack);
+  struct Hit {
+    int64_t n;
+    float hi[kMaxM];
+  };
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<Hit>> hits(nt);
+  std::vector<float> lo_max(static_cast<size_t>(nt) * kMaxM, -INFINITY);
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    const int tid = at::get_thread_num();
+    float best[kMaxM];  // local: the threads' slots of lo_max share a cache line
+    for (int64_t m = 0; m < M; ++m) best[m] = lo_max[tid * kMaxM + m];
+    auto& mine = hits[tid];
+    float out[kMaxM];
+    for (int64_t n = n0; n < n1; ++n) {
+      rows.dot(wp + n * K, sp[n], 0, M, out);
+      Hit h;
+      bool keep = false;
+      for (int64_t m = 0; m < M; ++m) {
+        const float bound = cr[n] * xn[m] + cx[n] * ex[m] + abs_slack;
+        best[m] = std::max(best[m], out[m] - bound);
+        h.hi[m] = out[m] + bound;
+        keep |= h.hi[m] >= best[m];
+      }
+      if (keep) {
+        h.n = n;
+        mine.push_back(h);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) lo_max[tid * kMaxM + m] = best[m];
+  });
+  float L[kMaxM];
+  for (int64_t m = 0; m < M; ++m) {
+    L[m] = -INFINITY;
+    for (int t = 0; t < nt; ++t) L[m] = std::max(L[m], lo_max[t * kMaxM + m]);
+  }
+  std::vector<int64_t> found;
+  for (const auto& mine : hits)
+    for (const Hit& h : mine)
+      for (int64_t m = 0; m < M; ++m)
+        if (h.hi[m] >= L[m]) {
+          found.push_back(h.n);
+          break;
+        }
+  std::sort(found.begin(), found.end());
+  auto res = torch::empty({static_cast<int64_t>(found.size())}, x.options().dtype(at::kLong));
+  std::copy(found.begin(), found.end(), res.data_ptr<int64_t>());
+  return res;
 }
 
 bool int8_uses_int16_activations() {
@@ -337,6 +422,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows", py::arg("x"), py::arg("w"),
         py::arg("out_bf16") = false);
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
+  m.def("head_screen_candidates", &head_screen_candidates, "rows of an int8 head whose bounds reach the maximum");
   m.def("int8_uses_int16_activations", &int8_uses_int16_activations, "gemv_int8 rounds x to int16 per row");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
