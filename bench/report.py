@@ -398,6 +398,48 @@ def markdown(data: dict, plots: dict) -> str:
           f"{cell(data, 'decode', dense, 'ours', 'decode_tps', 2, context=1024, batch=1)} | "
           f"{cell(data, 'decode', dense, 'llama', 'decode_tps', 2, context=1024, batch=1)} |")
         a("")
+    # ---------------------------------------------------------------- screen
+    if select(data, "screen"):
+        from bench.bytes_model import decode_bytes, screened_head_saving
+
+        a(f"## The greedy head screen ({dense}, bf16, decode after 1K)")
+        a("")
+        a("A greedy step needs the argmax of the logits, not the logits. qwen35 reads an int8 copy of the head with "
+          "a bound per vocabulary row on its error, and computes in bf16 only the rows the bounds cannot rule out "
+          "(`qwen35/ops/head_screen.py`; the token is exactly the argmax of the full fp32 logits, ties included, "
+          "held to that twin in `tests/test_head_screen.py`). Steps that need the logits (sampling, penalties, "
+          "logprobs) read the bf16 head. The screen is on by default; `QWEN35_HEAD_SCREEN=0` turns it off, which is "
+          "the *full bf16 head* column, measured in the same rounds.")
+        a("")
+        b = decode_bytes(_cfg(dense), 1024, 1)
+        saved = screened_head_saving(_cfg(dense))
+        lim = bw * 1e9 / b.per_token if bw else None
+        lim_s = bw * 1e9 / (b.per_token - saved) if bw else None
+        a(f"Bytes per token after 1K: {b.per_token / 1e9:.3f} GB with the full head, "
+          f"{(b.per_token - saved) / 1e9:.3f} GB through the screen (limits {fmt(lim, 1)} and {fmt(lim_s, 1)} "
+          "tok/s at the read bandwidth above).")
+        a("")
+        a("| | qwen35 (screen) | qwen35 (full bf16 head) | llama.cpp | screen / full head | ours / llama.cpp | "
+          "full head / llama.cpp |")
+        a("|---|---|---|---|---|---|---|")
+        a(f"| decode tok/s | {cell(data, 'screen', dense, 'ours', 'decode_tps', 2, kind='decode')} | "
+          f"{cell(data, 'screen', dense, 'ours-fullhead', 'decode_tps', 2, kind='decode')} | "
+          f"{cell(data, 'screen', dense, 'llama', 'decode_tps', 2, kind='decode')} | "
+          f"{fx(ratio(data, 'screen', dense, 'ours', 'ours-fullhead', 'decode_tps', kind='decode'))} | "
+          f"{fx(ratio(data, 'screen', dense, 'ours', 'llama', 'decode_tps', kind='decode'))} | "
+          f"{fx(ratio(data, 'screen', dense, 'ours-fullhead', 'llama', 'decode_tps', kind='decode'))} |")
+        a(f"| peak RSS, MB | {cell(data, 'screen', dense, 'ours', 'rss_mb', 0, kind='decode')} | "
+          f"{cell(data, 'screen', dense, 'ours-fullhead', 'rss_mb', 0, kind='decode')} | "
+          f"{cell(data, 'screen', dense, 'llama', 'rss_mb', 0, kind='decode')} | | | |")
+        rounds = sorted({r["round"] for r in select(data, "screen")})
+        per = []
+        for rd in rounds:
+            vals = {e: metric(r, "decode_tps") for e in ("ours", "ours-fullhead", "llama")
+                    for r in select(data, "screen", dense, e) if r["round"] == rd}
+            per.append("/".join(fmt(vals.get(e), 1) for e in ("ours", "ours-fullhead", "llama")))
+        a("")
+        a("Each round (screen / full head / llama.cpp, tok/s): " + "; ".join(per) + ".")
+        a("")
     if select(data, "e2e"):
         a(f"## End to end through `qwen35.LLM` ({dense}, greedy, ignore_eos, no tokenizer)")
         a("")
@@ -514,6 +556,9 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
     if moe:
         add("MoE decode >= 1.0x llama.cpp", ratio(data, "moe", moe, "ours", "llama", "decode_tps", kind="decode"),
             1.0, "ours / llama.cpp")
+    if select(data, "screen"):
+        add(f"decode >= 1.0x llama.cpp ({dense} bf16, batch 1, after 1K; screen section's rounds)",
+            ratio(data, "screen", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours / llama.cpp")
     if select(data, "q8"):
         add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
             ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
