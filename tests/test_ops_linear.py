@@ -159,11 +159,34 @@ def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
     got = kernels.paged_attention_decode(q, k_pool, v_pool, tables, lens, scale)
     ref = paged_attention_reference(q, k_pool, v_pool, tables, lens, scale)
     assert got.dtype == torch.float32 and got.shape == (len(lens), hq, d)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    # an fp32 query against bf16 pools takes the widening path: same answer
+    if dtype == torch.float32 or kernels.isa() != "avx512_bf16" or d % 32 or hq // hkv > 8:
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        # bf16 query and values: P.V runs on vdpbf16ps with P rounded to bf16, as torch's CPU flash attention
+        # rounds it: within 2^-9 of each weight, so within 2^-9 max|v| of the output; and no worse than SDPA's
+        # own bf16 result on the same keys and values
+        diff, vmax = (got.double() - ref).abs(), v_pool.float().abs().max().item()
+        err = diff.max().item()
+        assert err <= 2**-9 * vmax and diff.mean().item() <= 2**-12 * vmax
+        assert err <= 1.5 * sdpa_error(q, k_pool, v_pool, tables, lens, scale, ref) + 1e-4
+    # an fp32 query against bf16 pools takes the widening path, P in fp32: the fp64 answer to 1e-5
     if dtype == torch.bfloat16:
         got32 = kernels.paged_attention_decode(q.float(), k_pool, v_pool, tables, lens, scale)
         torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def sdpa_error(q, k_pool, v_pool, tables, lens, scale, ref) -> float:
+    """Largest distance of torch's bf16 SDPA (one query per sequence, keys and values gathered) to `ref`."""
+    Hq, Hkv, BS = q.shape[1], k_pool.shape[1], k_pool.shape[2]
+    worst = 0.0
+    for b in range(q.shape[0]):
+        L = int(lens[b])
+        keys = torch.stack([k_pool[tables[b, p // BS], :, p % BS] for p in range(L)]).transpose(0, 1)[None]
+        vals = torch.stack([v_pool[tables[b, p // BS], :, p % BS] for p in range(L)]).transpose(0, 1)[None]
+        out = torch.nn.functional.scaled_dot_product_attention(q[b][None, :, None], keys, vals, scale=scale,
+                                                               enable_gqa=Hq != Hkv)
+        worst = max(worst, (out[0, :, 0].double() - ref[b]).abs().max().item())
+    return worst
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])
