@@ -120,7 +120,8 @@ class Ours:
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                     continue
                 scale = 0.02 if attr == "recurrent" else 1.0
-                flat = t.view(-1)
+                # the whole storage (the KV pools are permuted views of it)
+                flat = t.new_empty(0).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
                 step = 1 << 24
                 for a in range(0, flat.numel(), step):
                     n = min(step, flat.numel() - a)

@@ -175,6 +175,24 @@ def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
         torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+def test_paged_attention_reads_head_major_pools():
+    """The cache stores its pools head-major (permuted views): the kernel follows the strides, same results."""
+    gen = torch.Generator().manual_seed(7)
+    hq, hkv, d, BS, nb = 8, 2, 64, 16, 40
+    k_pool = torch.randn(nb, hkv, BS, d, generator=gen).bfloat16()
+    v_pool = torch.randn(nb, hkv, BS, d, generator=gen).bfloat16()
+    k_head = k_pool.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    v_head = v_pool.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    tables = torch.randperm(nb, generator=gen).to(torch.int32).reshape(2, 20)
+    lens = torch.tensor([300, 17], dtype=torch.int32)
+    q = torch.randn(2, hq, d, generator=gen).bfloat16()
+    want = kernels.paged_attention_decode(q, k_pool, v_pool, tables, lens, 0.125)
+    assert torch.equal(kernels.paged_attention_decode(q, k_head, v_head, tables, lens, 0.125), want)
+    with pytest.raises(RuntimeError, match="same strides"):
+        kernels.paged_attention_decode(q, k_head, v_pool, tables, lens, 0.125)
+
+
 def sdpa_error(q, k_pool, v_pool, tables, lens, scale, ref) -> float:
     """Largest distance of torch's bf16 SDPA (one query per sequence, keys and values gathered) to `ref`."""
     Hq, Hkv, BS = q.shape[1], k_pool.shape[1], k_pool.shape[2]

@@ -49,11 +49,16 @@ class HybridCache:
                                                cfg.linear_value_head_dim), dtype=torch.float32, device=self.device)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        kv_shape = (num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+        # Indexed [block, KV head, position in block, dim], stored head-major ([KV head, block, ...], the pools
+        # are permuted views): a sequence's blocks, handed out in ascending order, then lie end to end for each
+        # head, and decode attention (one thread per head) reads one sequential stream of keys and one of
+        # values, which the hardware prefetcher follows (32K decode: 2.0-2.8 against 2.5-3.0 ms per 0.8B layer
+        # block-major, paired in one process; a bare read of the same bytes took 1.8-2.3 ms).
+        kv_stored = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         kv_layers = list(cfg.attention_layers) + [cfg.num_hidden_layers + j for j in range(extra_attention_layers)]
         for i in kv_layers:
-            self.k[i] = hugepage_zeros(kv_shape, dtype=dtype, device=self.device)
-            self.v[i] = hugepage_zeros(kv_shape, dtype=dtype, device=self.device)
+            self.k[i] = hugepage_zeros(kv_stored, dtype=dtype, device=self.device).permute(1, 0, 2, 3)
+            self.v[i] = hugepage_zeros(kv_stored, dtype=dtype, device=self.device).permute(1, 0, 2, 3)
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
 

@@ -264,16 +264,22 @@ struct Task {
   int64_t b, h, p0, p1;
 };
 
+// Where position p of KV head h in block b starts: b * block + h * head + (p % BS) * pos elements from the pool
+// (the K and V pools share it).
+struct Layout {
+  int64_t BS, block, head, pos;
+};
+
 // G query heads from `qhead` on (of Hq) against KV head t.h over positions [t.p0, t.p1)
 template <int G, typename KV>
 void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const uint16_t* qb, const KV* kp,
-              const KV* vp, const int32_t* table, int64_t Hkv, int64_t D, int64_t BS, float scale, float* o,
+              const KV* vp, const int32_t* table, const Layout& lay, int64_t D, float scale, float* o,
               float* mx, float* sum, std::vector<float>& s, std::vector<int64_t>& off) {
   const int64_t n = t.p1 - t.p0;
   off.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = t.p0 + i;
-    off[i] = ((static_cast<int64_t>(table[pos / BS]) * Hkv + t.h) * BS + pos % BS) * D;
+    off[i] = static_cast<int64_t>(table[pos / lay.BS]) * lay.block + t.h * lay.head + (pos % lay.BS) * lay.pos;
   }
   s.resize(G * kChunk);
   const int64_t q0 = (t.b * Hq + qhead) * D;
@@ -320,7 +326,8 @@ void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const u
 
 template <typename KV>
 void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tables, int64_t table_stride,
-         const int32_t* lens, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t BS, float scale) {
+         const int32_t* lens, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, const Layout& lay,
+         float scale) {
   const int64_t G = Hq / Hkv;
   // dpbf16 needs a bf16 query (exact: a bf16 model's query is bf16) and whole 32-element steps
   const bool use_bf16 = q.scalar_type() == at::kBFloat16 && std::is_same_v<KV, at::BFloat16> && D % 32 == 0;
@@ -349,7 +356,7 @@ void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tabl
       float* l = part_l.data() + ti * G;
       const int32_t* table = tables + t.b * table_stride;
 #define QWEN35_TASK(GG) \
-  run_task<GG>(t, t.h * G, Hq, qfp, qbp, kp, vp, table, Hkv, D, BS, scale, o, m, l, s, off)
+  run_task<GG>(t, t.h * G, Hq, qfp, qbp, kp, vp, table, lay, D, scale, o, m, l, s, off)
       switch (G) {
         case 1: QWEN35_TASK(1); break;
         case 2: QWEN35_TASK(2); break;
@@ -360,7 +367,7 @@ void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tabl
         case 16: QWEN35_TASK(16); break;
         default:  // any other group size: one query head at a time (keys re-read per head)
           for (int64_t g = 0; g < G; ++g)
-            run_task<1>(t, t.h * G + g, Hq, qfp, qbp, kp, vp, table, Hkv, D, BS, scale, o + g * D, m + g, l + g,
+            run_task<1>(t, t.h * G + g, Hq, qfp, qbp, kp, vp, table, lay, D, scale, o + g * D, m + g, l + g,
                         s, off);
       }
 #undef QWEN35_TASK
@@ -392,13 +399,15 @@ void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tabl
 
 }  // namespace
 
-// q: [B, Hq, D] (bf16 or fp32); k_pool, v_pool: [num_blocks, Hkv, block_size, D] (fp32 or bf16);
+// q: [B, Hq, D] (bf16 or fp32); k_pool, v_pool: [num_blocks, Hkv, block_size, D] (fp32 or bf16) with
+// contiguous rows and the same strides (the cache stores them head-major: see model/cache.py);
 // block_tables: int32 [B, max_blocks]; context_lens: int32 [B] (keys per sequence, the new one included)
 // -> fp32 [B, Hq, D]
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "paged_attention: shapes");
-  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "paged_attention: pools must be contiguous");
+  TORCH_CHECK(k_pool.stride(3) == 1 && k_pool.strides() == v_pool.strides(),
+              "paged_attention: the k and v pools need contiguous rows and the same strides");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "paged_attention: k and v dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "paged_attention: block_tables and context_lens must be int32");
@@ -412,14 +421,15 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torc
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] > 0 && (lp[b] + BS - 1) / BS <= tables.size(1), "paged_attention: context_lens[", b,
                 "]=", lp[b], " does not fit its block table");
+  const Layout lay{BS, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2)};
   auto out = torch::empty({B, Hq, D}, q.options().dtype(at::kFloat));
   if (k_pool.scalar_type() == at::kBFloat16) {
     run(q, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), tables.data_ptr<int32_t>(),
-        tables.size(1), lp, out.data_ptr<float>(), B, Hq, Hkv, D, BS, static_cast<float>(scale));
+        tables.size(1), lp, out.data_ptr<float>(), B, Hq, Hkv, D, lay, static_cast<float>(scale));
   } else {
     TORCH_CHECK(k_pool.scalar_type() == at::kFloat, "paged_attention: pools must be fp32 or bf16");
     run(q, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables.data_ptr<int32_t>(), tables.size(1), lp,
-        out.data_ptr<float>(), B, Hq, Hkv, D, BS, static_cast<float>(scale));
+        out.data_ptr<float>(), B, Hq, Hkv, D, lay, static_cast<float>(scale));
   }
   return out;
 }
