@@ -73,6 +73,25 @@ void scores_f32(const float* q, const KV* pool, const KV* vpool, const int64_t* 
   }
 }
 
+#if defined(__AVX512F__)
+// out[i] = the sum of the 16 lanes of v[i], i < 8: the eight horizontal sums folded together (25 shuffles and
+// adds instead of ~8 each): halve the lanes of two vectors at a time until each sum sits in one lane.
+inline void reduce8(const __m512* v, float scale, float* out) {
+  __m512 w[4];  // v[2i] in the low 256 bits, v[2i+1] in the high: 8 partial sums each
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  // 128-bit chunk c of u0 / u1: 4 partial sums of v[c] / v[4 + c]
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  // chunk c: lanes 0-1 partial sums of v[c], lanes 2-3 of v[4 + c]
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x44), _mm512_shuffle_ps(u0, u1, 0xEE));
+  const __m512 r = _mm512_add_ps(z, _mm512_shuffle_ps(z, z, 0xB1));  // lane 4c: v[c], lane 4c + 2: v[4 + c]
+  const __m512 g = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), r);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm512_castps512_ps256(g), _mm256_set1_ps(scale)));
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 query and keys, D % 32 == 0: two positions at a time so that 2G independent chains hide the latency.
 template <int G>
@@ -97,8 +116,15 @@ void scores_dpbf16(const uint16_t* q, const at::BFloat16* pool, const at::BFloat
         for (int p = 0; p < NP; ++p) acc[p][g] = _mm512_dpbf16_ps(acc[p][g], qv, kv[p]);
       }
     }
-    for (int p = 0; p < NP; ++p)
-      for (int g = 0; g < G; ++g) s[g * P + i + p] = _mm512_reduce_add_ps(acc[p][g]) * scale;
+    if constexpr ((NP * G) % 8 == 0) {
+      float sums[NP * G];  // [p][g]
+      for (int j = 0; j < NP * G; j += 8) reduce8(&acc[0][0] + j, scale, sums + j);
+      for (int p = 0; p < NP; ++p)
+        for (int g = 0; g < G; ++g) s[g * P + i + p] = sums[p * G + g];
+    } else {
+      for (int p = 0; p < NP; ++p)
+        for (int g = 0; g < G; ++g) s[g * P + i + p] = _mm512_reduce_add_ps(acc[p][g]) * scale;
+    }
   }
   for (; i < n; ++i) {
     __m512 acc[G];
