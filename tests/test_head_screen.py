@@ -121,6 +121,15 @@ def test_screen_notices_a_changed_head():
     assert not screen.is_current()
 
 
+def test_screen_of_an_inference_tensor():
+    with torch.inference_mode():
+        w = random_head(2000, 64, seed=12)
+    screen = HeadScreen(w)  # no version counter to read: the storage address alone tells it is current
+    assert screen.is_current()
+    x = hidden(2, 64, seed=13)
+    assert torch.equal(screen.argmax(x), full_argmax(x, w))
+
+
 def test_screen_rejects_what_it_cannot_screen():
     with pytest.raises(ValueError, match="bf16 CPU weight"):
         HeadScreen(torch.zeros(10, 8))

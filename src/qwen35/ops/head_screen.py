@@ -47,6 +47,15 @@ def full_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return linear(x, weight, out_dtype=torch.float32).argmax(dim=-1)
 
 
+def _identity(t: torch.Tensor) -> tuple[int, int]:
+    """(storage address, version counter): either changes when the tensor is moved or written in place.
+    Tensors made under torch.inference_mode have no version counter (and cannot be written outside it)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return t.data_ptr(), -1
+
+
 class HeadScreen:
     """An int8 copy of a bf16 head [V, K] with per-row error bounds; `argmax(x)` = `full_argmax(x, weight)`."""
 
@@ -55,7 +64,7 @@ class HeadScreen:
             raise ValueError(f"HeadScreen needs a 2-D bf16 CPU weight, got {tuple(weight.shape)} {weight.dtype} "
                              f"on {weight.device}")
         self.weight = weight
-        self._version = (weight.data_ptr(), weight._version)
+        self._version = _identity(weight)
         V, K = weight.shape
         self.qweight, self.scale = quantize_rows(weight)
         # Per-row bound coefficients: bound_i = coef_r[i] * |x| + coef_x[i] * e_x. gamma covers the fp32
@@ -83,7 +92,7 @@ class HeadScreen:
 
     def is_current(self) -> bool:
         """False once the head's storage moved or was written in place (the copy would be stale)."""
-        return self._version == (self.weight.data_ptr(), self.weight._version)
+        return self._version == _identity(self.weight)
 
     def _x_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x as the bf16 GEMV multiplies it, in fp32; |x| and e_x per row, rounded up to fp32 [M])."""
