@@ -347,21 +347,21 @@ def markdown(data: dict, plots: dict) -> str:
           "(`qwen35.model_info.full_attention_twin`). Here the context is *synthetic*: the KV blocks and GDN states "
           "are filled with random numbers instead of a real prefill (a real 32K prefill of the twin would take "
           "hours); a decode step reads exactly what it reads after a real prefill. Predicted: the bytes-per-token "
-          "model at the measured read bandwidth.")
+          "model (with the head read through qwen35's int8 screen, as these greedy steps do) at the measured read "
+          "bandwidth.")
         a("")
         sweep = p["sweep"]
         a("| context | hybrid tok/s | hybrid ms/token | twin tok/s | twin ms/token | hybrid / twin | predicted "
           f"hybrid / twin | hybrid vs its {_k(sweep[0])} | predicted vs {_k(sweep[0])} |")
         a("|---|---|---|---|---|---|---|---|---|")
         h1 = value(data, "context", dense, "ours", "decode_tps", context=sweep[0])
-        from bench.bytes_model import decode_bytes
-
-        hb1 = decode_bytes(_cfg(dense), sweep[0]).per_token
+        # the bytes qwen35 reads: its greedy steps read the head through the int8 screen
+        hb1 = limit_tps(dense, sweep[0], 1, None, screened=True)[0]
         for c in sweep:
             h = value(data, "context", dense, "ours", "decode_tps", context=c)
             t = value(data, "context", dense + "-twin", "ours", "decode_tps", context=c)
-            hb = decode_bytes(_cfg(dense), c).per_token
-            tb = decode_bytes(_cfg(dense + "-twin"), c).per_token
+            hb = limit_tps(dense, c, 1, None, screened=True)[0]
+            tb = limit_tps(dense + "-twin", c, 1, None, screened=True)[0]
             rr = ratio_models(data, dense, dense + "-twin", c)
             a(f"| {_k(c)} | {fmt(h, 2)} | {fmt(1000 / h if h else None, 1)} | {fmt(t, 2)} | "
               f"{fmt(1000 / t if t else None, 1)} | {fx(rr)} | {fx(tb / hb)} | {fx(h / h1 if h and h1 else None)} | "
@@ -631,7 +631,6 @@ def make_plots(data: dict, figdir: Path) -> dict:
     except ImportError:
         data.setdefault("notes", []).append("plots skipped: matplotlib is not installed (pip install -e .[bench])")
         return {}
-    from bench.bytes_model import decode_bytes
 
     plots = {}
     p = data["plan"]
@@ -649,7 +648,7 @@ def make_plots(data: dict, figdir: Path) -> dict:
             if pts:
                 ax.plot([c for c, _ in pts], [y for _, y in pts], "o-", color=color, label=f"{label}, measured")
             if bw:
-                ax.plot(cs, [decode_bytes(_cfg(model), c).per_token / (bw * 1e9) * 1000 for c in cs], "--",
+                ax.plot(cs, [limit_tps(model, c, 1, None, screened=True)[0] / (bw * 1e9) * 1000 for c in cs], "--",
                         color=color, alpha=0.6, label=f"{label}, bytes / bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_xticks(cs, [_k(c) for c in cs])
