@@ -52,7 +52,7 @@ class Ours:
         t0 = time.perf_counter()
         self.model = qwen35.load_model(path, dtype=getattr(torch, dtype), progress=False, **kw)
         # as the engine's model runner does: greedy steps read the int8 screen of the head where it applies
-        self.head_screen = self.model.enable_head_screen() if hasattr(self.model, "enable_head_screen") else False
+        self.head_screen = self.model.enable_head_screen()
         self.load_s = time.perf_counter() - t0
         self.cache = None
         self.seqs = []

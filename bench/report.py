@@ -409,8 +409,6 @@ def markdown(data: dict, plots: dict) -> str:
         a("")
     # ---------------------------------------------------------------- screen
     if select(data, "screen"):
-        from bench.bytes_model import decode_bytes, screened_head_saving
-
         a(f"## The greedy head screen ({dense}, bf16, decode after 1K)")
         a("")
         a("A greedy step needs the argmax of the logits, not the logits. qwen35 reads an int8 copy of the head with "
@@ -420,13 +418,10 @@ def markdown(data: dict, plots: dict) -> str:
           "logprobs) read the bf16 head. The screen is on by default; `QWEN35_HEAD_SCREEN=0` turns it off, which is "
           "the *full bf16 head* column, measured in the same rounds.")
         a("")
-        b = decode_bytes(_cfg(dense), 1024, 1)
-        saved = screened_head_saving(_cfg(dense))
-        lim = bw * 1e9 / b.per_token if bw else None
-        lim_s = bw * 1e9 / (b.per_token - saved) if bw else None
-        a(f"Bytes per token after 1K: {b.per_token / 1e9:.3f} GB with the full head, "
-          f"{(b.per_token - saved) / 1e9:.3f} GB through the screen (limits {fmt(lim, 1)} and {fmt(lim_s, 1)} "
-          "tok/s at the read bandwidth above).")
+        full, lim = limit_tps(dense, 1024, 1, bw)
+        screened, lim_s = limit_tps(dense, 1024, 1, bw, screened=True)
+        a(f"Bytes per token after 1K: {full / 1e9:.3f} GB with the full head, {screened / 1e9:.3f} GB through the "
+          f"screen (limits {fmt(lim, 1)} and {fmt(lim_s, 1)} tok/s at the read bandwidth above).")
         a("")
         a("| | qwen35 (screen) | qwen35 (full bf16 head) | llama.cpp | screen / full head | ours / llama.cpp | "
           "full head / llama.cpp |")

@@ -166,3 +166,37 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_the_screen(tmp_path,
     assert on == off and on_alone == off_alone and on_mix == off_mix
     assert on_alone == on[:3]
     assert calls and min(calls) == 1  # the greedy steps went through the screen
+
+
+def test_argmax_only_rows():
+    """Only plain greedy rows (or forced ones) may skip the logits."""
+    from qwen35 import SamplingParams
+    from qwen35.engine.sampler import SamplerRow
+
+    def row(masked=(), forced=None, **kw):
+        return SamplerRow(SamplingParams(**kw), prompt_ids=[1], output_ids=[2], generator=None, masked_ids=masked,
+                          forced=forced)
+
+    assert row(temperature=0).argmax_only
+    assert row(temperature=0.7, forced=5).argmax_only
+    assert not row(temperature=0.7, forced=5, logprobs=1).argmax_only
+    assert not row(temperature=0.7).argmax_only
+    assert not row(temperature=0, logprobs=0).argmax_only
+    assert not row(masked=(3,), temperature=0).argmax_only
+    assert not row(temperature=0, repetition_penalty=1.1).argmax_only
+    assert not row(temperature=0, frequency_penalty=0.5).argmax_only
+    assert not row(temperature=0, presence_penalty=0.5).argmax_only
+
+
+def test_a_replaced_head_is_not_screened(tmp_path):
+    """After quantize_int8 the model's logits come from the int8 head: greedy_tokens must follow it."""
+    from test_engine_support import make_model, write_config
+
+    from qwen35.ops.quant import quantize_int8
+
+    model = make_model(write_config(tmp_path / "m", vocab_size=3000, tie_word_embeddings=True)).to(torch.bfloat16)
+    assert model.enable_head_screen()
+    quantize_int8(model)
+    h = torch.randn(3, model.config.text.hidden_size).to(torch.bfloat16)
+    assert torch.equal(model.greedy_tokens(h), model.compute_logits(h, torch.float32).argmax(-1))
+    assert not model.enable_head_screen()  # a quantised head has its own int8 GEMV

@@ -67,23 +67,22 @@ class Qwen35Model(nn.Module):
             return False
         if self._usable_head_screen() is not None:
             return True
-        self._head_screen = None
+        weight = self._plain_head_weight()
+        self._head_screen = HeadScreen(weight) if weight is not None and HeadScreen.supported(weight) else None
+        return self._head_screen is not None
+
+    def _plain_head_weight(self) -> torch.Tensor | None:
+        """The weight `compute_logits` multiplies with `linear`; None for a quantised head (its own module)."""
         if self.lm_head is not None and not isinstance(self.lm_head, Linear):
-            return False  # a quantised head: its own int8 GEMV already
-        weight = self.head_weight
-        if not HeadScreen.supported(weight):
-            return False
-        self._head_screen = HeadScreen(weight)
-        return True
+            return None
+        return self.head_weight
 
     def _usable_head_screen(self):
-        """The screen, if it still describes the head that `compute_logits` uses."""
+        """The screen, if it still describes the head that `compute_logits` uses (not moved, written or
+        replaced, e.g. by quantisation, since it was built)."""
         screen = self._head_screen
-        if screen is None or not screen.is_current():
+        if screen is None or not screen.is_current() or self._plain_head_weight() is not screen.weight:
             return None
-        if (self.lm_head.weight if isinstance(self.lm_head, Linear) else
-                self.model.embed_tokens.weight if self.lm_head is None else None) is not screen.weight:
-            return None  # the head was replaced (e.g. quantised) after the screen was built
         return screen
 
     @torch.inference_mode()
