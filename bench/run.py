@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-lens", default=None, help="comma list of prompt lengths (default 512,4096)")
     p.add_argument("--contexts", default=None, help="decode contexts, comma list (default 1024,8192)")
     p.add_argument("--sweep", default="1024,8192,32768", help="contexts of the hybrid-vs-twin sweep (synthetic)")
+    p.add_argument("--sweep-rounds", type=int, default=None,
+                   help="rounds inside each hybrid-vs-twin sweep process (default 3 quick, 6)")
     p.add_argument("--batches", default="1,4,16", help="batch sizes of the throughput section")
     p.add_argument("--batch-context", type=int, default=512, help="prompt length of each sequence in a batch")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per measurement (default 8 quick, 16)")
@@ -99,6 +101,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "engines": [e.strip() for e in args.engines.split(",") if e.strip()],
         "rounds": args.rounds or (1 if quick else 2),
         "prefill": prefill, "contexts": contexts, "sweep": _ints(args.sweep), "batches": _ints(args.batches),
+        "sweep_rounds": args.sweep_rounds or (3 if quick else 6),
         "batch_context": args.batch_context, "steps": args.steps or (8 if quick else 16),
         "hf_max": args.hf_max_context, "threads": args.threads, "quiet": args.quiet, "quiet_wait": args.quiet_wait,
         "retries": args.retries, "retry_max_s": args.retry_max_s, "chunk": args.chunk, "llama_fa": args.llama_fa,
@@ -264,6 +267,37 @@ class Runner:
             self.log("   " + summarize(res))
             self.results.append(res)
 
+    def measure_sweep(self, model: str, rnd: int) -> None:
+        """The hybrid-vs-twin sweep: both models and every context in one process (bench/worker.py, kind "sweep"),
+        recorded as one decode result per (model, context, inner round); inner round i of bench round r is round
+        1000 r + i, so that the report's per-round ratios pair measurements made side by side."""
+        labels = {model: self.path("ours", model), model + "-twin": self.path("ours", model + "-twin")}
+        if None in labels.values():
+            return
+        p = self.plan
+        spec = {"engine": "ours", "model": model, "paths": labels, "threads": p["threads"],
+                "task": {"kind": "sweep", "contexts": p["sweep"], "steps": p["steps"], "rounds": p["sweep_rounds"]}}
+        self.log(f"round {rnd + 1}: context {' + '.join(labels)} qwen35 {json.dumps(spec['task'])} ...")
+        res = self.worker(spec)
+        if res.get("error"):
+            self.log("   " + summarize(res))
+            res.update(section="context", round=rnd, task={"kind": "decode", "context": max(p["sweep"]), "batch": 1,
+                                                            "fill": "synthetic", "paired": True})
+            self.results.append(res)
+            return
+        for label, by_ctx in res["sweep"].items():
+            for c, rounds in by_ctx.items():
+                for i, ts in enumerate(rounds):
+                    one = {k: v for k, v in res.items() if k not in ("sweep", "task", "model")}
+                    one.update(model=label, section="context", round=1000 * rnd + i, step_s=ts,
+                               task={"kind": "decode", "context": int(c), "steps": p["steps"], "batch": 1,
+                                     "fill": "synthetic", "paired": True})
+                    self.results.append(one)
+        for label, by_ctx in res["sweep"].items():
+            self.log("   " + label + ": " + ", ".join(
+                f"{int(c) // 1024}K {1 / statistics.median([t for ts in rounds for t in ts]):.2f} tok/s"
+                for c, rounds in by_ctx.items()))
+
     def bandwidth(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         for _ in range(self.plan["rounds"]):
@@ -300,10 +334,7 @@ class Runner:
                         self.measure(sec, dense, {"kind": "decode", "context": p["batch_context"], "steps": steps,
                                                   "batch": b, "fill": "prefill"}, rnd, p["engines"])
                 elif sec == "context":
-                    for m in (dense, dense + "-twin"):
-                        for c in p["sweep"]:
-                            self.measure(sec, m, {"kind": "decode", "context": c, "steps": steps, "batch": 1,
-                                                  "fill": "synthetic"}, rnd, ["ours"])
+                    self.measure_sweep(dense, rnd)
                 elif sec == "moe" and moe:
                     self.measure(sec, moe, {"kind": "prefill", "n": 512, "reps": 2}, rnd, p["engines"])
                     self.measure(sec, moe, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,

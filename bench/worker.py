@@ -7,7 +7,13 @@ prints one line `BENCH_RESULT {json}`. Tasks:
     on the last token, the greedy pick), `reps` times after one warm-up prompt of min(n, chunk) tokens;
   * {"kind": "decode", "context": 1024, "steps": 16, "batch": 1, "fill": "prefill" | "synthetic"}: `batch`
     sequences each holding `context` tokens (prefilled for real, timed, or filled with random KV/state), then
-    3 untimed steps and `steps` timed decode steps of one token per sequence.
+    3 untimed steps and `steps` timed decode steps of one token per sequence;
+  * {"kind": "sweep", "contexts": [1024, 32768], "steps": 16, "rounds": 6} (ours, synthetic context): decode
+    time against context, every model of `paths` ({label: checkpoint}) and context measured in this one process,
+    interleaved round by round. This host's memory bandwidth differs from process to process (a bare read
+    measured 26-51 GB/s in consecutive processes) but holds within one, so ratios between contexts or models
+    are only comparable when measured side by side like this. Gives `sweep`: {label: {context: [step times of
+    each round]}}.
 """
 
 from __future__ import annotations
@@ -64,12 +70,54 @@ def run_e2e(spec: dict) -> dict:
     return res
 
 
+def run_sweep(spec: dict) -> dict:
+    """Every (model, context) pair of the sweep in this process: a synthetic cache per pair, then `rounds` rounds
+    that each time 2 warm-up and `steps` timed steps of every pair, in an order rotated every round. Each round
+    starts the sequence again at exactly `context` tokens (the state is random anyway)."""
+    from bench.engines import Ours
+
+    task = spec["task"]
+    contexts, steps, rounds = task["contexts"], task["steps"], task.get("rounds", 4)
+    res: dict = {"load_s": {}, "fill_s": {}}
+    engines, pairs = {}, []
+    for label, path in spec["paths"].items():
+        eng = engines[label] = Ours(path, spec.get("threads", 2))
+        res["load_s"][label] = eng.load_s
+        for c in contexts:
+            eng.open(1, c + steps + 8)
+            t0 = time.perf_counter()
+            eng.synthetic(c)
+            res["fill_s"][f"{label}@{c}"] = time.perf_counter() - t0
+            pairs.append((label, c, eng.cache, eng.seqs))
+    times: dict = {label: {str(c): [] for c in contexts} for label in engines}
+    toks = prompt(spec.get("seed", 0) + 2, 1, spec.get("vocab", 248044))
+    for r in range(rounds):
+        k = r % len(pairs)
+        for label, c, cache, seqs in pairs[k:] + pairs[:k]:
+            eng = engines[label]
+            eng.cache, eng.seqs = cache, seqs
+            seqs[0].num_tokens = c
+            t = toks
+            for _ in range(2):
+                t = eng.step(t)
+            ts = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                t = eng.step(t)
+                ts.append(time.perf_counter() - t0)
+            times[label][str(c)].append(ts)
+    res["sweep"] = times
+    return res
+
+
 def run(spec: dict) -> dict:
     from bench.engines import ENGINES
 
     task = spec["task"]
     if task["kind"] == "e2e":
         return run_e2e(spec)
+    if task["kind"] == "sweep":
+        return run_sweep(spec)
     kw = {"chunk": spec.get("chunk", 4096)}
     if spec["engine"] == "ours" and spec.get("quant"):
         kw["quantization"] = spec["quant"]
