@@ -146,7 +146,7 @@ def paged_attention_reference(q, k_pool, v_pool, tables, lens, scale):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 256), (4, 4, 64), (6, 2, 80), (16, 1, 128), (5, 1, 32), (12, 2, 64)])
 def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
-    """Lengths across partition (256) and block (16) boundaries, scattered blocks, a batch of mixed lengths."""
+    """Lengths across partition (512) and block (16) boundaries, scattered blocks, a batch of mixed lengths."""
     gen = torch.Generator().manual_seed(hq * 1000 + d)
     lens = torch.tensor([1, 15, 17, 256, 257, 700], dtype=torch.int32)
     BS, max_blocks = 16, 45
@@ -173,6 +173,37 @@ def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
     if dtype == torch.bfloat16:
         got32 = kernels.paged_attention_decode(q.float(), k_pool, v_pool, tables, lens, scale)
         torch.testing.assert_close(got32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_attention_long_contexts(dtype):
+    """Long contexts get longer partitions (a sixteenth of the context, 512-2048 positions) and prefetches that
+    run on into the next partition: 8200 and 33000 positions (partitions of 512 and 2048, ragged last ones), slow
+    decay of the scores (small scale) so that every position counts, scattered blocks."""
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, d, BS = 8, 2, 64, 16
+    lens = torch.tensor([8200, 33000], dtype=torch.int32)
+    max_blocks = (int(lens.max()) + BS - 1) // BS
+    num_blocks = 2 * max_blocks
+    k_pool = torch.randn(num_blocks, hkv, BS, d, generator=gen).to(dtype)
+    v_pool = torch.randn(num_blocks, hkv, BS, d, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).reshape(2, max_blocks)
+    q = torch.randn(2, hq, d, generator=gen).to(dtype)
+    scale = 0.05
+    got = kernels.paged_attention_decode(q, k_pool, v_pool, tables, lens, scale).double()
+    for b in range(2):
+        pos = torch.arange(int(lens[b]))
+        blocks, offs = tables[b, pos // BS].long(), pos % BS
+        keys = k_pool[blocks, :, offs].double().repeat_interleave(hq // hkv, dim=1)  # [L, Hq, D]
+        vals = v_pool[blocks, :, offs].double().repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q[b].double(), keys) * scale, -1)
+        ref = torch.einsum("hl,lhd->hd", p, vals)
+        if dtype == torch.float32 or kernels.isa() != "avx512_bf16":
+            torch.testing.assert_close(got[b], ref, rtol=1e-5, atol=1e-5)
+        else:  # P rounded to bf16 (see above): within 2^-9 of each weight
+            vmax = v_pool.float().abs().max().item()
+            assert (got[b] - ref).abs().max().item() <= 2**-9 * vmax
 
 
 @needs_kernels

@@ -1,7 +1,7 @@
 // Decode attention straight from the paged KV pool: one new query per sequence attends over its cached
 // keys by walking its block table, so no key or value is ever copied.
 //
-// Work is split like flash-decoding: every (sequence, KV head) context is cut into partitions of kPart
+// Work is split like flash-decoding: every (sequence, KV head) context is cut into partitions (partition_len)
 // positions, each a task; a task computes, for all G query heads sharing that KV head (GQA), an online
 // softmax over its keys (running max, running sum, unnormalised value sum), and the partitions are merged
 // exactly at the end (log-sum-exp). A task walks its positions once, kChunk at a time:
@@ -12,9 +12,11 @@
 //   * the key and value rows kAhead positions on are prefetched into L2 all along, so DRAM streams while
 //     the chunk computes (a two-pass softmax measured 1.5x slower: its value pass did not overlap memory).
 //     On the bf16 path the prefetches are spread evenly: one line of the row kSpreadAhead positions on per
-//     line read, keys while scoring and values while accumulating. Bursts of whole rows left the memory idle
-//     between phases (0.8B shape at 32K, paired in one process: 2.45-3.0 against 2.7-3.3 ms per layer; a
-//     bare read of the same bytes 2.0-2.4).
+//     line read, keys while scoring and values while accumulating, running on into the next partition.
+//     Bursts of whole rows left the memory idle between phases. 0.8B shape at 32K, paired in one process:
+//     2.6 ms per layer against 3.0-3.3 before, where a plain read of the same bytes took 2.2-2.3 and a
+//     synthetic loop of the same prefetches, loads and vdpbf16ps count 2.4-2.45. Fewer prefetches (every
+//     other line, or none for values) were 1.3-1.7x slower: this host's hardware prefetchers do not cover it.
 // The torch twin is `attend` in model/attention.py; tests/test_ops_linear.py holds them together.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -30,10 +32,17 @@ namespace {
 
 using namespace qwen35_simd;
 
-constexpr int64_t kPart = 512;   // positions per task (the unit of parallel work)
+// Positions per task (the unit of parallel work): a sixteenth of the context, within [512, 2048] and a whole number
+// of chunks. Long partitions have fewer task starts, where the prefetches restart (at 32K, paired in one process:
+// 2048 was ~5% faster than 512); sixteen per (sequence, KV head) still feed many threads. It depends on the length
+// only, so results do not change with the thread count.
+inline int64_t partition_len(int64_t len) {
+  const int64_t p = std::clamp<int64_t>(len / 16, 512, 2048);
+  return (p + 15) / 16 * 16;
+}
 constexpr int64_t kChunk = 16;   // positions scored, exponentiated and accumulated together
 constexpr int64_t kAhead = 16;   // rows prefetched ahead (measured: 8 rows into L1 was 1.6x slower)
-constexpr int64_t kSpreadAhead = 32;  // the same, for the spread prefetches of the bf16 path (16-64 measured)
+constexpr int64_t kSpreadAhead = 64;  // the same, for the spread prefetches of the bf16 path (16-96 measured)
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -244,7 +253,7 @@ inline void values_pairs_strip(const uint32_t (*pp)[kChunk / 2], int64_t npair, 
     for (int j = 0; j < 2 * NB; ++j) _mm512_storeu_ps(o + g * D + d0 + 16 * j, acc[g][j]);
 }
 
-// o[g * D + d] += sum_i p[g * P + i] * v_i[d] (o in pair order), n <= kChunk <= nvalid, D % 32 == 0, G <= 8
+// o[g * D + d] += sum_i p[g * P + i] * v_i[d] (o in pair order), n <= min(kChunk, nvalid), D % 32 == 0, G <= 8
 template <int G>
 void values_acc_pairs(const float* p, int64_t P, const at::BFloat16* pool, const int64_t* off, int64_t n,
                       int64_t nvalid, int64_t D, float* o) {
@@ -311,7 +320,7 @@ inline void online_exp(float* s, int64_t P, int64_t n, int64_t G, int64_t D, flo
 }
 
 struct Task {
-  int64_t b, h, p0, p1;
+  int64_t b, h, p0, p1, len;  // sequence b, KV head h, positions [p0, p1) of its len
 };
 
 // Where position p of KV head h in block b starts: b * block + h * head + (p % BS) * pos elements from the pool
@@ -320,14 +329,17 @@ struct Layout {
   int64_t BS, block, head, pos;
 };
 
-// G query heads from `qhead` on (of Hq) against KV head t.h over positions [t.p0, t.p1)
+// G query heads from `qhead` on (of Hq) against KV head t.h over positions [t.p0, t.p1). The offsets run on
+// past p1 (up to kSpreadAhead rows, within the sequence) so that the prefetches reach into the next partition,
+// which the same thread usually takes next: the first rows of a task are then already on their way.
 template <int G, typename KV>
 void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const uint16_t* qb, const KV* kp,
               const KV* vp, const int32_t* table, const Layout& lay, int64_t D, float scale, float* o,
               float* mx, float* sum, std::vector<float>& s, std::vector<int64_t>& off) {
   const int64_t n = t.p1 - t.p0;
-  off.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
+  const int64_t ext = std::min<int64_t>(t.len, t.p1 + kSpreadAhead) - t.p0;  // rows with offsets (>= n)
+  off.resize(ext);
+  for (int64_t i = 0; i < ext; ++i) {
     const int64_t pos = t.p0 + i;
     off[i] = static_cast<int64_t>(table[pos / lay.BS]) * lay.block + t.h * lay.head + (pos % lay.BS) * lay.pos;
   }
@@ -346,25 +358,25 @@ void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const u
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t cn = std::min<int64_t>(kChunk, n - c0);
     if (c0 == 0)
-      for (int64_t i = 0; i < std::min<int64_t>(n, kAhead); ++i) {
+      for (int64_t i = 0; i < std::min<int64_t>(n, kSpreadAhead); ++i) {
         prefetch_row(kp + off[i], D);
         prefetch_row(vp + off[i], D);
       }
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<KV, at::BFloat16>) {
-      if (dp) scores_dpbf16<G>(qb + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk, pairs);
-      else scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+      if (dp) scores_dpbf16<G>(qb + q0, kp, vp, off.data() + c0, cn, ext - c0, D, scale, s.data(), kChunk, pairs);
+      else scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, ext - c0, D, scale, s.data(), kChunk);
     } else {
-      scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+      scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, ext - c0, D, scale, s.data(), kChunk);
     }
 #else
-    scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, n - c0, D, scale, s.data(), kChunk);
+    scores_f32<G>(qf + q0, kp, vp, off.data() + c0, cn, ext - c0, D, scale, s.data(), kChunk);
 #endif
     online_exp(s.data(), kChunk, cn, G, D, mx, sum, o);
 #if defined(__AVX512BF16__)
     if constexpr (kPairsFit) {
       if (pairs) {
-        values_acc_pairs<G>(s.data(), kChunk, vp, off.data() + c0, cn, n - c0, D, o);
+        values_acc_pairs<G>(s.data(), kChunk, vp, off.data() + c0, cn, ext - c0, D, o);
         continue;
       }
     }
@@ -391,7 +403,8 @@ void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tabl
   std::vector<Task> tasks;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t p0 = 0; p0 < lens[b]; p0 += kPart) tasks.push_back({b, h, p0, std::min<int64_t>(lens[b], p0 + kPart)});
+      for (int64_t p0 = 0, part = partition_len(lens[b]); p0 < lens[b]; p0 += part)
+        tasks.push_back({b, h, p0, std::min<int64_t>(lens[b], p0 + part), lens[b]});
   const int64_t T = static_cast<int64_t>(tasks.size());
   std::vector<float> part_o(T * G * D), part_m(T * G), part_l(T * G);
   // little work is not worth a barrier between threads (see gemv.cpp)
