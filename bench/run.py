@@ -267,31 +267,39 @@ class Runner:
             self.log("   " + summarize(res))
             self.results.append(res)
 
-    def measure_sweep(self, model: str, rnd: int) -> None:
+    def measure_sweep(self, model: str, rnd: int, fill: str = "synthetic") -> None:
         """The hybrid-vs-twin sweep: both models and every context in one process (bench/worker.py, kind "sweep"),
         recorded as one decode result per (model, context, inner round); inner round i of bench round r is round
-        1000 r + i, so that the report's per-round ratios pair measurements made side by side."""
-        labels = {model: self.path("ours", model), model + "-twin": self.path("ours", model + "-twin")}
+        1000 r + i, so that the report's per-round ratios pair measurements made side by side. With fill "prefill"
+        (section "context_real"): the hybrid only, at 1K and 32K, after real prefills."""
+        p = self.plan
+        section = "context" if fill == "synthetic" else "context_real"
+        if fill == "synthetic":
+            labels = {model: self.path("ours", model), model + "-twin": self.path("ours", model + "-twin")}
+            contexts = p["sweep"]
+        else:
+            labels, contexts = {model: self.path("ours", model)}, [1024, 32768]
         if None in labels.values():
             return
-        p = self.plan
         spec = {"engine": "ours", "model": model, "paths": labels, "threads": p["threads"],
-                "task": {"kind": "sweep", "contexts": p["sweep"], "steps": p["steps"], "rounds": p["sweep_rounds"]}}
-        self.log(f"round {rnd + 1}: context {' + '.join(labels)} qwen35 {json.dumps(spec['task'])} ...")
+                "vocab": 500 if model.startswith("tiny") else 248044,
+                "task": {"kind": "sweep", "contexts": contexts, "steps": p["steps"], "rounds": p["sweep_rounds"],
+                         "fill": fill}}
+        self.log(f"round {rnd + 1}: {section} {' + '.join(labels)} qwen35 {json.dumps(spec['task'])} ...")
         res = self.worker(spec)
         if res.get("error"):
             self.log("   " + summarize(res))
-            res.update(section="context", round=rnd, task={"kind": "decode", "context": max(p["sweep"]), "batch": 1,
-                                                            "fill": "synthetic", "paired": True})
+            res.update(section=section, round=rnd, task={"kind": "decode", "context": max(contexts), "batch": 1,
+                                                          "fill": fill, "paired": True})
             self.results.append(res)
             return
         for label, by_ctx in res["sweep"].items():
             for c, rounds in by_ctx.items():
                 for i, ts in enumerate(rounds):
                     one = {k: v for k, v in res.items() if k not in ("sweep", "task", "model")}
-                    one.update(model=label, section="context", round=1000 * rnd + i, step_s=ts,
+                    one.update(model=label, section=section, round=1000 * rnd + i, step_s=ts,
                                task={"kind": "decode", "context": int(c), "steps": p["steps"], "batch": 1,
-                                     "fill": "synthetic", "paired": True})
+                                     "fill": fill, "paired": True})
                     self.results.append(one)
         for label, by_ctx in res["sweep"].items():
             self.log("   " + label + ": " + ", ".join(
@@ -335,6 +343,8 @@ class Runner:
                                                   "batch": b, "fill": "prefill"}, rnd, p["engines"])
                 elif sec == "context":
                     self.measure_sweep(dense, rnd)
+                    if 32768 in p["contexts"]:  # --long: the hybrid after real prefills, paired the same way
+                        self.measure_sweep(dense, rnd, fill="prefill")
                 elif sec == "moe" and moe:
                     self.measure(sec, moe, {"kind": "prefill", "n": 512, "reps": 2}, rnd, p["engines"])
                     self.measure(sec, moe, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,

@@ -10,10 +10,10 @@ prints one line `BENCH_RESULT {json}`. Tasks:
     3 untimed steps and `steps` timed decode steps of one token per sequence;
   * {"kind": "sweep", "contexts": [1024, 32768], "steps": 16, "rounds": 6} (ours, synthetic context): decode
     time against context, every model of `paths` ({label: checkpoint}) and context measured in this one process,
-    interleaved round by round. This host's memory bandwidth differs from process to process (a bare read
-    measured 26-51 GB/s in consecutive processes) but holds within one, so ratios between contexts or models
+    interleaved step by step. This host's memory bandwidth drifts by up to 2x within seconds (a bare read:
+    23-36 GB/s in one process over a minute, 26-51 GB/s across processes), so ratios between contexts or models
     are only comparable when measured side by side like this. Gives `sweep`: {label: {context: [step times of
-    each round]}}.
+    each round]}}. With "fill": "prefill" the contexts are prefilled for real instead (timed: `prefill_s`).
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def run_e2e(spec: dict) -> dict:
 
 
 def run_sweep(spec: dict) -> dict:
-    """Every (model, context) pair of the sweep in this process: a synthetic cache per pair, then `rounds` rounds
-    that each time 2 warm-up and `steps` timed steps of every pair, in an order rotated every round. Each round
-    starts the sequence again at exactly `context` tokens (the state is random anyway)."""
+    """Every (model, context) pair of the sweep in this process: a cache per pair, then `rounds` rounds of 2
+    warm-up and `steps` timed steps of every pair, the pairs taking turns step by step (so that adjacent steps of
+    different pairs are ~0.1 s apart) in an order rotated every round. Each round starts the sequences again at
+    exactly `context` tokens (the state is random or already used anyway)."""
     from bench.engines import Ours
 
     task = spec["task"]
@@ -86,26 +87,37 @@ def run_sweep(spec: dict) -> dict:
         for c in contexts:
             eng.open(1, c + steps + 8)
             t0 = time.perf_counter()
-            eng.synthetic(c)
+            if task.get("fill", "synthetic") == "prefill":
+                eng.prefill(0, prompt(spec.get("seed", 0), c, spec.get("vocab", 248044)))
+            else:
+                eng.synthetic(c)
             res["fill_s"][f"{label}@{c}"] = time.perf_counter() - t0
             pairs.append((label, c, eng.cache, eng.seqs))
     times: dict = {label: {str(c): [] for c in contexts} for label in engines}
     toks = prompt(spec.get("seed", 0) + 2, 1, spec.get("vocab", 248044))
+    def step(pair, tok):
+        label, _, cache, seqs = pair
+        eng = engines[label]
+        eng.cache, eng.seqs = cache, seqs
+        t0 = time.perf_counter()
+        out = eng.step(tok)
+        return out, time.perf_counter() - t0
+
     for r in range(rounds):
         k = r % len(pairs)
-        for label, c, cache, seqs in pairs[k:] + pairs[:k]:
-            eng = engines[label]
-            eng.cache, eng.seqs = cache, seqs
-            seqs[0].num_tokens = c
-            t = toks
-            for _ in range(2):
-                t = eng.step(t)
-            ts = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                t = eng.step(t)
-                ts.append(time.perf_counter() - t0)
-            times[label][str(c)].append(ts)
+        order = pairs[k:] + pairs[:k]
+        last = {}
+        for pair in order:
+            pair[3][0].num_tokens = pair[1]
+            last[id(pair)] = toks
+        ts: dict = {id(pair): [] for pair in order}
+        for i in range(2 + steps):
+            for pair in order:
+                last[id(pair)], dt = step(pair, last[id(pair)])
+                if i >= 2:
+                    ts[id(pair)].append(dt)
+        for pair in order:
+            times[pair[0]][str(pair[1])].append(ts[id(pair)])
     res["sweep"] = times
     return res
 

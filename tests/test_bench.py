@@ -115,3 +115,37 @@ def test_one_measurement_process_end_to_end(tmp_path, cache, tiny):
     assert not res.get("error"), res.get("error")
     assert res["rss_mb"] > 50 and len(res["step_s"]) == 2
     assert "## Decode (tiny" in out.read_text()
+
+
+def test_sweep_measures_every_pair_in_one_process(cache, tiny):
+    """Kind "sweep": both models and every context in one process, step by step; each round starts again at the
+    context (the synthetic fill and the real prefill)."""
+    twin = models.make_checkpoint(cache, "tiny-twin")
+    for fill in ("synthetic", "prefill"):
+        spec = {"engine": "ours", "paths": {"tiny": str(tiny), "tiny-twin": str(twin)}, "threads": 1, "vocab": 500,
+                "task": {"kind": "sweep", "contexts": [16, 40], "steps": 3, "rounds": 2, "fill": fill}}
+        r = worker.run(spec)
+        assert set(r["sweep"]) == {"tiny", "tiny-twin"} and set(r["fill_s"]) == {
+            "tiny@16", "tiny@40", "tiny-twin@16", "tiny-twin@40"}
+        for by_ctx in r["sweep"].values():
+            assert set(by_ctx) == {"16", "40"}
+            assert all(len(rounds) == 2 and all(len(ts) == 3 and min(ts) > 0 for ts in rounds)
+                       for rounds in by_ctx.values())
+
+
+def test_sweep_section_end_to_end_pairs_rounds(tmp_path, cache, tiny):
+    """The context section runs one sweep process per round and records one result per (model, context, inner
+    round); the report's ratios pair results of the same inner round."""
+    out = tmp_path / "b.md"
+    rc = run.main(["--models", "tiny", "--engines", "ours", "--sections", "context", "--sweep", "16,32", "--steps",
+                   "2", "--rounds", "1", "--sweep-rounds", "2", "--threads", "1", "--cache-dir", str(cache),
+                   "--out", str(out)])
+    assert rc == 0
+    data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    res = [r for r in data["results"] if r["section"] == "context"]
+    assert not any(r.get("error") for r in res)
+    assert sorted((r["model"], r["task"]["context"], r["round"]) for r in res) == sorted(
+        (m, c, i) for m in ("tiny", "tiny-twin") for c in (16, 32) for i in (0, 1))
+    assert report.ratio_contexts(data, "tiny", 32, 16) is not None
+    assert report.ratio_models(data, "tiny", "tiny-twin", 32) is not None
+    assert "decode at 32 >= 0.75x decode at 16 (synthetic context, paired in one process)" in out.read_text()
