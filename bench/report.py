@@ -176,7 +176,9 @@ def markdown(data: dict, plots: dict) -> str:
       "(`convert_hf_to_gguf.py --outtype bf16 --no-mtp`). bf16 weights everywhere, "
       f"{p['threads']} threads everywhere. Each measurement is a fresh process (one engine, one task; its peak RSS is "
       "its own) after a warm-up prompt; engines are interleaved round by round (rotating order) and ratios are taken "
-      "inside a round, then the median over rounds is reported. Prompts are random token ids, the same for every "
+      "inside a round, then the median over rounds is reported. The exception is the decode-against-context sweep: "
+      "there one process holds every model and context and they take turns step by step, because this host's "
+      "memory bandwidth drifts by up to 2x within seconds. Prompts are random token ids, the same for every "
       "engine. A *decode step* is one token per sequence through the model, the head and a greedy pick; decode "
       "tok/s = sequences / median step time. *Prefill* = time to first token (prompt through the model, head on the "
       "last token, greedy pick), one request at a time; ours and transformers prefill in chunks of "
@@ -214,9 +216,14 @@ def markdown(data: dict, plots: dict) -> str:
             hashes.append(r["src_hash"])
     changed = (f"; **the qwen35 sources changed during the run** ({len(hashes)} versions measured: "
                f"{', '.join(hashes)}; see `src_hash` in results.json)") if len(hashes) > 1 else ""
-    a(f"| qwen35 commit | {m.get('git', '?')}{changed} |")
-    a(f"| date, duration | {data.get('started')}, {data.get('duration_s', 0) / 60:.0f} min |")
-    a(f"| command | `{data.get('command')}` |")
+    if data.get("merged"):  # results of two runs: each section from one of them (bench/merge note below)
+        for part in data["merged"]:
+            a(f"| run of {part['commit']} | sections {', '.join(part['sections'])}: `{part['command']}`, "
+              f"{part['started']}, {part['duration_s'] / 60:.0f} min |")
+    else:
+        a(f"| qwen35 commit | {m.get('git', '?')}{changed} |")
+        a(f"| date, duration | {data.get('started')}, {data.get('duration_s', 0) / 60:.0f} min |")
+        a(f"| command | `{data.get('command')}` |")
     a(f"| rounds | {p['rounds']} (engines interleaved), {p['steps']} timed decode steps per measurement |")
     a("")
     # ---------------------------------------------------------------- targets
@@ -298,9 +305,10 @@ def markdown(data: dict, plots: dict) -> str:
         a("Decode tok/s; in brackets the fraction of the bandwidth limit (see above). qwen35's fraction is against "
           "the bytes it reads: its greedy steps read the head through the int8 screen (see *The greedy head "
           "screen*); *limit* is the peers'. The bandwidth is one process's measurement, and on this host a "
-          "process's bandwidth is bimodal (a bare read measured ~26-33 or ~52 GB/s in back-to-back processes), so "
-          "a fraction can pass 100%. The prefill of the context "
-          "itself is also timed (tok/s, chunked as above).")
+          "process's bandwidth differs (a bare read measured 26-51 GB/s in back-to-back processes, and drifts "
+          "within one), so a fraction can pass 100%, and the ratio of two rows of this table (each a separate "
+          "process) is not the engine's: the decode-against-context sweep below measures that side by side. The "
+          "prefill of the context itself is also timed (tok/s, chunked as above).")
         a("")
         a("| context | " + " | ".join(SHORT[e] for e in ENGINES) + " | ours / llama.cpp | ours / transformers | "
           "limit | prefill of the context: " + " / ".join(SHORT[e] for e in ENGINES) + " |")
@@ -347,9 +355,12 @@ def markdown(data: dict, plots: dict) -> str:
           "(`qwen35.model_info.full_attention_twin`). Here the context is *synthetic*: the KV blocks and GDN states "
           "are filled with random numbers instead of a real prefill (a real 32K prefill of the twin would take "
           "hours); a decode step reads exactly what it reads after a real prefill. Every model and context of a round "
-          "is measured in one process, side by side (`bench/worker.py`, kind `sweep`): this host's memory bandwidth "
-          "differs from process to process (a bare read measured 26-51 GB/s in consecutive processes) but holds "
-          "within one. The ratio columns are medians of per-round ratios; tok/s are medians over all rounds. "
+          "is measured in one process, taking turns step by step (`bench/worker.py`, kind `sweep`): this host's "
+          "memory bandwidth drifts by up to 2x within seconds (a bare read: 23-36 GB/s within one process over a "
+          "minute, 26-51 GB/s across processes), so only steps measured side by side give a stable ratio (a check "
+          "in one process found no bias from the turns: 1K and 32K steps in blocks of 8 gave the same 32K / 1K, "
+          "0.75x, as alternating ones). The ratio columns are medians of per-round ratios; tok/s are medians over "
+          "all rounds. "
           "Predicted: the bytes-per-token model (with the head read through qwen35's int8 screen, as these greedy "
           "steps do) at the measured read bandwidth.")
         a("")
