@@ -7,6 +7,7 @@ torch twin, which gives the same numbers, only slower.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -41,7 +42,10 @@ def build() -> ModuleType | None:
                 from torch.utils.cpp_extension import load
 
                 csrc = Path(__file__).parent / "csrc"
-                _module = load(name="qwen35_cpu_kernels", sources=[str(csrc / s) for s in SOURCES],
+                # one build folder per checkout: with a shared name, two checkouts (a clone under test next to
+                # the working tree) rebuild over each other's build on every switch (~2.5 min on 2 cores)
+                tag = hashlib.sha1(str(csrc.resolve()).encode()).hexdigest()[:8]
+                _module = load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(csrc / s) for s in SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as e:  # no compiler / ninja: the torch twins still give the same numbers
                 log.warning("qwen35: CPU kernels unavailable, using torch ops (slower): %s", e)
