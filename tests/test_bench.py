@@ -149,3 +149,15 @@ def test_sweep_section_end_to_end_pairs_rounds(tmp_path, cache, tiny):
     assert report.ratio_contexts(data, "tiny", 32, 16) is not None
     assert report.ratio_models(data, "tiny", "tiny-twin", 32) is not None
     assert "decode at 32 >= 0.75x decode at 16 (synthetic context, paired in one process)" in out.read_text()
+
+
+def test_device_check_runs_on_cpu(cache, tiny):
+    """The GPU check script (bench/device_check.py), on the CPU: parity with transformers holds and every speed
+    figure comes out, so that it is ready where a device is lent."""
+    from bench import device_check
+
+    res = device_check.main(["--device", "cpu", "--model", "tiny", "--cache-dir", str(cache), "--prefill", "48",
+                             "--context", "24", "--steps", "2"])
+    assert res["parity"]["ok"], res["parity"]
+    assert len(res["parity"]["greedy_ours"]) == 8
+    assert all(v > 0 for v in res["speed"].values())

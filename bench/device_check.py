@@ -1,0 +1,164 @@
+"""The short check to run where a GPU is lent: parity with transformers and speed, on one device.
+
+    python -m bench.device_check --device cuda [--model 0.8b] [--prefill 4096] [--context 1024] [--steps 32]
+
+1. Parity (fp32, TF32 off): qwen35 and transformers 5.24 load the same random-weight checkpoint (bench/models.py)
+   onto the device; the logits of a 257-token prompt through qwen35's cache path against transformers' forward,
+   then 8 greedy tokens from each.
+2. Speed (bf16): qwen35's prefill of `--prefill` tokens and its decode after `--context` tokens (real prefill),
+   against transformers on the same device (llama.cpp is CPU-only here).
+Prints one line `DEVICE_CHECK {json}`; exit status 1 when parity fails. Runs on the CPU too (`--device cpu`: the
+tests keep it working without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Ours:
+    """qwen35 on one sequence through its cache path (what the engine runs)."""
+
+    def __init__(self, path: str, dtype, device, max_tokens: int):
+        import qwen35
+
+        self.model = qwen35.load_model(path, dtype=dtype, device=device, progress=False)
+        self.cache = self.model.new_cache(num_slots=1, max_tokens=max_tokens + 16)
+        self.seq = self.cache.new_sequence()
+        self.device = device
+
+    def forward(self, ids: list[int]):
+        """All-position logits (fp32) of `ids` appended to the sequence."""
+        import torch
+
+        from qwen35.model import ForwardBatch
+
+        batch = ForwardBatch.for_sequences(self.cache, [self.seq], [len(ids)])
+        hidden = self.model.forward_batch(torch.tensor(ids, device=self.device), batch)
+        self.seq.num_tokens += len(ids)
+        return self.model.compute_logits(hidden, torch.float32)
+
+    def last_token(self, ids: list[int]) -> int:
+        return int(self.forward(ids)[-1].argmax())
+
+    def restart(self) -> None:
+        """An empty sequence in place of the current one."""
+        self.cache.release(self.seq)
+        self.seq = self.cache.new_sequence()
+
+
+def parity(path: str, device, vocab: int) -> dict:
+    import torch
+    import transformers
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ids = np.random.default_rng(0).integers(0, vocab, size=257).tolist()
+    ours = _Ours(path, torch.float32, device, 300)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    with torch.inference_mode():
+        got = ours.forward(ids)
+        want = hf(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        diff = (got - want).abs().max().item()
+        scale = want.abs().max().item()
+        tokens = [int(got[-1].argmax())]
+        for _ in range(7):
+            tokens.append(ours.last_token([tokens[-1]]))
+        ref = hf.generate(torch.tensor([ids], device=device), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    ref = ref.tolist()
+    return {"logits_max_abs_diff": diff, "logits_max_abs": scale, "greedy_ours": tokens, "greedy_transformers": ref,
+            "ok": diff <= 1e-3 * max(1.0, scale) and tokens == ref}
+
+
+def speed(path: str, device, vocab: int, prefill: int, context: int, steps: int) -> dict:
+    import torch
+    import transformers
+
+    rng = np.random.default_rng(1)
+    out: dict = {}
+    with torch.inference_mode():
+        ours = _Ours(path, torch.bfloat16, device, max(prefill, context) + steps + 8)
+        ids = rng.integers(0, vocab, size=prefill).tolist()
+        ours.last_token(ids[:64])  # warm-up
+        ours.restart()
+        _sync(device)
+        t0 = time.perf_counter()
+        ours.last_token(ids)
+        _sync(device)
+        out["ours_prefill_tps"] = prefill / (time.perf_counter() - t0)
+        out["ours_decode_tps"] = _decode_tps(ours, rng.integers(0, vocab, size=context).tolist(), steps, device)
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        x = torch.tensor([rng.integers(0, vocab, size=context).tolist()], device=device)
+        r = hf(input_ids=x, use_cache=True, logits_to_keep=1)
+        cache, tok = _hf_cache(r), r.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            r = hf(input_ids=tok, cache=cache, use_cache=True)
+            cache, tok = _hf_cache(r), r.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        out["transformers_decode_tps"] = 1 / float(np.median(times))
+    return out
+
+
+def _hf_cache(out):
+    """transformers 5.24 returns the cache as `cache` (older releases: `past_key_values`)."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _decode_tps(ours: _Ours, prompt: list[int], steps: int, device) -> float:
+    ours.restart()
+    tok = ours.last_token(prompt)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        tok = ours.last_token([tok])
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1 / float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from bench import models
+
+    p = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="0.8b", help="a bench checkpoint: 0.8b, moe, tiny")
+    p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--cache-dir", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cache = models.default_cache_dir() if args.cache_dir is None else Path(args.cache_dir)
+    path = str(models.make_checkpoint(cache, args.model))
+    vocab = 500 if args.model.startswith("tiny") else 248044
+    res = {"device": str(device), "model": args.model,
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    res["parity"] = parity(path, device, vocab)
+    res["speed"] = speed(path, device, vocab, args.prefill, args.context, args.steps)
+    print("DEVICE_CHECK " + json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["parity"]["ok"] else 1)
