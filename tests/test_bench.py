@@ -161,3 +161,24 @@ def test_device_check_runs_on_cpu(cache, tiny):
     assert res["parity"]["ok"], res["parity"]
     assert len(res["parity"]["greedy_ours"]) == 8
     assert all(v > 0 for v in res["speed"].values())
+
+
+def test_merge_takes_each_section_from_one_run():
+    from bench import merge
+
+    def run_of(commit, sections):
+        return {"command": f"bench {commit}", "started": "t", "duration_s": 60, "machine": {"git": commit},
+                "plan": {"sections": sections, "prefill": [1], "batches": [2], "batch_context": 3}, "notes": [],
+                "results": [{"section": s, "commit": commit} for s in sections + ["context_real"]]}
+
+    new = run_of("new", ["bandwidth", "decode", "context"])
+    old = run_of("old", ["prefill", "decode", "batch", "context"])
+    m = merge.merge(new, old, ["prefill", "batch"], "why")
+    assert sorted((r["section"], r["commit"]) for r in m["results"]) == sorted(
+        [("bandwidth", "new"), ("decode", "new"), ("context", "new"), ("context_real", "new"), ("prefill", "old"),
+         ("batch", "old")])
+    assert m["plan"]["sections"] == ["bandwidth", "prefill", "decode", "batch", "context"]
+    assert [p["sections"] for p in m["merged"]] == [["bandwidth", "decode", "context"], ["prefill", "batch"]]
+    assert m["notes"][-1].endswith("why")
+    with pytest.raises(ValueError, match="unknown sections"):
+        merge.merge(new, old, ["prefil"])
