@@ -545,18 +545,21 @@ def markdown(data: dict, plots: dict) -> str:
     return "\n".join(L)
 
 
+def _sweep_ratios(data, section, a: tuple[str, int], b: tuple[str, int]) -> list[float]:
+    """Per-round decode tok/s of (model, context) `a` over `b` in a sweep section, pairing the rounds (the sweep
+    measures every pair in one process, step by step: bench/worker.py)."""
+    ra = {r["round"]: metric(r, "decode_tps") for r in select(data, section, a[0], "ours", context=a[1])}
+    rb = {r["round"]: metric(r, "decode_tps") for r in select(data, section, b[0], "ours", context=b[1])}
+    return [ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]]
+
+
 def ratio_models(data, a_model, b_model, context) -> float | None:
-    """Median over rounds of a_model / b_model at one context of the sweep (the sweep measures both in one process,
-    round by round: bench/worker.py)."""
-    ra = {r["round"]: metric(r, "decode_tps") for r in select(data, "context", a_model, "ours", context=context)}
-    rb = {r["round"]: metric(r, "decode_tps") for r in select(data, "context", b_model, "ours", context=context)}
-    return _med([ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]])
+    """Median over rounds of a_model / b_model at one context of the sweep."""
+    return _med(_sweep_ratios(data, "context", (a_model, context), (b_model, context)))
 
 
 def _context_ratios(data, model, context, base, section="context") -> list[float]:
-    ra = {r["round"]: metric(r, "decode_tps") for r in select(data, section, model, "ours", context=context)}
-    rb = {r["round"]: metric(r, "decode_tps") for r in select(data, section, model, "ours", context=base)}
-    return [ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]]
+    return _sweep_ratios(data, section, (model, context), (model, base))
 
 
 def ratio_contexts(data, model, context, base, section="context") -> float | None:

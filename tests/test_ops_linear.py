@@ -207,6 +207,29 @@ def test_paged_attention_long_contexts(dtype):
 
 
 @needs_kernels
+def test_paged_attention_same_with_any_thread_count():
+    """Partitions depend on the context length only, so 1 and 2 threads give bit-identical results (at 20000
+    positions, where partitions are 1264 long)."""
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, BS, L = 8, 2, 64, 16, 20000
+    nb = (L + BS - 1) // BS
+    k_pool = torch.randn(nb, hkv, BS, d, generator=gen).bfloat16()
+    v_pool = torch.randn(nb, hkv, BS, d, generator=gen).bfloat16()
+    tables = torch.randperm(nb, generator=gen).to(torch.int32)[None]
+    lens = torch.tensor([L], dtype=torch.int32)
+    q = torch.randn(1, hq, d, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(kernels.paged_attention_decode(q, k_pool, v_pool, tables, lens, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernels
 def test_paged_attention_reads_head_major_pools():
     """The cache stores its pools head-major (permuted views): the kernel follows the strides, same results."""
     gen = torch.Generator().manual_seed(7)
