@@ -30,6 +30,7 @@ class ModelInfo:
     params_mtp: int
     weight_bytes_bf16: int
     weight_bytes_fp8: int
+    weight_bytes_int8: int
     weight_bytes_int4: int
     kv_bytes_per_token: int  # bf16 KV over the full-attention layers
     state_bytes_per_sequence: int  # fp32 GDN state + bf16 conv window, all GDN layers
@@ -37,35 +38,52 @@ class ModelInfo:
     batch: int
     cache_bytes: int  # batch * (context * kv + state)
     total_bytes_bf16: int  # bf16 weights (no MTP) + cache
+    quantization: str | None  # the format of `weight_bytes` (None: bf16)
+    weight_bytes: int  # the weights (no MTP) as `quantization` holds them
+    total_bytes: int  # weight_bytes + cache
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _quantized(name: str, p: torch.Tensor) -> bool:
-    """Would this tensor be stored quantized (FP8 / int4)? Linear-like weights, not the kept ones."""
-    if name.startswith("visual.") or p.dim() < 2 or name.endswith(_FP8_KEPT):
+# int8 (qwen35's --quantization int8) keeps fewer in bf16: it quantises the head (a copy when tied) and mtp.fc
+_INT8_KEPT = ("embed_tokens.weight", "conv1d.weight", "in_proj_a.weight", "in_proj_b.weight", "mlp.gate.weight",
+              "shared_expert_gate.weight")
+
+
+def _quantized(name: str, p: torch.Tensor, fmt: str = "fp8") -> bool:
+    """Would this tensor be stored quantized? Linear-like weights, not the kept ones."""
+    kept = _INT8_KEPT if fmt == "int8" else _FP8_KEPT
+    if name.startswith("visual.") or p.dim() < 2 or name.endswith(kept):
         return False
     return True
 
 
-def _weight_bytes(named: list[tuple[str, torch.Tensor]], fmt: str) -> int:
+def _weight_bytes(named: list[tuple[str, torch.Tensor]], fmt: str, tied: bool = False) -> int:
     total = 0
     for name, p in named:
         n = p.numel()
-        if fmt == "bf16" or not _quantized(name, p):
+        if fmt == "bf16" or not _quantized(name, p, fmt):
             total += 2 * n
+            if fmt == "int8" and name.endswith("embed_tokens.weight") and tied:
+                total += n + 4 * p.shape[0]  # the tied head's int8 copy
             continue
         rows, cols = p.shape[-2], p.shape[-1]
         mats = n // (rows * cols)
-        if fmt == "fp8":
-            total += n + 4 * mats * ceil_div(rows, BLOCK) * ceil_div(cols, BLOCK)
+        if fmt == "fp8":  # 1 byte per weight, fp32 scales per 128x128 tile, an int32 scale row per weight row
+            total += n + 4 * mats * ceil_div(rows, BLOCK) * ceil_div(cols, BLOCK) + 4 * rows
+        elif fmt == "int8":  # 1 byte per weight, an fp32 scale per row
+            total += n + 4 * mats * rows
         else:  # int4, group 128 along the input dim
             total += ceil_div(n, 2) + 2 * mats * rows * ceil_div(cols, BLOCK)
     return total
 
 
-def model_info(config: ModelConfig, context: int | None = None, batch: int = 1) -> ModelInfo:
+def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
+               quantization: str | None = None) -> ModelInfo:
+    """Figures for `config`; `quantization` (None, "int8", "fp8") picks the format of `weight_bytes`."""
+    if quantization not in (None, "int8", "fp8"):
+        raise ValueError(f"quantization={quantization!r}: expected None, 'int8' or 'fp8'")
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     t = config.text
@@ -84,14 +102,19 @@ def model_info(config: ModelConfig, context: int | None = None, batch: int = 1) 
     state = HybridCache.slot_bytes(t, torch.bfloat16)
     cache = batch * (context * kv + state)
     bf16 = _weight_bytes(main, "bf16")
+    by_format = {"bf16": bf16, "fp8": _weight_bytes(main, "fp8"),
+                 "int8": _weight_bytes(main, "int8", tied=t.tie_word_embeddings),
+                 "int4": _weight_bytes(main, "int4")}
+    chosen = by_format[quantization or "bf16"]
     return ModelInfo(
         params_total=sum(p.numel() for _, p in main), params_text=params_text, params_active=active,
         params_vision=sum(p.numel() for n, p in named if n.startswith("visual.")),
         params_mtp=sum(p.numel() for n, p in named if n.startswith("mtp.")),
-        weight_bytes_bf16=bf16, weight_bytes_fp8=_weight_bytes(main, "fp8"),
-        weight_bytes_int4=_weight_bytes(main, "int4"),
+        weight_bytes_bf16=bf16, weight_bytes_fp8=by_format["fp8"], weight_bytes_int8=by_format["int8"],
+        weight_bytes_int4=by_format["int4"],
         kv_bytes_per_token=kv, state_bytes_per_sequence=state, context=context, batch=batch,
-        cache_bytes=cache, total_bytes_bf16=bf16 + cache,
+        cache_bytes=cache, total_bytes_bf16=bf16 + cache, quantization=quantization, weight_bytes=chosen,
+        total_bytes=chosen + cache,
     )
 
 

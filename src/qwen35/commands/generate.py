@@ -20,11 +20,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                                  "or a folder holding only config.json")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="'dummy': random weights, no weight files needed (default: auto)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU, "
-                                                   "fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU "
+                                                   "and for FP8 weights, else fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="weight-only quantisation of the linear layers (int8: per-row scales)")
+    p.add_argument("--quantization", default=None, choices=["int8", "fp8"],
+                   help="weight-only quantisation of the linear layers made at load (int8: per-row scales; fp8: "
+                        "e4m3 in 128x128 blocks, as the official FP8 checkpoints, which need no flag)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request "
                                                                     "(default: the model's, capped by the cache)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")

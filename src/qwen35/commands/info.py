@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--context", type=int, default=None, help="context length (default: max_position_embeddings)")
     p.add_argument("--batch", type=int, default=1, help="number of sequences")
+    p.add_argument("--quantization", default=None, choices=["int8", "fp8"],
+                   help="weights as --quantization would hold them (default: as the checkpoint stores them: "
+                        "FP8 for an FP8 folder, else bf16)")
 
 
 def load_config(name: str) -> ModelConfig:
@@ -33,11 +36,15 @@ def _gib(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.model)
-    info = model_info(cfg, args.context, args.batch)
-    twin = model_info(full_attention_twin(cfg), args.context, args.batch)
+    quant = args.quantization
+    if quant is None and (cfg.quantization or {}).get("quant_method") == "fp8":
+        quant = "fp8"
+    info = model_info(cfg, args.context, args.batch, quantization=quant)
+    twin = model_info(full_attention_twin(cfg), args.context, args.batch, quantization=quant)
     if args.json:
         print(json.dumps({"model": args.model, **info.as_dict(), "full_attention_twin": twin.as_dict()}, indent=2))
         return 0
+    fmt = info.quantization or "bf16"
     t = cfg.text
     kind = (f"MoE {t.num_experts} experts, top-{t.num_experts_per_tok} + shared" if t.is_moe else "dense")
     n_lin, n_att = len(t.linear_layers), len(t.attention_layers)
@@ -48,16 +55,17 @@ def run(args: argparse.Namespace) -> int:
         ("params_active per token", f"{info.params_active:,} ({info.params_active / 1e9:.2f}B)"),
         ("params_vision", f"{info.params_vision:,}"),
         ("params_mtp", f"{info.params_mtp:,}"),
-        ("weights bf16 / fp8 / int4", f"{_gib(info.weight_bytes_bf16)} / {_gib(info.weight_bytes_fp8)} / "
-                                      f"{_gib(info.weight_bytes_int4)}"),
+        ("weights bf16 / fp8 / int8 / int4", f"{_gib(info.weight_bytes_bf16)} / {_gib(info.weight_bytes_fp8)} / "
+                                             f"{_gib(info.weight_bytes_int8)} / {_gib(info.weight_bytes_int4)}"),
+        (f"weights ({fmt})", _gib(info.weight_bytes)),
         ("kv_bytes_per_token (bf16)", f"{info.kv_bytes_per_token:,}"),
         ("state_bytes_per_sequence", f"{info.state_bytes_per_sequence:,} "
                                      f"({info.state_bytes_per_sequence / 2**20:.1f} MiB)"),
         (f"cache at context {info.context:,} x batch {info.batch}", _gib(info.cache_bytes)),
-        ("total memory (bf16 weights + cache)", _gib(info.total_bytes_bf16)),
+        (f"total memory ({fmt} weights + cache)", _gib(info.total_bytes)),
         ("all-full-attention twin: kv_bytes_per_token", f"{twin.kv_bytes_per_token:,}"),
         ("all-full-attention twin: cache", _gib(twin.cache_bytes)),
-        ("all-full-attention twin: total", _gib(twin.total_bytes_bf16)),
+        ("all-full-attention twin: total", _gib(twin.total_bytes)),
         ("cache ratio twin / hybrid", f"{twin.cache_bytes / info.cache_bytes:.2f}x"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -52,15 +52,16 @@ class LLM:
                  generation_config: str | None = "auto", skip_tokenizer_init: bool = False,
                  quantization: str | None = None):
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
-        only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU, float32 on
-        CPU. `tokenizer`: None (the checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer
-        object. `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
+        only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU and for FP8
+        (checkpoints or `quantization="fp8"`: kept in 8 bits), else float32 on CPU. `tokenizer`: None (the
+        checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer object. `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
         `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
-        generation_config.json; None: vLLM's neutral defaults. `quantization`: None or "int8" (weight-only,
-        see `qwen35.ops.quant`). The cache arguments are `LLMEngine`'s."""
+        generation_config.json; None: vLLM's neutral defaults. `quantization`: None, "int8" or "fp8" (weight-only,
+        made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments are `LLMEngine`'s."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.hub import resolve_model_path
+        from qwen35.weights.loader import auto_dtype
 
         folder: Path | None = None
         if isinstance(model, torch.nn.Module):
@@ -70,7 +71,7 @@ class LLM:
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             if dtype == "auto":
-                dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+                dtype = auto_dtype(name, device, load_format, quantization)
             net = load_model(name, dtype=dtype, device=device, load_format=load_format,
                              seed=seed if seed is not None else 0, quantization=quantization)
             if Path(name).expanduser().is_dir():

@@ -8,6 +8,7 @@ from torch import nn
 
 from qwen35.config import TextConfig
 from qwen35.ops import cpu_kernels
+from qwen35.ops.experts import ExpertDispatch
 from qwen35.ops.linear import Linear, linear, run_projections
 
 # Token counts up to this run the routed experts in the compiled kernel (csrc/moe.cpp); larger batches (prefill)
@@ -43,35 +44,6 @@ class Router(nn.Module):
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         return w.to(logits.dtype), ids
-
-
-class ExpertDispatch(nn.Module):
-    """Routes tokens to the experts they chose; only those experts run. Subclasses store the weights and
-    say how to apply expert `e`'s `gate_up_proj` / `down_proj` (`expert_linear`)."""
-
-    num_experts: int
-
-    def expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        N, k = ids.shape
-        out = torch.zeros_like(x)
-        flat_ids = ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        token_of = order // k
-        w_sorted = weights.reshape(-1)[order]
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            tok = token_of[start : start + c]
-            gate, up = self.expert_linear("gate_up_proj", e, x[tok]).chunk(2, dim=-1)
-            y = self.expert_linear("down_proj", e, F.silu(gate) * up) * w_sorted[start : start + c, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            start += c
-        return out
 
 
 class Experts(ExpertDispatch):

@@ -29,7 +29,7 @@ import torch
 
 from qwen35.ops import cpu_kernels as _ck
 from qwen35.ops.linear import GEMV_MAX_ROWS, linear
-from qwen35.ops.quant import INT8_GEMV_MAX_ROWS, quantize_rows
+from qwen35.ops.quant.int8 import INT8_GEMV_MAX_ROWS, quantize_rows
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
 # More candidates than this (x all zero, a degenerate head): compute the full logits instead.

@@ -64,24 +64,21 @@ class FusedLinears:
 
     Decoding pays a dispatch and a thread barrier per matrix; fusing q|k|v, gate|up and the four GDN input
     projections removes ~90 of them per token on the 0.8B. The parts' weights become row views of the fused
-    matrix, so parameters, names and memory are unchanged. Works for `Linear` parts and for `Int8Linear`
-    parts (qweight and scale concatenated). `usable()` is False once a part was replaced or moved (e.g. by
-    quantisation or `.to()`): callers then run the parts one by one.
+    matrix, so parameters, names and memory are unchanged. Works for `Linear` parts and for `QuantLinear` parts
+    of one format (the format's `concat` fuses its tensors). `usable()` is False once a part was replaced or
+    moved (e.g. by quantisation or `.to()`): callers then run the parts one by one.
     """
 
     def __init__(self, parts: list[nn.Module]):
         self.parts = parts
         self.sizes = [p.out_features for p in parts]
-        self.int8 = not isinstance(parts[0], nn.Linear)
+        self.fmt = getattr(parts[0], "fmt", None)  # None: plain bf16/fp32 Linear parts
         with torch.no_grad():
-            if self.int8:
-                q0 = parts[0].qweight
-                fused = torch.empty(sum(self.sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
-                self.qweight = torch.cat([p.qweight for p in parts], out=advise_hugepages(fused))
-                self.scale = torch.cat([p.scale for p in parts])
-                views = self.qweight.split(self.sizes), self.scale.split(self.sizes)
-                for p, q, s in zip(parts, *views, strict=True):
-                    p.qweight, p.scale = q, s
+            if self.fmt is not None:
+                self.tensors, views = self.fmt.concat([p.tensors for p in parts])
+                for p, v in zip(parts, views, strict=True):
+                    for f, t in v.items():
+                        setattr(p, f, t)
             else:
                 w0 = parts[0].weight
                 fused = torch.empty(sum(self.sizes), w0.shape[1], dtype=w0.dtype, device=w0.device)
@@ -92,13 +89,14 @@ class FusedLinears:
 
     @classmethod
     def of(cls, parts: list[nn.Module]) -> FusedLinears | None:
-        """Fuse when every part is a plain `Linear` (or every part an `Int8Linear`) on one device and dtype."""
-        from qwen35.ops.quant import Int8Linear
+        """Fuse when every part is a plain `Linear` (or every part a `QuantLinear` of one format) on one device
+        and dtype."""
+        from qwen35.ops.quant import QuantLinear
 
         if all(type(p) is Linear for p in parts):
             ws = [p.weight for p in parts]
-        elif all(isinstance(p, Int8Linear) for p in parts):
-            ws = [p.qweight for p in parts]
+        elif all(isinstance(p, QuantLinear) for p in parts) and len({p.fmt for p in parts}) == 1:
+            ws = [p.tensors[p.fmt.fields[0]] for p in parts]
         else:
             return None
         if len({(w.device, w.dtype, w.shape[1]) for w in ws}) != 1:
@@ -106,32 +104,31 @@ class FusedLinears:
         return cls(parts)
 
     def _part_tensors(self) -> list[torch.Tensor]:
-        return [p.qweight for p in self.parts] if self.int8 else [p.weight for p in self.parts]
+        if self.fmt is not None:
+            return [getattr(p, f) for p in self.parts for f in self.fmt.fields]
+        return [p.weight for p in self.parts]
 
     def usable(self) -> bool:
         """The parts still hold the views made at fusion (not replaced or moved since)."""
         return [t.data_ptr() for t in self._part_tensors()] == self._ptrs
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.int8:
-            from qwen35.ops.quant import int8_linear
-
-            y = int8_linear(x, self.qweight, self.scale)
-        else:
-            y = linear(x, self.weight)
+        y = self.fmt.linear(x, self.tensors) if self.fmt is not None else linear(x, self.weight)
         return list(y.split(self.sizes, dim=-1))
 
 
 def _kind(m: nn.Module) -> object:
-    from qwen35.ops.quant import Int8Linear
-
-    return "linear" if type(m) is Linear else "int8" if isinstance(m, Int8Linear) else id(m)
+    """Parts of one kind fuse: plain `Linear`s, or `QuantLinear`s of one format."""
+    if type(m) is Linear:
+        return "linear"
+    fmt = getattr(m, "fmt", None)
+    return ("quant", fmt.name) if fmt is not None and hasattr(m, "tensors") else id(m)
 
 
 class Projections:
     """Linear-like layers applied to one input, fused into as few products as their kinds allow (consecutive
-    `Linear`s together, consecutive `Int8Linear`s together). Calling it with the module's current parts gives
-    their outputs in order; a part replaced since fusing, or a fusion no longer valid, runs on its own."""
+    `Linear`s together, consecutive `QuantLinear`s of one format together). Calling it with the module's current
+    parts gives their outputs in order; a part replaced since fusing, or a fusion no longer valid, runs on its own."""
 
     def __init__(self, parts: list[nn.Module]):
         self.parts = list(parts)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from qwen35.config import ConfigError, ModelConfig, find_preset
+from qwen35.config import ModelConfig, find_preset
 from qwen35.model import Qwen35Model
-from qwen35.model.rope import MRotaryEmbedding
+from qwen35.model.mlp import Experts
 from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages
-from qwen35.ops.linear import fuse_projections
+from qwen35.ops.linear import Linear, fuse_projections
+from qwen35.ops.quant import FP8, QuantExperts, QuantLinear
+from qwen35.ops.quant.fp8 import scale_rows
 from qwen35.weights.dummy import init_dummy_weights
+from qwen35.weights.fp8 import FP8Plan, FP8Spec, plan_fp8
 from qwen35.weights.hub import resolve_model_path
 from qwen35.weights.names import Target, target_of
 from qwen35.weights.safetensors_io import CheckpointError, SafetensorsReader, checkpoint_files, tensor_shapes
@@ -21,7 +27,7 @@ from qwen35.weights.safetensors_io import CheckpointError, SafetensorsReader, ch
 log = logging.getLogger("qwen35")
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "fp8")
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints of 1 GiB or more
 
 
@@ -40,16 +46,21 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, with_mtp: bool,
-                with_vision: bool) -> Qwen35Model:
-    """The model with uninitialised storage on `device` (no time spent on random init)."""
+                with_vision: bool, swap: Callable[[Qwen35Model], None] | None = None) -> Qwen35Model:
+    """The model with uninitialised storage on `device` (no time spent on random init). `swap` may replace
+    modules of the meta-device model first (e.g. by FP8 ones), so nothing is allocated for what they replace."""
     with torch.device("meta"):
         model = Qwen35Model(config, with_mtp=with_mtp, with_vision=with_vision)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if swap is not None:
+        swap(model)
+    model = model.to_empty(device=device)
     for t in [*model.parameters(), *model.buffers()]:
         advise_hugepages(t)  # before the first write: the weights then fault in as 2 MiB pages (ops/hugepages.py)
     for m in model.modules():
-        if isinstance(m, MRotaryEmbedding):
-            m.reset_buffers()
+        reset = getattr(m, "reset_buffers", None)
+        if callable(reset):  # buffers that follow from the config (rotary tables, FP8 scale rows)
+            reset()
     model.requires_grad_(False)  # an inference engine: no autograd bookkeeping anywhere
     return model.eval()
 
@@ -61,15 +72,18 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
 
     `path_or_id`: a checkpoint folder, a hub id (`Qwen/Qwen3.5-0.8B`), or with `load_format="dummy"` a
     preset name (`Qwen3.5-397B-A17B`) or a folder holding only `config.json`.
-    `quantization="int8"`: weight-only int8 (per-row scales) for the linear layers after loading.
+    `quantization="int8"`: weight-only int8 (per-row scales) for the linear layers after loading;
+    `quantization="fp8"`: block-128 FP8 made at load from a BF16 checkpoint (a no-op on an FP8 checkpoint).
+    FP8 checkpoints stay in 8 bits, except with `dtype=float32`, which widens them exactly.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
-    model = _load(path_or_id, dtype, device, load_format, seed, progress)
-    if quantization == "int8":
-        from qwen35.ops.quant import quantize_int8
+    model = _load(path_or_id, dtype, device, load_format, seed, progress, quantization)
+    stored = getattr(model, "quantization", None)
+    if quantization is not None and stored is None:
+        from qwen35.ops.quant import quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, quantization)
     # one product per group of projections sharing an input (see ops/linear.py FusedLinears), then 2 MiB
     # pages for everything: decoding streams every weight per token (see ops/hugepages.py)
     fuse_projections(model)
@@ -77,7 +91,30 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     return model
 
 
-def _load(path_or_id, dtype, device, load_format, seed, progress) -> Qwen35Model:
+def auto_dtype(path_or_id: str | Path, device: torch.device | str, load_format: str = "auto",
+               quantization: str | None = None) -> torch.dtype:
+    """dtype "auto": bfloat16 on a GPU, and for FP8 weights (an FP8 checkpoint or quantization="fp8"), which
+    stay in 8 bits only below float32; float32 otherwise on CPU (exact)."""
+    if torch.device(device).type == "cuda" or quantization == "fp8":
+        return torch.bfloat16
+    if load_format != "dummy":
+        p = Path(path_or_id).expanduser()
+        config = p / "config.json" if p.is_dir() else None
+        if config is None and not p.exists() and str(path_or_id).count("/") == 1:
+            try:
+                config = resolve_model_path(str(path_or_id), weights=False) / "config.json"
+            except Exception:  # an unresolvable id fails with its own error when loading
+                config = None
+        if config is not None and config.is_file():
+            try:
+                if (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == "fp8":
+                    return torch.bfloat16
+            except (OSError, ValueError):
+                pass  # an unreadable config fails with its own error when loading
+    return torch.float32
+
+
+def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) -> Qwen35Model:
     dtype = _as_dtype(dtype)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: expected one of {LOAD_FORMATS}")
@@ -99,17 +136,61 @@ def _load(path_or_id, dtype, device, load_format, seed, progress) -> Qwen35Model
         return model
     folder = resolve_model_path(str(path_or_id), weights=True)
     config = ModelConfig.from_file(folder)
-    if config.quantization is not None:
-        raise ConfigError(f"{folder}: quantization_config.quant_method={config.quantization.get('quant_method')!r} "
-                          "checkpoints are not supported yet (FP8 loading is a later issue)")
+    spec = FP8Spec.from_config(config.quantization) if config.quantization is not None else None
+    if spec is not None and quantization not in (None, "fp8"):
+        raise ValueError(f"{folder} is an FP8 checkpoint: quantization={quantization!r} cannot be applied to it "
+                         "(leave quantization unset, or 'fp8')")
     files = checkpoint_files(folder)
-    return load_weights(config, files, dtype, device, progress=progress)
+    keep_fp8 = dtype != torch.float32 or quantization == "fp8"
+    return load_weights(config, files, dtype, device, progress=progress, fp8=spec, keep_fp8=keep_fp8)
+
+
+def _fp8_target(t: Target, field: str) -> Target:
+    """Where an FP8 weight (`field` "qweight") or its scale ("scale") goes in the module that replaced the
+    Linear / Experts it belongs to."""
+    if t.expert is not None:
+        return Target(f"{t.param}_{field}", t.expert, t.part)
+    return Target(t.param[: -len(".weight")] + "." + field, None, None)
+
+
+def _swap_fp8_modules(model: Qwen35Model, plan: FP8Plan) -> int:
+    """Replace every Linear / Experts that the checkpoint stores in FP8 by its FP8 module (on the meta device)."""
+    problems, swapped = [], 0
+    for name in plan.scale_of:
+        t = target_of(name)
+        path = t.param.rsplit(".", 1)[0] if t.expert is None else t.param.rsplit(".", 1)[0]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # not ours: reported as unexpected by the plan
+        if isinstance(module, (QuantLinear, QuantExperts)):
+            continue
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(module, Linear) and t.expert is None:
+            setattr(parent, attr, QuantLinear.empty(FP8, module.in_features, module.out_features, device="meta"))
+        elif isinstance(module, Experts) and t.expert is not None:
+            E, two_i, H = module.gate_up_proj.shape
+            setattr(parent, attr, QuantExperts.empty(FP8, E, H, two_i // 2, device="meta"))
+        else:
+            problems.append(f"{name}: FP8 weight for {path} ({type(module).__name__}), which qwen35 keeps in full "
+                            "precision")
+            continue
+        swapped += 1
+    if problems:
+        raise CheckpointError("FP8 checkpoint is malformed:\n  " + "\n  ".join(problems[:50]))
+    return swapped
 
 
 def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype,
-                 device: str | torch.device = "cpu", progress: bool = True) -> Qwen35Model:
+                 device: str | torch.device = "cpu", progress: bool = True, fp8: FP8Spec | None = None,
+                 keep_fp8: bool = True) -> Qwen35Model:
+    """Build the model for `config` and fill it from checkpoint `files`. FP8 weights (see weights/fp8.py) are
+    kept in 8 bits (`keep_fp8`) or widened exactly into the model dtype."""
     shapes = tensor_shapes(files)
-    names = list(shapes)
+    fp8_plan = plan_fp8(shapes, fp8)  # every FP8 weight and scale checked before anything is allocated
+    scales = fp8_plan.scales
+    names = [n for n in shapes if n not in scales or keep_fp8]
     has_mtp = any(n.startswith("mtp.") for n in names)
     has_vision = any(n.startswith("model.visual.") for n in names)
     report: list[str] = []
@@ -122,8 +203,12 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         raise CheckpointError("checkpoint has mtp.* weights but config.json declares mtp_num_hidden_layers=0")
     if has_vision and config.vision is None:
         raise CheckpointError("checkpoint has model.visual.* weights but config.json has no vision_config")
-    model = build_empty(config, dtype, device, with_mtp=has_mtp, with_vision=has_vision)
-    params = dict(model.named_parameters())
+    kept_fp8 = bool(fp8_plan.scale_of) and keep_fp8
+    swap = (lambda m: _swap_fp8_modules(m, fp8_plan)) if kept_fp8 else None
+    model = build_empty(config, dtype, device, with_mtp=has_mtp, with_vision=has_vision, swap=swap)
+    # parameters and the FP8 modules' stored buffers (not the derived ones: rotary tables, scale rows)
+    params = dict(model.state_dict(keep_vars=True))
+    scale_names = {v: k for k, v in fp8_plan.scale_of.items()}
 
     # Plan every tensor's destination and check shapes before reading any data.
     plan: dict[str, Target] = {}
@@ -131,7 +216,9 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
     filled: dict[str, set] = {}
     tied_head_skipped = False
     for n in names:
-        t = target_of(n)
+        t = target_of(n[: -len(".weight_scale_inv")] + ".weight" if n in scale_names else n)
+        if t is not None and kept_fp8 and (n in fp8_plan.scale_of or n in scale_names):
+            t = _fp8_target(t, "scale" if n in scale_names else "qweight")
         if t is not None and t.param == "lm_head.weight" and model.lm_head is None:
             tied_head_skipped = True  # a tied model's head is the embedding; a stored copy is redundant
             continue
@@ -163,9 +250,9 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         got = filled.get(pname, set())
         if (None, None) in got:
             continue
-        if pname.endswith("experts.gate_up_proj"):
+        if _EXPERTS_GATE_UP.search(pname):
             want = {(e, part) for e in range(p.shape[0]) for part in (0, 1)}
-        elif pname.endswith("experts.down_proj"):
+        elif _EXPERTS_DOWN.search(pname):
             want = {(e, None) for e in range(p.shape[0])}
         else:
             want = {(None, None)}
@@ -190,9 +277,11 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         by_file.setdefault(files[n], []).append(n)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights",
                disable=not progress or total_bytes < _PROGRESS_MIN_BYTES)
-    with torch.no_grad():
-        for path, tensor_names in by_file.items():
-            with SafetensorsReader(path) as f:
+    readers: dict[Path, SafetensorsReader] = {}
+    try:
+        with torch.no_grad():
+            for path, tensor_names in by_file.items():
+                f = readers.setdefault(path, SafetensorsReader(path))
                 for n in tensor_names:
                     t = plan[n]
                     dst = params[t.param].data
@@ -201,15 +290,41 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
                         if t.part is not None:
                             half = dst.shape[0] // 2
                             dst = dst[t.part * half:(t.part + 1) * half]
-                    f.read_into(n, dst)
+                    if n in fp8_plan.scale_of and not kept_fp8:
+                        scale = fp8_plan.scale_of[n]
+                        _widen_fp8_into(f, n, readers.setdefault(files[scale], SafetensorsReader(files[scale])),
+                                        scale, shapes[scale][0], dst)
+                    else:
+                        f.read_into(n, dst)
                     bar.update(dst.numel() * dst.element_size())
+    finally:
+        for r in readers.values():
+            r.close()
     bar.close()
+    if fp8_plan.scale_of:
+        how = "kept in 8 bits" if kept_fp8 else f"widened exactly to {dtype}"
+        report.append(f"FP8 checkpoint: {len(fp8_plan.scale_of)} block-scaled e4m3 weights {how}")
+    model.quantization = "fp8" if kept_fp8 else None
     if tied_head_skipped:
         report.append("lm_head.weight present but tie_word_embeddings is set: the embedding is used as the head")
     for line in report:
         log.info(line)
     model.load_report = report
     return model
+
+
+_EXPERTS_GATE_UP = re.compile(r"experts\.gate_up_proj(_qweight|_scale)?$")
+_EXPERTS_DOWN = re.compile(r"experts\.down_proj(_qweight|_scale)?$")
+
+
+def _widen_fp8_into(f: SafetensorsReader, name: str, scale_reader: SafetensorsReader, scale_name: str,
+                    scale_shape: tuple[int, ...], dst: torch.Tensor) -> None:
+    """Read FP8 weight `name` and its scale; write q * scale (exact in fp32) into `dst`."""
+    q = torch.empty(tuple(dst.shape), dtype=torch.float8_e4m3fn)
+    f.read_into(name, q)
+    scale = torch.empty(scale_shape, dtype=torch.float32)
+    scale_reader.read_into(scale_name, scale)
+    dst.copy_(FP8.dequantize({"qweight": q, "scale": scale, "srow": scale_rows([q.shape[0]])}, dst.dtype))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

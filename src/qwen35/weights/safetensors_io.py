@@ -66,7 +66,8 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], st
     return out
 
 
-_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
+_DTYPES = {"F8_E4M3": "float8_e4m3fn", "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+           "I8": "int8", "U8": "uint8",
            "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantisation (`quantization="int8"`): int8 weights, one fp32 scale per output row.
+"""Weight-only int8 (`quantization="int8"`): int8 weights, one fp32 scale per output row.
 
 Decoding reads half the bytes of bf16. Few rows (decode) go through the int8 GEMV kernel; many rows
 (prefill) through torch's int8-weight matmul; `int8_linear_reference` (dequantise, then F.linear) is the
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qwen35.model.mlp import ExpertDispatch
 from qwen35.ops import cpu_kernels
 from qwen35.ops.hugepages import advise_hugepages
+from qwen35.ops.quant.base import Tensors, WeightFormat
 
 INT8_GEMV_MAX_ROWS = 32  # the int8 kernel's limit (torch has no fast few-row int8 product to hand over to)
 INT8PACK_MAX_ROWS = 256  # above this, dequantise + F.linear (see int8_linear)
-
-# Linear layers kept in full precision: tiny, or feeding sensitive gates (as FP8 checkpoints keep them).
-KEEP = ("in_proj_a", "in_proj_b", "shared_expert_gate")
 
 
 def quantize_rows(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,47 +64,42 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return int8_linear_reference(x, q, scale)
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        q, scale = quantize_rows(weight)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+class Int8(WeightFormat):
+    """Symmetric int8 per output row: fields `qweight` int8 [..., N, K], `scale` fp32 [..., N]."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.qweight, self.scale)
+    name = "int8"
+    fields = ("qweight", "scale")
 
+    @classmethod
+    def quantize(cls, w: torch.Tensor, row_parts: list[int] | None = None) -> Tensors:
+        q, scale = quantize_rows(w)  # per row: row groups need nothing of their own
+        return {"qweight": q, "scale": scale}
 
-class Int8Experts(ExpertDispatch):
-    """Fused experts with int8 storage: same routing and maths as `Experts`, half the bytes."""
+    @classmethod
+    def empty(cls, rows: list[int], in_features: int, experts: int | None = None,
+              device: torch.device | str = "cpu") -> Tensors:
+        lead = () if experts is None else (experts,)
+        return {"qweight": torch.empty(*lead, sum(rows), in_features, dtype=torch.int8, device=device),
+                "scale": torch.empty(*lead, sum(rows), dtype=torch.float32, device=device)}
 
-    def __init__(self, experts: nn.Module):
-        super().__init__()
-        for name in ("gate_up_proj", "down_proj"):
-            q, scale = quantize_rows(getattr(experts, name).data)
-            self.register_buffer(f"{name}_q", q)
-            self.register_buffer(f"{name}_scale", scale)
-        self.num_experts = q.shape[0]
+    @classmethod
+    def dequantize(cls, t, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (t["qweight"].float() * t["scale"][..., None]).to(dtype)
 
-    def expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e])
+    @classmethod
+    def linear_reference(cls, x: torch.Tensor, t) -> torch.Tensor:
+        return int8_linear_reference(x, t["qweight"], t["scale"])
 
+    @classmethod
+    def linear(cls, x: torch.Tensor, t) -> torch.Tensor:
+        return int8_linear(x, t["qweight"], t["scale"])
 
-@torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the model's Linear layers (and MoE experts) by int8 versions in place. Embeddings, norms,
-    routers and the tiny gate projections stay as they are. A tied head gets its own int8 copy."""
-    from qwen35.model.mlp import Experts
-    from qwen35.ops.linear import Linear
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Linear) and name not in KEEP:
-                setattr(parent, name, Int8Linear(child.weight.data))
-            elif isinstance(child, Experts):
-                setattr(parent, name, Int8Experts(child))
-    if getattr(model, "lm_head", "absent") is None:  # tied: quantise a copy, keep the embedding exact
-        model.lm_head = Int8Linear(model.model.embed_tokens.weight.data)
-    model.quantization = "int8"
-    return model
+    @classmethod
+    def concat(cls, parts) -> tuple[Tensors, list[Tensors]]:
+        q0 = parts[0]["qweight"]
+        sizes = [p["qweight"].shape[0] for p in parts]
+        fused = torch.empty(sum(sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
+        q = torch.cat([p["qweight"] for p in parts], out=advise_hugepages(fused))
+        scale = torch.cat([p["scale"] for p in parts])
+        return ({"qweight": q, "scale": scale},
+                [{"qweight": a, "scale": b} for a, b in zip(q.split(sizes), scale.split(sizes), strict=True)])
