@@ -54,7 +54,8 @@ class LLM:
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
         only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU and for FP8
         (checkpoints or `quantization="fp8"`: kept in 8 bits), else float32 on CPU. `tokenizer`: None (the
-        checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer object. `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
+        checkpoint's, or the built-in Qwen3.5 vocabulary), a folder, or a tokenizer object.
+        `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
         `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
         generation_config.json; None: vLLM's neutral defaults. `quantization`: None, "int8" or "fp8" (weight-only,
         made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments are `LLMEngine`'s."""

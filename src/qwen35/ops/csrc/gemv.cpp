@@ -417,6 +417,12 @@ bool prefill_attention_supported();
 void gdn_chunked_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g, torch::Tensor beta,
                          torch::Tensor state, torch::Tensor out, int64_t chunk_size, double l2norm_eps,
                          double q_scale);
+torch::Tensor gemv_fp8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor srow, bool out_bf16);
+torch::Tensor fp8_dequant_bf16(torch::Tensor q, torch::Tensor scale, torch::Tensor srow, int64_t r0, int64_t r1);
+torch::Tensor linear_fp8_prefill(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor srow);
+torch::Tensor moe_experts_fp8(torch::Tensor x, torch::Tensor gu_q, torch::Tensor gu_scale, torch::Tensor gu_srow,
+                              torch::Tensor dn_q, torch::Tensor dn_scale, torch::Tensor dn_srow, torch::Tensor ids,
+                              torch::Tensor weights);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows", py::arg("x"), py::arg("w"),
@@ -435,4 +441,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal GQA attention of a prompt chunk, bf16 (flash style)");
   m.def("prefill_attention_supported", &prefill_attention_supported, "prefill_attention was built (AVX512-BF16)");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
+  m.def("gemv_fp8", &gemv_fp8, "block-FP8 (e4m3, 128x128 scales) matrix-vector product for a few rows",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("srow"), py::arg("out_bf16") = false);
+  m.def("fp8_dequant_bf16", &fp8_dequant_bf16, "rows [r0, r1) of a block-FP8 weight widened to bf16",
+        py::arg("q"), py::arg("scale"), py::arg("srow"), py::arg("r0"), py::arg("r1"));
+  m.def("linear_fp8_prefill", &linear_fp8_prefill, "x @ W.T for a block-FP8 W, widened tile by tile (prefill)",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("srow"));
+  m.def("moe_experts_fp8", &moe_experts_fp8, "routed experts of a MoE block with block-FP8 weights (decode)");
 }
