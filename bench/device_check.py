@@ -7,6 +7,8 @@
    then 8 greedy tokens from each.
 2. Speed (bf16): qwen35's prefill of `--prefill` tokens and its decode after `--context` tokens (real prefill),
    against transformers on the same device (llama.cpp is CPU-only here).
+3. FP8: the checkpoint in the official block-FP8 layout, kept in 8 bits on the device (bf16 activations, widened
+   per product there), against the same file widened exactly to fp32: logits close, decode speed.
 Prints one line `DEVICE_CHECK {json}`; exit status 1 when parity fails. Runs on the CPU too (`--device cpu`: the
 tests keep it working without a GPU).
 """
@@ -135,6 +137,22 @@ def _decode_tps(ours: _Ours, prompt: list[int], steps: int, device) -> float:
     return 1 / float(np.median(times))
 
 
+def fp8_check(path: str, device, vocab: int, context: int, steps: int) -> dict:
+    import torch
+
+    ids = np.random.default_rng(2).integers(0, vocab, size=65).tolist()
+    with torch.inference_mode():
+        exact = _Ours(path, torch.float32, device, 100).forward(ids)
+        kept = _Ours(path, torch.bfloat16, device, max(100, context) + steps + 8)
+        got = kept.forward(ids)
+        diff, scale = (got - exact).abs().max().item(), exact.abs().max().item()
+        agree = (got.argmax(-1) == exact.argmax(-1)).float().mean().item()
+        tps = _decode_tps(kept, np.random.default_rng(3).integers(0, vocab, size=context).tolist(), steps, device)
+    quantized = sum(1 for m in kept.model.modules() if type(m).__name__ in ("QuantLinear", "QuantExperts"))
+    return {"quantized_modules": quantized, "logits_max_abs_diff": diff, "logits_max_abs": scale,
+            "argmax_agreement": agree, "fp8_decode_tps": tps, "ok": quantized > 0 and agree >= 0.9}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -156,9 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     res["parity"] = parity(path, device, vocab)
     res["speed"] = speed(path, device, vocab, args.prefill, args.context, args.steps)
+    res["fp8"] = fp8_check(str(models.make_fp8_checkpoint(cache, args.model)), device, vocab, args.context,
+                           args.steps)
     print("DEVICE_CHECK " + json.dumps(res), flush=True)
     return res
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main()["parity"]["ok"] else 1)
+    _res = main()
+    sys.exit(0 if _res["parity"]["ok"] and _res["fp8"]["ok"] else 1)

@@ -298,4 +298,4 @@ class Llama:
         raise Unsupported("llama.cpp: no synthetic context")
 
 
-ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "hf": HF, "llama": Llama}
+ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "ours-fp8": Ours, "hf": HF, "llama": Llama}

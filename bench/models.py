@@ -131,6 +131,74 @@ def make_checkpoint(cache: Path, name: str, seed: int = 0) -> Path:
     return folder
 
 
+def make_fp8_checkpoint(cache: Path, name: str) -> Path:
+    """The benchmark checkpoint in the official block-FP8 layout (once): every linear weight that the official
+    `-FP8` releases convert becomes F8_E4M3 with an F32 `weight_scale_inv` per 128x128 tile (amax / 448), experts
+    per expert; the rest (embeddings, head, GDN conv/a/b, routers, shared-expert gates) stays BF16."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qwen35.ops.quant.fp8 import quantize_block
+
+    src = make_checkpoint(cache, name)
+    folder = src.with_name(src.name + "-fp8")
+    if (folder / "DONE").exists():
+        return folder
+    kept = ("embed_tokens", "lm_head", "linear_attn.conv1d", "linear_attn.in_proj_a", "linear_attn.in_proj_b",
+            "mlp.gate", "mlp.shared_expert_gate", "mtp.fc")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _log(f"making the FP8 checkpoint of {name} in {folder} ...")
+    t0 = time.perf_counter()
+    weight_map, not_converted = {}, set()
+    for i, shard in enumerate(sorted(src.glob("*.safetensors"))):
+        out = {}
+        with safe_open(shard, "pt") as f:
+            for n in f.keys():
+                t = f.get_tensor(n)
+                if n.endswith(("experts.gate_up_proj", "experts.down_proj")):  # fused 3-D -> per expert
+                    base, proj = n.rsplit(".", 1)
+                    mats = {}
+                    for e in range(t.shape[0]):
+                        if proj == "down_proj":
+                            mats[f"{base}.{e}.down_proj"] = t[e]
+                        else:
+                            half = t.shape[1] // 2
+                            mats[f"{base}.{e}.gate_proj"], mats[f"{base}.{e}.up_proj"] = t[e, :half], t[e, half:]
+                    for mod, w in mats.items():
+                        q, scale = quantize_block(w)
+                        out[mod + ".weight"], out[mod + ".weight_scale_inv"] = q, scale
+                    continue
+                mod = n[: -len(".weight")] if n.endswith(".weight") else None
+                if mod is None or t.dim() != 2 or "norm" in n:
+                    out[n] = t
+                elif mod.endswith(kept):
+                    out[n] = t
+                    not_converted.add(mod)
+                else:
+                    q, scale = quantize_block(t)
+                    out[n], out[mod + ".weight_scale_inv"] = q, scale
+        fname = f"model-{i + 1:05d}.safetensors"
+        save_file(out, tmp / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in out})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128], "modules_to_not_convert": sorted(not_converted)}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, tmp / f.name)
+    (tmp / "DONE").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    _log(f"FP8 checkpoint of {name} made in {time.perf_counter() - t0:.0f} s")
+    del torch
+    return folder
+
+
 def _realistic_init(model, seed: int) -> None:
     """On top of transformers' init: GDN decay spread as in trained models (per-head A in [1, 16], dt log-uniform
     in [1e-3, 1e-1]), and a short conv with taps of order one (std 1/sqrt(kernel))."""

@@ -428,6 +428,38 @@ def markdown(data: dict, plots: dict) -> str:
           f"{cell(data, 'decode', dense, 'ours', 'decode_tps', 2, context=1024, batch=1)} | "
           f"{cell(data, 'decode', dense, 'llama', 'decode_tps', 2, context=1024, batch=1)} |")
         a("")
+    # ---------------------------------------------------------------- fp8
+    if select(data, "fp8"):
+        a("## FP8 checkpoints (official block-FP8 layout) against our bf16 and llama.cpp Q8_0")
+        a("")
+        a("The benchmark checkpoint converted to the official `-FP8` layout (e4m3 weights, an fp32 scale per 128x128 "
+          "tile, experts per expert; embeddings, head, GDN conv/a/b, routers and shared-expert gates in bf16; "
+          "`bench/models.py make_fp8_checkpoint`), loaded as a user would (`qwen35.load_model(folder, "
+          "dtype=torch.bfloat16)`: kept in 8 bits). llama.cpp runs the Q8_0 conversion of the same bf16 weights "
+          "(llama.cpp has no FP8 type). All three in the same rounds; ratios are per-round medians.")
+        a("")
+        a("| model | task | qwen35 bf16 | qwen35 FP8 | llama.cpp Q8_0 | FP8 / bf16 | FP8 / Q8_0 |")
+        a("|---|---|---|---|---|---|---|")
+        for m in sorted({r["model"] for r in select(data, "fp8")}, key=lambda x: (x != dense, x)):
+            for kind, what, label, nd in (("prefill", "prefill_tps", "prefill 512, tok/s", 1),
+                                          ("decode", "decode_tps", "decode after 1K, tok/s", 2)):
+                a(f"| {m} | {label} | {cell(data, 'fp8', m, 'ours', what, nd, kind=kind)} | "
+                  f"{cell(data, 'fp8', m, 'ours-fp8', what, nd, kind=kind)} | "
+                  f"{cell(data, 'fp8', m, 'llama', what, nd, kind=kind)} | "
+                  f"{fx(ratio(data, 'fp8', m, 'ours-fp8', 'ours', what, kind=kind))} | "
+                  f"{fx(ratio(data, 'fp8', m, 'ours-fp8', 'llama', what, kind=kind))} |")
+            rb = value(data, "fp8", m, "ours", "rss_mb", kind="decode")
+            r8 = value(data, "fp8", m, "ours-fp8", "rss_mb", kind="decode")
+            a(f"| {m} | peak RSS, MB (decode task) | {fmt(rb, 0)} | {fmt(r8, 0)} | "
+              f"{cell(data, 'fp8', m, 'llama', 'rss_mb', 0, kind='decode')} | | |")
+        a("")
+        for m in sorted({r["model"] for r in select(data, "fp8")}, key=lambda x: (x != dense, x)):
+            adj = fp8_rss_ratio(data, m)
+            if adj is not None:
+                a(f"{m}: FP8 weights {adj['fp8_gb']:.2f} GB against {adj['bf16_gb']:.2f} GB in bf16 (plus the head "
+                  f"screen's int8 copy in both); the FP8 load's peak RSS less the bf16 run's overhead (its peak RSS "
+                  f"less its weights) is {adj['ratio']:.2f}x the FP8 bytes.")
+        a("")
     # ---------------------------------------------------------------- screen
     if select(data, "screen"):
         a(f"## The greedy head screen ({dense}, bf16, decode after 1K)")
@@ -609,10 +641,35 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
     if select(data, "screen"):
         add(f"decode >= 1.0x llama.cpp ({dense} bf16, batch 1, after 1K; screen section's rounds)",
             ratio(data, "screen", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours / llama.cpp")
+    for m in sorted({r["model"] for r in select(data, "fp8")}):
+        add(f"FP8 decode >= 1.6x our bf16 decode ({m}, after 1K)",
+            ratio(data, "fp8", m, "ours-fp8", "ours", "decode_tps", kind="decode"), 1.6, "FP8 / bf16")
+        add(f"FP8 decode >= 1.0x llama.cpp Q8_0 ({m}, after 1K)",
+            ratio(data, "fp8", m, "ours-fp8", "llama", "decode_tps", kind="decode"), 1.0, "FP8 / Q8_0")
+        add(f"FP8 prefill >= 0.9x our bf16 prefill ({m}, 512)",
+            ratio(data, "fp8", m, "ours-fp8", "ours", "prefill_tps", kind="prefill"), 0.9, "FP8 / bf16")
+        adj = fp8_rss_ratio(data, m)
+        if adj is not None:
+            out.append((f"FP8 peak RSS <= 1.1x the FP8 bytes + the rest ({m})", f"{adj['ratio']:.2f}x",
+                        adj["ratio"] <= 1.1))
     if select(data, "q8"):
         add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
             ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
     return out
+
+
+def fp8_rss_ratio(data: dict, model: str) -> dict | None:
+    """Peak RSS of the FP8 load against what it must hold: (RSS_fp8 - (RSS_bf16 - bf16 bytes)) / FP8 bytes, the
+    runtime, cache and head screen measured by the bf16 run of the same task and taken off."""
+    from qwen35.model_info import model_info
+
+    rb = value(data, "fp8", model, "ours", "rss_mb", kind="decode")
+    r8 = value(data, "fp8", model, "ours-fp8", "rss_mb", kind="decode")
+    if not rb or not r8:
+        return None
+    info = model_info(_cfg(model), 1024)
+    bf16, fp8 = info.weight_bytes_bf16, info.weight_bytes_fp8
+    return {"bf16_gb": bf16 / 1e9, "fp8_gb": fp8 / 1e9, "ratio": (r8 * 2**20 - (rb * 2**20 - bf16)) / fp8}
 
 
 def qwen_claim_section() -> str:
@@ -631,11 +688,12 @@ def qwen_claim_section() -> str:
       "alone. *Many sequences* is the limit where the weights are shared by so many tokens that only each "
       "sequence's KV + state count.")
     a("")
-    a("| context | batch | hybrid GB/token | twin GB/token | twin / hybrid |")
-    a("|---|---|---|---|---|")
-    for r in claim_table(cfg):
+    a("| context | batch | hybrid GB/token (FP8) | hybrid GB/token (bf16 weights) | twin GB/token (FP8) | "
+      "twin / hybrid |")
+    a("|---|---|---|---|---|---|")
+    for r, rb in zip(claim_table(cfg), claim_table(cfg, fmt="bf16"), strict=True):
         a(f"| {_k(r['context'])} | {r['batch'] or 'many sequences'} | {r['hybrid_bytes'] / 1e9:.2f} | "
-          f"{r['twin_bytes'] / 1e9:.2f} | {r['ratio']:.2f}x |")
+          f"{rb['hybrid_bytes'] / 1e9:.2f} | {r['twin_bytes'] / 1e9:.2f} | {r['ratio']:.2f}x |")
     imp = implied_comparator(cfg)
     t = cfg.text
     table = claim_table(cfg)

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "hf": "transformers",
-                "llama": "llama.cpp"}
-SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen")
+ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "ours-fp8": "qwen35 FP8",
+                "hf": "transformers", "llama": "llama.cpp"}
+SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen", "fp8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,6 +166,8 @@ class Runner:
             try:
                 if engine == "llama":
                     self._paths[key] = str(models.make_gguf(self.cache, model, gguf, self.converter))
+                elif engine == "ours-fp8":  # the official FP8 layout, loaded as such (kept in 8 bits)
+                    self._paths[key] = str(models.make_fp8_checkpoint(self.cache, model))
                 else:
                     self._paths[key] = str(models.make_checkpoint(self.cache, model))
             except (FileNotFoundError, RuntimeError) as e:
@@ -243,7 +245,11 @@ class Runner:
                    busy_before=busy_before, others_cpu=max(0.0, others))
         return res
 
-    def measure(self, section: str, model: str, task: dict, rnd: int, engines: list[str], gguf: str = "bf16") -> None:
+    def measure(self, section: str, model: str, task: dict, rnd: int, engines: list[str], gguf: str = "bf16",
+                ours_quant: str | None = "auto") -> None:
+        """`ours_quant`: --quantization for our bf16 engine ("auto": int8 against llama.cpp's Q8_0, else none)."""
+        if ours_quant == "auto":
+            ours_quant = "int8" if gguf == "q8_0" else None
         order = engines[rnd % len(engines):] + engines[:rnd % len(engines)]
         for eng in order:
             if eng == "llama" and not self.llama_ok():
@@ -258,8 +264,8 @@ class Runner:
             spec = {"engine": eng, "model": model, "path": path, "task": task, "threads": self.plan["threads"],
                     "chunk": self.plan["chunk"], "flash_attn": self.plan["llama_fa"],
                     "vocab": 500 if model.startswith("tiny") else 248044, "gguf": gguf if eng == "llama" else None,
-                    "quant": "int8" if gguf == "q8_0" and eng == "ours" else None}
-            variant = (" " + gguf) if eng == "llama" else " int8" if spec["quant"] else ""
+                    "quant": ours_quant if eng == "ours" else None}
+            variant = (" " + gguf) if eng == "llama" else f" {spec['quant']}" if spec["quant"] else ""
             self.log(f"round {rnd + 1}: {section} {model} {ENGINE_NAMES[eng]}{variant} "
                      f"{json.dumps(task)} ...")
             res = self.worker(spec)
@@ -354,6 +360,14 @@ class Runner:
                     self.measure(sec, dense, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf="q8_0")
                     self.measure(sec, dense, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
                                               "fill": "prefill"}, rnd, engs, gguf="q8_0")
+                elif sec == "fp8":  # the official FP8 layout against our bf16 and llama.cpp's Q8_0, same weights
+                    engs = [e for e in p["engines"] if e in ("ours", "llama")]
+                    engs = engs[:1] + ["ours-fp8"] + engs[1:] if "ours" in engs else engs
+                    for m in [dense] + ([moe] if moe else []):
+                        self.measure(sec, m, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf="q8_0",
+                                     ours_quant=None)
+                        self.measure(sec, m, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
+                                              "fill": "prefill"}, rnd, engs, gguf="q8_0", ours_quant=None)
                 elif sec == "screen":  # what the greedy head screen is worth: ours with it off, same rounds
                     engs = [e for e in p["engines"] if e in ("ours", "llama")]
                     engs = engs[:1] + ["ours-fullhead"] + engs[1:] if "ours" in engs else engs

@@ -161,6 +161,7 @@ def test_device_check_runs_on_cpu(cache, tiny):
     assert res["parity"]["ok"], res["parity"]
     assert len(res["parity"]["greedy_ours"]) == 8
     assert all(v > 0 for v in res["speed"].values())
+    assert res["fp8"]["ok"] and res["fp8"]["fp8_decode_tps"] > 0, res["fp8"]
 
 
 def test_merge_takes_each_section_from_one_run():
