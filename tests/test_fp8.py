@@ -352,3 +352,28 @@ def test_fused_experts_layout_equals_per_expert(tmp_path):
             name = f"model.layers.1.mlp.experts.{e}.{proj}"
             want = dequantize_block_fp8(tensors[name + ".weight"], tensors[name + ".weight_scale_inv"])
             assert torch.equal(gate_up[e, j * inner:(j + 1) * inner], want)
+
+
+def test_a_quantised_head_is_kept_in_8_bits(tmp_path):
+    """A checkpoint that also converts lm_head (not in its modules_to_not_convert): the head is an FP8 layer;
+    fp32 widens it exactly, bf16 runs it through the FP8 kernels (greedy through the full logits)."""
+    ref = make_hf_model("causal")
+    src = save_hf(ref, tmp_path / "bf16")
+    dst = write_fp8_checkpoint(src, tmp_path / "fp8")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"].remove("lm_head")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"], tensors["lm_head.weight_scale_inv"] = quantize_block(tensors["lm_head.weight"])
+    (dst / "model.safetensors").unlink()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    exact = qwen35.load_model(dst, dtype=torch.float32)
+    assert torch.equal(exact.lm_head.weight, dequantize_block_fp8(tensors["lm_head.weight"],
+                                                                  tensors["lm_head.weight_scale_inv"]))
+    kept = qwen35.load_model(dst, dtype=torch.bfloat16)
+    assert isinstance(kept.lm_head, QuantLinear) and not kept.enable_head_screen()
+    hidden = torch.randn(3, kept.config.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = hidden.double() @ exact.lm_head.weight.double().T
+    got = kept.compute_logits(hidden.bfloat16(), torch.float32).double()
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    assert torch.equal(kept.greedy_tokens(hidden.bfloat16()), got.argmax(-1))

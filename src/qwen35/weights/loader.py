@@ -158,7 +158,7 @@ def _swap_fp8_modules(model: Qwen35Model, plan: FP8Plan) -> int:
     problems, swapped = [], 0
     for name in plan.scale_of:
         t = target_of(name)
-        path = t.param.rsplit(".", 1)[0] if t.expert is None else t.param.rsplit(".", 1)[0]
+        path = t.param.rsplit(".", 1)[0]  # the Linear of "<path>.weight", or the Experts of "<path>.gate_up_proj"
         try:
             module = model.get_submodule(path)
         except AttributeError:
