@@ -75,6 +75,29 @@ def test_fp32_widens_exactly_and_equals_transformers(fp8_pair):
     assert torch.equal(ours.mtp.fc.weight, files["mtp.fc.weight"].float())
 
 
+def kernels_and_twin(model, ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Logits with the FP8 kernels and with their twin (kernels off), and how many leading positions both route
+    alike: the kernels round differently from the twin, so an MoE router at a near tie may pick another expert,
+    and from there on (the GDN state carries it) the two differ by a different computation, not by rounding."""
+    routes: list[list[torch.Tensor]] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: routes[-1].append(out[1].sort(-1).values))
+             for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    previous = cpu_kernels.set_enabled(True)
+    try:
+        routes.append([])
+        fast = model(ids).float()
+        routes.append([])
+        cpu_kernels.set_enabled(False)
+        twin = model(ids).float()
+    finally:
+        cpu_kernels.set_enabled(previous)
+        for h in hooks:
+            h.remove()
+    flips = [int((a != b).any(-1).nonzero()[0, 0]) for a, b in zip(routes[0], routes[1], strict=True)
+             if (a != b).any()]
+    return fast, twin, min(flips, default=ids.shape[1])
+
+
 def test_bf16_keeps_8_bits_and_matches_transformers_bf16(fp8_pair):
     hf, folder = fp8_pair
     ours = qwen35.load_model(folder, dtype=torch.bfloat16)
@@ -101,17 +124,16 @@ def test_bf16_keeps_8_bits_and_matches_transformers_bf16(fp8_pair):
         expected = hf_logits(hf, ids).float()
     finally:
         hf.to(torch.float32)
-    previous = cpu_kernels.set_enabled(False)
-    try:  # the twin (widen to bf16, then F.linear) is what transformers computes on CPU
-        twin = ours(ids).float()
-    finally:
-        cpu_kernels.set_enabled(previous)
+    fast, twin, upto = kernels_and_twin(ours, ids)
     if not ours.config.is_moe:  # transformers' bf16 MoE runs a grouped GEMM with other roundings
-        assert float((twin - expected).abs().max()) <= 1e-2 * float(expected.abs().max())  # a few bf16 ulps
-    fast = ours(ids).float()
+        # the twin (widen to bf16, then F.linear) is what transformers computes on CPU: a few bf16 ulps
+        assert float((twin - expected).abs().max()) <= 1e-2 * float(expected.abs().max())
+    assert upto >= 8
     scale = float(expected.abs().max())
-    assert float((fast - expected).abs().max()) <= 0.1 * scale
-    assert (fast.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    assert float((fast[:, :upto] - twin[:, :upto]).abs().max()) <= 0.05 * scale
+    if not ours.config.is_moe:  # transformers' bf16 MoE routes with its own roundings (its own near ties)
+        assert float((fast - expected).abs().max()) <= 0.05 * scale
+    assert (fast.argmax(-1) == twin.argmax(-1)).float().mean() >= 0.7
 
 
 def test_engine_greedy_equals_the_model(fp8_pair):
@@ -156,13 +178,9 @@ def test_shapes_off_the_block_grid_and_f16_scales(tmp_path):
     b = qwen35.load_model(plain, dtype=torch.float32)(IDS)
     assert torch.equal(a, b)
     kept = qwen35.load_model(dst, dtype=torch.bfloat16)
-    previous = cpu_kernels.set_enabled(False)
-    try:
-        twin = kept(IDS).float()
-    finally:
-        cpu_kernels.set_enabled(previous)
-    fast = kept(IDS).float()
-    assert float((fast - twin).abs().max()) <= 0.05 * float(twin.abs().max())
+    fast, twin, upto = kernels_and_twin(kept, IDS[:1])
+    assert upto >= 8
+    assert float((fast[:, :upto] - twin[:, :upto]).abs().max()) <= 0.05 * float(twin.abs().max())
 
 
 def _variant(src, dst, edit_config=None, edit_tensors=None):
