@@ -232,7 +232,10 @@ def markdown(data: dict, plots: dict) -> str:
     tg = targets(data, dense, moe)
     a("| target | measured | met? |")
     a("|---|---|---|")
+    partial = not {"prefill", "decode"} & set(p["sections"])  # a page of a few sections: only their targets
     for name, meas, ok in tg:
+        if ok is None and partial:
+            continue
         a(f"| {name} | {meas} | {'**yes**' if ok else 'no' if ok is not None else 'not measured'} |")
     a("")
     if "engines" in plots:
@@ -453,6 +456,16 @@ def markdown(data: dict, plots: dict) -> str:
             a(f"| {m} | peak RSS, MB (decode task) | {fmt(rb, 0)} | {fmt(r8, 0)} | "
               f"{cell(data, 'fp8', m, 'llama', 'rss_mb', 0, kind='decode')} | | |")
         a("")
+        a("What the bytes allow (`bench/bytes_model.py`, greedy decode after 1K: both read the head through the "
+          "int8 screen, which the official FP8 layout keeps in bf16): the FP8/bf16 decode ratio of a memory-bound "
+          "engine is the bf16 bytes over the FP8 bytes.")
+        a("")
+        a("| model | bf16 GB/token | FP8 GB/token | bound on FP8 / bf16 |")
+        a("|---|---|---|---|")
+        for label, cfg in fp8_models(data, dense, moe):
+            b16, b8 = fp8_bytes(cfg)
+            a(f"| {label} | {b16 / 1e9:.3f} | {b8 / 1e9:.3f} | {b16 / b8:.2f}x |")
+        a("")
         for m in sorted({r["model"] for r in select(data, "fp8")}, key=lambda x: (x != dense, x)):
             adj = fp8_rss_ratio(data, m)
             if adj is not None:
@@ -655,6 +668,27 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
     if select(data, "q8"):
         add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
             ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
+    return out
+
+
+def fp8_bytes(cfg) -> tuple[float, float]:
+    """(bf16, FP8) bytes per greedy decoded token after 1K, the head read through qwen35's int8 screen in both."""
+    from bench.bytes_model import decode_bytes, screened_head_saving
+
+    saving = screened_head_saving(cfg)
+    return (decode_bytes(cfg, 1024, 1, "bf16").per_token - saving,
+            decode_bytes(cfg, 1024, 1, "fp8").per_token - saving)
+
+
+def fp8_models(data: dict, dense: str, moe: str | None) -> list[tuple[str, object]]:
+    """The benchmarked shapes, then the full presets they are cut from (FP8 kept as in the official list)."""
+    from qwen35.config import find_preset
+
+    out = [(m, _cfg(m)) for m in sorted({r["model"] for r in select(data, "fp8")}, key=lambda x: (x != dense, x))]
+    for name in ("Qwen3.5-35B-A3B", "Qwen3.5-397B-A17B"):
+        cfg = find_preset(name)
+        if cfg is not None:
+            out.append((f"{name} (all {cfg.text.num_hidden_layers} layers)", cfg))
     return out
 
 
