@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qwen35.config import ModelConfig, find_preset
 from qwen35.model_info import full_attention_twin, model_info
+from qwen35.weights.gguf import is_gguf, read_gguf_config
 from qwen35.weights.hub import resolve_model_path
 
 
@@ -22,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(name: str) -> ModelConfig:
+    if is_gguf(name):
+        return read_gguf_config(name)
     if Path(name).exists():
         return ModelConfig.from_pretrained(name)
     preset = find_preset(name)

@@ -61,6 +61,7 @@ class LLM:
         made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments are `LLMEngine`'s."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
+        from qwen35.weights.gguf import is_gguf
         from qwen35.weights.hub import resolve_model_path
         from qwen35.weights.loader import auto_dtype
 
@@ -77,6 +78,9 @@ class LLM:
                              seed=seed if seed is not None else 0, quantization=quantization)
             if Path(name).expanduser().is_dir():
                 folder = Path(name).expanduser()
+            elif is_gguf(name):  # tokenizer files beside the GGUF, else the built-in Qwen3.5 vocabulary
+                beside = Path(name).expanduser().parent
+                folder = beside if (beside / "tokenizer.json").is_file() else None
             elif load_format != "dummy" or (name.count("/") == 1 and not _is_preset(name)):
                 folder = resolve_model_path(name, weights=False)
         self.model = net

@@ -20,13 +20,14 @@ from qwen35.ops.quant import FP8, QuantExperts, QuantLinear
 from qwen35.ops.quant.fp8 import scale_rows
 from qwen35.weights.dummy import init_dummy_weights
 from qwen35.weights.fp8 import FP8Plan, FP8Spec, plan_fp8
+from qwen35.weights.gguf import is_gguf
 from qwen35.weights.hub import resolve_model_path
 from qwen35.weights.names import Target, target_of
 from qwen35.weights.safetensors_io import CheckpointError, SafetensorsReader, checkpoint_files, tensor_shapes
 
 log = logging.getLogger("qwen35")
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = (None, "int8", "fp8")
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints of 1 GiB or more
 
@@ -134,6 +135,10 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) 
             init_dummy_weights(model, seed=seed)
             model.load_report = ["dummy weights (random, seeded)"]
         return model
+    if load_format == "gguf" or (load_format == "auto" and is_gguf(path_or_id)):
+        from qwen35.weights.gguf import load_gguf
+
+        return load_gguf(path_or_id, dtype, device, progress=progress)
     folder = resolve_model_path(str(path_or_id), weights=True)
     config = ModelConfig.from_file(folder)
     spec = FP8Spec.from_config(config.quantization) if config.quantization is not None else None
