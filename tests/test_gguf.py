@@ -4,6 +4,7 @@ by name."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,7 +59,7 @@ def converted(request, tmp_path_factory):
 def test_f32_gguf_equals_transformers(converted):
     hf, _, path = converted
     ours = qwen35.load_model(path, dtype=torch.float32)
-    assert any("GGUF" in line for line in ours.load_report)
+    assert any("GGUF" in line and "F32" in line for line in ours.load_report)
     t = ours.config.text
     assert t.linear_num_key_heads != t.linear_num_value_heads and t.is_moe == ("moe" in hf.config.model_type)
     assert_logits_close(ours(IDS), hf_logits(hf, IDS), rel=1e-4)
@@ -102,7 +103,12 @@ def test_cli_info_reads_a_gguf(converted, capsys):
 
     _, _, path = converted
     assert main(["info", str(path), "--context", "4096"]) == 0
-    assert "params_total" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "params_total" in text and "GGUF file" in text and "  F32" in text
+    assert main(["info", str(path), "--json"]) == 0
+    by_type = json.loads(capsys.readouterr().out)["gguf_bytes_by_type"]
+    assert by_type["F32"]["bytes"] == 4 * by_type["F32"]["elements"]
+    assert sum(r["bytes"] for r in by_type.values()) <= path.stat().st_size
 
 
 def test_bad_gguf_files_are_named(converted, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qwen35.config import ModelConfig, find_preset
 from qwen35.model_info import full_attention_twin, model_info
-from qwen35.weights.gguf import is_gguf, read_gguf_config
+from qwen35.weights.gguf import gguf_bytes_by_type, is_gguf, read_gguf_config
 from qwen35.weights.hub import resolve_model_path
 
 
@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
         quant = "fp8"
     info = model_info(cfg, args.context, args.batch, quantization=quant)
     twin = model_info(full_attention_twin(cfg), args.context, args.batch, quantization=quant)
+    by_type = gguf_bytes_by_type(args.model) if is_gguf(args.model) else None
     if args.json:
-        print(json.dumps({"model": args.model, **info.as_dict(), "full_attention_twin": twin.as_dict()}, indent=2))
+        extra = {"gguf_bytes_by_type": by_type} if by_type is not None else {}
+        print(json.dumps({"model": args.model, **info.as_dict(), **extra, "full_attention_twin": twin.as_dict()},
+                         indent=2))
         return 0
     fmt = info.quantization or "bf16"
     t = cfg.text
@@ -71,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         ("all-full-attention twin: total", _gib(twin.total_bytes)),
         ("cache ratio twin / hybrid", f"{twin.cache_bytes / info.cache_bytes:.2f}x"),
     ]
+    if by_type is not None:
+        total = sum(r["bytes"] for r in by_type.values())
+        rows.insert(7, ("GGUF file (all tensors, MTP included)", _gib(total)))
+        for i, (kind, r) in enumerate(by_type.items()):
+            rows.insert(8 + i, (f"  {kind}", f"{r['tensors']} tensors, {r['elements']:,} weights, {_gib(r['bytes'])}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -161,6 +161,18 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
     return config_from_gguf(_open(first), first)[0]
 
 
+def gguf_bytes_by_type(path: str | Path) -> dict[str, dict[str, int]]:
+    """Tensors, elements and bytes of each GGUF tensor type over all split files (`qwen35 info x.gguf`)."""
+    out: dict[str, dict[str, int]] = {}
+    for f in gguf_shards(path):
+        for x in _open(f).tensors:
+            row = out.setdefault(x.tensor_type.name, {"tensors": 0, "elements": 0, "bytes": 0})
+            row["tensors"] += 1
+            row["elements"] += int(x.n_elements)
+            row["bytes"] += int(x.n_bytes)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 def _grouped_from_tiled(t: torch.Tensor, dim: int, num_k: int, per_k: int, head_dim: int) -> torch.Tensor:
     """Undo the converter's value-head reorder along `dim`: tiled [r][k][d] back to grouped [k][r][d]."""
     shape = list(t.shape)
@@ -257,7 +269,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
                  (("missing tensors", missing), ("unexpected tensors", unexpected),
                   ("tensors with the wrong shape", misshapen)) if items]
         raise CheckpointError(f"{files[0]} does not match its own metadata:\n" + "\n".join(parts))
-    report = [f"GGUF {files[0].name}: {len(tensors) - len(mtp)} tensors widened to {dtype}"]
+    kinds: dict[str, int] = {}
+    for name, x in tensors.items():
+        if name not in mtp:
+            kinds[x.tensor_type.name] = kinds.get(x.tensor_type.name, 0) + 1
+    report = [f"GGUF {files[0].name}: {len(tensors) - len(mtp)} tensors widened to {dtype} ("
+              + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) + ")"]
     if mtp:
         report.append(f"GGUF MTP layer ({len(mtp)} tensors of blk.{t.num_hidden_layers}) not loaded yet")
     for line in report:
