@@ -140,3 +140,16 @@ def test_unknown_architecture_is_refused(tmp_path):
     w.close()
     with pytest.raises(ConfigError, match="general.architecture='llama' is not a Qwen3.5 model"):
         qwen35.load_model(path)
+
+
+def test_a_gguf_alone_uses_the_builtin_vocabulary_only_if_it_is_the_same(converted, tmp_path):
+    from qwen35.weights.gguf import check_builtin_vocabulary
+
+    _, _, path = converted
+    alone = tmp_path / "alone.gguf"
+    shutil.copy(path, alone)  # no tokenizer.json beside it
+    llm = qwen35.LLM(str(alone), dtype="float32", kv_cache_memory_bytes=1 << 22)
+    assert llm.model.gguf_vocabulary[0] == 248077  # the file's own tokens (its [PAD] fillers left out)
+    assert llm.tokenizer.encode("Hello world") == qwen35.load_tokenizer(None).encode("Hello world")
+    with pytest.raises(CheckpointError, match="differs from the built-in Qwen3.5 vocabulary"):
+        check_builtin_vocabulary(llm.tokenizer, (248077, "0" * 40), str(alone))

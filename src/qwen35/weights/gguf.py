@@ -173,6 +173,33 @@ def gguf_bytes_by_type(path: str | Path) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
 
 
+def vocabulary_digest(tokens) -> tuple[int, str]:
+    """(count, sha1) of a vocabulary's token strings in id order, the converter's `[PAD<id>]` fillers (ids past
+    the real vocabulary, up to the padded embedding size) left out: compares a GGUF's vocabulary with a
+    tokenizer's."""
+    import hashlib
+
+    real = [t for t in tokens if not (t.startswith("[PAD") and t.endswith("]"))]
+    return len(real), hashlib.sha1("\n".join(real).encode()).hexdigest()
+
+
+def check_builtin_vocabulary(tokenizer, digest: tuple[int, str], path: str) -> None:
+    """Refuse to pair a GGUF with the built-in Qwen3.5 vocabulary when its own vocabulary differs (a fine-tune
+    with other tokens): ids would silently mean other text."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if vocabulary_digest(ordered) != digest:
+        raise CheckpointError(f"{path}: the GGUF's vocabulary ({digest[0]} tokens) differs from the built-in Qwen3.5 "
+                              f"vocabulary ({len(ordered)} tokens): put the model's tokenizer.json beside the GGUF")
+
+
+def _gguf_tokens(reader) -> list[str] | None:
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return None
+    return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
+
+
 def _grouped_from_tiled(t: torch.Tensor, dim: int, num_k: int, per_k: int, head_dim: int) -> torch.Tensor:
     """Undo the converter's value-head reorder along `dim`: tiled [r][k][d] back to grouped [k][r][d]."""
     shape = list(t.shape)
@@ -281,4 +308,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
         log.info(line)
     model.load_report = report
     model.quantization = None
+    tokens = _gguf_tokens(readers[0])
+    model.gguf_vocabulary = vocabulary_digest(tokens) if tokens is not None else None
     return model
