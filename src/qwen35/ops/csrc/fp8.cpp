@@ -27,6 +27,7 @@
 #include <cstring>
 #include <vector>
 #include "bf16_dot.h"
+#include "moe_common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define QWEN35_FP8_AVX512 1
@@ -39,6 +40,7 @@
 namespace {
 
 using namespace qwen35_bf16;
+using namespace qwen35_moe;
 
 constexpr int64_t kBlock = 128;  // scale block along K
 constexpr int64_t kChunk = 64;   // weights decoded per step
@@ -58,8 +60,6 @@ struct E4m3Table {
 };
 const E4m3Table kE4m3;
 
-inline float round_bf16(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
-inline uint16_t bits_bf16(float v) { return at::BFloat16(v).x; }  // round to nearest even
 
 // Software prefetch into L2 this many bytes ahead of the weight stream (two lines per 128 weights). Streaming a
 // batch-1 GEMV from DRAM on 2 threads (Xeon, 2-core VM): 1 KB ahead 17 GB/s, 2 KB 20, 4 KB 23, 8-16 KB no better.
@@ -475,13 +475,7 @@ torch::Tensor moe_experts_fp8(torch::Tensor x, torch::Tensor gu_q, torch::Tensor
   const int64_t P = M * k;
   auto out = torch::empty({M, H}, x.options());
   if (P == 0 || H == 0) return out.zero_();
-  // per token, its slots in ascending expert id (the twin's accumulation order)
-  std::vector<int64_t> order(P);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < k; ++j) order[m * k + j] = m * k + j;
-    std::stable_sort(order.begin() + m * k, order.begin() + (m + 1) * k,
-                     [&](int64_t a, int64_t b) { return idp[a] < idp[b]; });
-  }
+  const std::vector<int64_t> order = slots_by_expert(idp, M, k);
   const Prepared xp(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, H, x.stride(0));
   const uint8_t* gu = static_cast<const uint8_t*>(gu_q.data_ptr());
   const uint8_t* dn = static_cast<const uint8_t*>(dn_q.data_ptr());
@@ -530,13 +524,6 @@ torch::Tensor moe_experts_fp8(torch::Tensor x, torch::Tensor gu_q, torch::Tensor
   });
 
   // pass 3: each token's experts summed in ascending id order, rounded to bf16 after each step (index_add_)
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < H; ++n) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) acc = round_bf16(acc + y[order[m * k + j] * H + n]);
-      op[m * H + n] = static_cast<at::BFloat16>(acc);
-    }
-  }
+  sum_in_expert_order(y, order, M, k, H, out.data_ptr<at::BFloat16>());
   return out;
 }

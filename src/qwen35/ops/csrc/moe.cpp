@@ -16,17 +16,13 @@
 #include <cmath>
 #include <vector>
 #include "bf16_dot.h"
+#include "moe_common.h"
 
 namespace {
 
 using namespace qwen35_bf16;
+using namespace qwen35_moe;
 
-inline float round_bf16(float v) { return static_cast<float>(static_cast<at::BFloat16>(v)); }
-
-inline uint16_t bits_bf16(float v) {
-  const at::BFloat16 b(v);  // round to nearest even
-  return b.x;
-}
 
 }  // namespace
 
@@ -50,13 +46,7 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Te
   for (int64_t i = 0; i < M * k; ++i)
     TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_experts_bf16: expert id ", idp[i], " out of range [0, ", E, ")");
   const int64_t P = M * k;
-  // per token, its slots in ascending expert id (the twin's accumulation order)
-  std::vector<int64_t> order(P);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < k; ++j) order[m * k + j] = m * k + j;
-    std::stable_sort(order.begin() + m * k, order.begin() + (m + 1) * k,
-                     [&](int64_t a, int64_t b) { return idp[a] < idp[b]; });
-  }
+  const std::vector<int64_t> order = slots_by_expert(idp, M, k);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const uint16_t* gu = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   const uint16_t* dn = reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>());
@@ -98,13 +88,6 @@ torch::Tensor moe_experts_bf16(torch::Tensor x, torch::Tensor gate_up, torch::Te
 
   // pass 3: each token's experts summed in ascending id order, rounded to bf16 after each step (index_add_)
   auto out = torch::empty({M, H}, x.options());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < H; ++n) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) acc = round_bf16(acc + y[order[m * k + j] * H + n]);
-      op[m * H + n] = static_cast<at::BFloat16>(acc);
-    }
-  }
+  sum_in_expert_order(y, order, M, k, H, out.data_ptr<at::BFloat16>());
   return out;
 }
