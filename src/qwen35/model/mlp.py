@@ -8,12 +8,8 @@ from torch import nn
 
 from qwen35.config import TextConfig
 from qwen35.ops import cpu_kernels
-from qwen35.ops.experts import ExpertDispatch
+from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS, ExpertDispatch
 from qwen35.ops.linear import Linear, linear, run_projections
-
-# Token counts up to this run the routed experts in the compiled kernel (csrc/moe.cpp); larger batches (prefill)
-# loop over the experts with one matrix product per expert, which the kernel's per-token reads would not beat.
-MOE_KERNEL_MAX_TOKENS = 8
 
 
 class SwiGLU(nn.Module):

@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Token counts up to this run the routed experts in a compiled kernel (csrc/moe.cpp, csrc/fp8.cpp), whatever the
+# format; larger batches (prefill) loop over the experts with one matrix product per expert, which the kernels'
+# per-token reads would not beat.
+MOE_KERNEL_MAX_TOKENS = 8
+
 
 class ExpertDispatch(nn.Module):
     """Routes tokens to the experts they chose; only those experts run. Subclasses store the weights and

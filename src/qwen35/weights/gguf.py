@@ -95,10 +95,7 @@ def _open(path: Path):
 
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else f.contents()
 
 
 def config_from_gguf(reader, path: Path) -> tuple[ModelConfig, int]:

@@ -20,13 +20,13 @@ import math
 import torch
 
 from qwen35.ops import cpu_kernels
+from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS
 from qwen35.ops.hugepages import advise_hugepages
 from qwen35.ops.quant.base import Tensors, WeightFormat
 
 BLOCK = 128
 E4M3_MAX = 448.0
 FP8_GEMV_MAX_ROWS = 32  # the FP8 GEMV's limit; above it the tile-widening GEMM (compute-bound) takes over
-MOE_KERNEL_MAX_TOKENS = 8  # as for bf16 experts (model/mlp.py)
 
 
 def scale_rows(rows: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
