@@ -89,8 +89,7 @@ class LLMEngine:
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {max_model_len!r}")
 
-        param = model.head_weight
-        dtype, device = param.dtype, param.device
+        dtype, device = model.dtype, model.device
         budget_given = kv_cache_memory_bytes is not None
         if kv_cache_memory_bytes is None:
             kv_cache_memory_bytes = default_cache_budget(device)

@@ -23,8 +23,7 @@ from qwen35.multimodal.inputs import VisionFeatureCache
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, plan: CachePlan):
         self.model = model
-        p = model.head_weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.vocab_size = model.config.text.vocab_size
         # Storage only: its own free lists are not used, the engine's CacheManager hands slots and blocks out.
         self.cache = HybridCache(model.config.text, plan.num_slots, plan.num_blocks, plan.block_size,

@@ -39,6 +39,15 @@ class Qwen35Model(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (that of the final norm: every format keeps norms in the model dtype)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
     def head_weight(self) -> torch.Tensor:
         """The head's weight (the embedding when tied); for a quantised head, the embedding, whose dtype
         and device are the model's."""
@@ -96,9 +105,8 @@ class Qwen35Model(nn.Module):
 
     def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
         """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""
-        p = self.head_weight
-        return HybridCache(self.config.text, num_slots, -(-max_tokens // block_size), block_size, dtype=p.dtype,
-                           device=p.device, extra_attention_layers=1 if self.mtp is not None else 0)
+        return HybridCache(self.config.text, num_slots, -(-max_tokens // block_size), block_size, dtype=self.dtype,
+                           device=self.device, extra_attention_layers=1 if self.mtp is not None else 0)
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,

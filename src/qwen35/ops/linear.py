@@ -95,7 +95,8 @@ class FusedLinears:
 
         if all(type(p) is Linear for p in parts):
             ws = [p.weight for p in parts]
-        elif all(isinstance(p, QuantLinear) for p in parts) and len({p.fmt for p in parts}) == 1:
+        elif (all(isinstance(p, QuantLinear) and p.in_order is None for p in parts)
+              and len({p.fmt for p in parts}) == 1):
             ws = [p.tensors[p.fmt.fields[0]] for p in parts]
         else:
             return None

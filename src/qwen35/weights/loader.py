@@ -75,7 +75,8 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     preset name (`Qwen3.5-397B-A17B`) or a folder holding only `config.json`.
     `quantization="int8"`: weight-only int8 (per-row scales) for the linear layers after loading;
     `quantization="fp8"`: block-128 FP8 made at load from a BF16 checkpoint (a no-op on an FP8 checkpoint).
-    FP8 checkpoints stay in 8 bits, except with `dtype=float32`, which widens them exactly.
+    FP8 checkpoints stay in 8 bits, except with `dtype=float32`, which widens them exactly. GGUF files (`x.gguf`,
+    the first of split files) likewise keep their Q8_0 / Q4_K / Q5_K / Q6_K tensors quantized below float32.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
@@ -94,10 +95,12 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
 
 def auto_dtype(path_or_id: str | Path, device: torch.device | str, load_format: str = "auto",
                quantization: str | None = None) -> torch.dtype:
-    """dtype "auto": bfloat16 on a GPU, and for FP8 weights (an FP8 checkpoint or quantization="fp8"), which
-    stay in 8 bits only below float32; float32 otherwise on CPU (exact)."""
+    """dtype "auto": bfloat16 on a GPU, for FP8 weights (an FP8 checkpoint or quantization="fp8") and for GGUF
+    files, which stay quantized only below float32; float32 otherwise on CPU (exact)."""
     if torch.device(device).type == "cuda" or quantization == "fp8":
         return torch.bfloat16
+    if load_format in ("auto", "gguf") and is_gguf(path_or_id):
+        return torch.bfloat16  # GGUF blocks stay quantized only below float32
     if load_format != "dummy":
         p = Path(path_or_id).expanduser()
         config = p / "config.json" if p.is_dir() else None
@@ -138,6 +141,9 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) 
     if load_format == "gguf" or (load_format == "auto" and is_gguf(path_or_id)):
         from qwen35.weights.gguf import load_gguf
 
+        if quantization is not None:
+            raise ValueError(f"{path_or_id} is a GGUF file: quantization={quantization!r} cannot be applied to it "
+                             "(its tensors keep their GGUF types below float32)")
         return load_gguf(path_or_id, dtype, device, progress=progress)
     folder = resolve_model_path(str(path_or_id), weights=True)
     config = ModelConfig.from_file(folder)

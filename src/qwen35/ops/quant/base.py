@@ -73,9 +73,11 @@ class WeightFormat:
 
     @classmethod
     def experts_kernel(cls, x: torch.Tensor, gate_up: Mapping[str, torch.Tensor], down: Mapping[str, torch.Tensor],
-                       ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+                       ids: torch.Tensor, weights: torch.Tensor,
+                       down_fmt: type[WeightFormat] | None = None) -> torch.Tensor | None:
         """The routed experts of a MoE block in one compiled kernel, or None where none applies (the
-        dispatch loop in `ops/experts.py` then runs, the kernel's twin)."""
+        dispatch loop in `ops/experts.py` then runs, the kernel's twin). `down_fmt`: the down projection's
+        format when it differs from gate_up's (GGUF mixes store them in different block types)."""
         return None
 
     @classmethod
@@ -84,16 +86,24 @@ class WeightFormat:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear layer whose weight is stored in `fmt`; `forward` is `fmt.linear`."""
+    """A bias-free linear layer whose weight is stored in `fmt`; `forward` is `fmt.linear`.
+
+    `in_order` (optional, int64 [in_features]): the stored weight's columns are in another order than the
+    layer's inputs; column i multiplies input in_order[i]. Formats whose blocks run along the columns cannot
+    reorder them without widening, so the input is gathered instead (one index_select of the activations)."""
 
     def __init__(self, fmt: type[WeightFormat], tensors: Mapping[str, torch.Tensor], in_features: int,
-                 out_features: int):
+                 out_features: int, in_order: torch.Tensor | None = None):
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = in_features, out_features
         derived = fmt.derived([out_features])
         for f in fmt.fields:  # derived fields follow from the shape: not part of a checkpoint
             self.register_buffer(f, tensors[f], persistent=f not in derived)
+        if in_order is not None and tuple(in_order.shape) != (in_features,):
+            raise ValueError(f"in_order has shape {list(in_order.shape)}, expected [{in_features}]")
+        self.in_order: torch.Tensor | None
+        self.register_buffer("in_order", in_order)
 
     @classmethod
     def from_weight(cls, fmt: type[WeightFormat], weight: torch.Tensor) -> QuantLinear:
@@ -114,13 +124,46 @@ class QuantLinear(nn.Module):
         return {f: getattr(self, f) for f in self.fmt.fields}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.fmt.dequantize(self.tensors, dtype)
+        """The weight in the layer's own input order."""
+        w = self.fmt.dequantize(self.tensors, dtype)
+        return w if self.in_order is None else w.index_select(-1, torch.argsort(self.in_order))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_order is not None:
+            x = x.index_select(-1, self.in_order)
         return self.fmt.linear(x, self.tensors)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt.name}, in_features={self.in_features}, out_features={self.out_features}"
+        order = ", inputs reordered" if self.in_order is not None else ""
+        return f"{self.fmt.name}, in_features={self.in_features}, out_features={self.out_features}{order}"
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding stored in `fmt` (GGUF files quantize it; widening the 0.8B's would double its memory):
+    a lookup widens only the rows it reads, to `dtype`. A tied head multiplies by the same buffer
+    (`QuantLinear(fmt, {"qweight": emb.qweight}, ...)`)."""
+
+    def __init__(self, fmt: type[WeightFormat], tensors: Mapping[str, torch.Tensor], num_embeddings: int,
+                 embedding_dim: int, dtype: torch.dtype):
+        super().__init__()
+        if not hasattr(fmt, "dequantize_rows"):
+            raise ValueError(f"format {fmt.name} cannot serve as an embedding (no row lookup)")
+        self.fmt, self.dtype = fmt, dtype
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        for f in fmt.fields:
+            self.register_buffer(f, tensors[f])
+
+    @property
+    def tensors(self) -> Tensors:
+        return {f: getattr(self, f) for f in self.fmt.fields}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        return self.fmt.dequantize_rows(self.tensors[self.fmt.fields[0]], ids, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, {self.num_embeddings}, {self.embedding_dim}"
 
 
 class QuantExperts(ExpertDispatch):
@@ -130,11 +173,16 @@ class QuantExperts(ExpertDispatch):
     PROJ = ("gate_up_proj", "down_proj")
 
     def __init__(self, fmt: type[WeightFormat], gate_up: Mapping[str, torch.Tensor],
-                 down: Mapping[str, torch.Tensor]):
+                 down: Mapping[str, torch.Tensor], down_fmt: type[WeightFormat] | None = None,
+                 inner: int | None = None):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.down_fmt = fmt, down_fmt or fmt
+        if self.down_fmt.fields != fmt.fields:
+            raise ValueError(f"experts in {fmt.name} and {self.down_fmt.name}: formats with other fields")
         self.num_experts = gate_up[fmt.fields[0]].shape[0]
-        self.hidden, self.inner = down[fmt.fields[0]].shape[-2:]
+        self.hidden = down[fmt.fields[0]].shape[-2]
+        # the stored inner size, unless the format packs it (GGUF rows are bytes: the caller says)
+        self.inner = inner if inner is not None else down[fmt.fields[0]].shape[-1]
         derived = fmt.derived([self.hidden])
         for proj, t in zip(self.PROJ, (gate_up, down), strict=True):
             for f in fmt.fields:
@@ -147,9 +195,13 @@ class QuantExperts(ExpertDispatch):
 
     @classmethod
     def empty(cls, fmt: type[WeightFormat], num_experts: int, hidden: int, inner: int,
-              device: torch.device | str = "cpu") -> QuantExperts:
+              device: torch.device | str = "cpu", down_fmt: type[WeightFormat] | None = None) -> QuantExperts:
+        down_fmt = down_fmt or fmt
         return cls(fmt, fmt.empty([inner, inner], hidden, num_experts, device),
-                   fmt.empty([hidden], inner, num_experts, device))
+                   down_fmt.empty([hidden], inner, num_experts, device), down_fmt, inner)
+
+    def proj_format(self, proj: str) -> type[WeightFormat]:
+        return self.down_fmt if proj == "down_proj" else self.fmt
 
     def reset_buffers(self) -> None:
         for proj, rows in (("gate_up_proj", [self.inner, self.inner]), ("down_proj", [self.hidden])):
@@ -161,15 +213,17 @@ class QuantExperts(ExpertDispatch):
         return {f: getattr(self, f"{proj}_{f}") for f in self.fmt.fields}
 
     def dequantize(self, proj: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.fmt.dequantize(self.proj_tensors(proj), dtype)
+        return self.proj_format(proj).dequantize(self.proj_tensors(proj), dtype)
 
     def expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.fmt.linear(x, self.fmt.expert(self.proj_tensors(name), e))
+        fmt = self.proj_format(name)
+        return fmt.linear(x, fmt.expert(self.proj_tensors(name), e))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         y = self.fmt.experts_kernel(x, self.proj_tensors("gate_up_proj"), self.proj_tensors("down_proj"), ids,
-                                    weights)
+                                    weights, down_fmt=self.down_fmt)
         return y if y is not None else super().forward(x, weights, ids)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt.name}, num_experts={self.num_experts}"
+        down = f" (down {self.down_fmt.name})" if self.down_fmt is not self.fmt else ""
+        return f"{self.fmt.name}{down}, num_experts={self.num_experts}"

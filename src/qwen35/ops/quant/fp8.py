@@ -126,9 +126,10 @@ class FP8(WeightFormat):
         return {"qweight": q, "scale": scale, "srow": srow}, views
 
     @classmethod
-    def experts_kernel(cls, x, gate_up, down, ids, weights) -> torch.Tensor | None:
-        if not (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MOE_KERNEL_MAX_TOKENS
-                and x.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16):
+    def experts_kernel(cls, x, gate_up, down, ids, weights, down_fmt=None) -> torch.Tensor | None:
+        if not (down_fmt in (None, cls) and x.device.type == "cpu" and x.dim() == 2
+                and x.shape[0] <= MOE_KERNEL_MAX_TOKENS and x.dtype == torch.bfloat16
+                and weights.dtype == torch.bfloat16):
             return None
         k = cpu_kernels.kernels()
         if k is None or not hasattr(k, "moe_experts_fp8"):

@@ -1,0 +1,159 @@
+"""GGUF files kept quantized (Q8_0, Q4_K, Q5_K, Q6_K in their blocks, below float32) against the same files widened
+exactly: the reorders done on whole rows of bytes (and the ssm_out column reorder by gathering the input) give
+the same weights; the model's logits agree; the block twins equal gguf's own dequantizer bit for bit.
+
+Files are written by tests/gguf_files.py (gguf's writer, the converter's layout), in a mix of types like
+llama.cpp's Q4_K_M (Q4_K, Q5_K, Q6_K, Q8_0, and a Q4_0 tensor that has no kernel and is widened)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf_files import dummy_model, random_blocks, write_gguf
+
+import qwen35
+from conftest import assert_logits_close
+from qwen35.ops import cpu_kernels
+from qwen35.ops.quant import QuantExperts, QuantLinear
+from qwen35.ops.quant.base import QuantEmbedding
+from qwen35.ops.quant.gguf import KEPT_TYPES
+from qwen35.weights import CheckpointError
+from qwen35.weights.gguf import load_gguf
+
+gguf = pytest.importorskip("gguf")
+T = gguf.GGMLQuantizationType
+IDS = torch.randint(0, 500, (1, 37), generator=torch.Generator().manual_seed(1))
+
+
+def mix(name: str, shape: tuple[int, ...]) -> int:
+    """A Q4_K_M-like mix: K-quants where the row length allows, Q8_0 elsewhere, one Q4_0 tensor, routers in F32."""
+    if name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")):
+        return T.F32
+    k = shape[-1]
+    if k % 256:
+        return T.Q8_0
+    if name == "blk.0.ffn_up_shexp.weight" or name == "blk.0.ffn_up.weight":
+        return T.Q4_0  # no kernel: widened
+    if name.endswith(("ffn_down.weight", "ffn_down_exps.weight", "ssm_out.weight", "output.weight", "attn_v.weight")):
+        return T.Q6_K if not name.startswith("blk.1.") else T.Q5_K  # llama.cpp varies these by layer
+    if name.endswith(("attn_gate.weight", "token_embd.weight")):
+        return T.Q5_K
+    if name.endswith(("ssm_alpha.weight", "ssm_beta.weight", "attn_k.weight", "ffn_gate_shexp.weight")):
+        return T.Q8_0
+    return T.Q4_K
+
+
+@pytest.fixture(scope="module", params=["dense-tied", "moe"])
+def mixed(request, tmp_path_factory):
+    moe = request.param == "moe"
+    folder = tmp_path_factory.mktemp(f"gguf-quant-{request.param}")
+    model = dummy_model(folder, moe=moe, tied=not moe)
+    path = write_gguf(model, folder / "model-mix.gguf", mix)
+    return path, qwen35.load_model(path, dtype=torch.float32)
+
+
+def _random_rows(fmt, rows: int, k: int, rng) -> np.ndarray:
+    if fmt.name == "q8_0":
+        return gguf.quants.quantize(rng.standard_normal((rows, k)).astype(np.float32), T.Q8_0)
+    return random_blocks(fmt.ggml_type, (rows, k), rng)
+
+
+@pytest.mark.parametrize("fmt", list(KEPT_TYPES.values()), ids=lambda f: f.name)
+def test_block_twins_equal_gguf_dequantize_bit_for_bit(fmt):
+    rng = np.random.default_rng(0)
+    for rows, blocks in ((1, 1), (7, 3), (64, 5)):
+        data = _random_rows(fmt, rows, blocks * fmt.block_elems, rng)
+        data[0, :4] = rng.integers(0, 256, 4, dtype=np.uint8) if fmt.name != "q6_k" else data[0, :4]
+        ref = gguf.quants.dequantize(data, T(fmt.ggml_type))
+        ours = fmt.dequantize({"qweight": torch.from_numpy(data)}).numpy()
+        finite = np.isfinite(ref)
+        assert np.array_equal(np.isfinite(ours), finite)
+        assert np.array_equal(ours[finite].view(np.uint32), ref[finite].view(np.uint32))
+
+
+def test_kept_modules_hold_the_widened_weights(mixed):
+    """Every kept module widened by its twin equals the file widened at load (float32), bit for bit: the byte-row
+    value-head reorders and the gathered ssm_out inputs put every weight where the widened path puts it."""
+    path, exact = mixed
+    kept = qwen35.load_model(path, dtype=torch.bfloat16)
+    assert kept.quantization == "gguf"
+    assert any("kept quantized" in line for line in kept.load_report)
+    assert any("widened" in line and "ffn_up" in line for line in kept.load_report)  # the Q4_0 tensor named
+    ref = dict(exact.named_parameters())
+    seen = {"linear": 0, "experts": 0, "reordered": 0}
+    for name, m in kept.named_modules():
+        if isinstance(m, QuantLinear) and name != "lm_head":
+            assert torch.equal(m.dequantize(torch.float32), ref[f"{name}.weight"]), name
+            seen["linear"] += 1
+            seen["reordered"] += m.in_order is not None
+        elif isinstance(m, QuantExperts):
+            for proj in ("gate_up_proj", "down_proj"):
+                assert torch.equal(m.dequantize(proj, torch.float32), ref[f"{name}.{proj}"]), (name, proj)
+            seen["experts"] += 1
+    assert seen["linear"] > 10 and seen["reordered"] == 3  # the three GDN layers' out_proj
+    assert seen["experts"] == (5 if kept.config.text.is_moe else 0)  # four layers and the MTP layer's
+    emb = kept.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding)
+    ids = torch.tensor([0, 5, 511, 5])
+    torch.testing.assert_close(emb(ids), exact.model.embed_tokens(ids).to(torch.bfloat16), rtol=0, atol=0)
+    if kept.config.text.tie_word_embeddings:  # the tied head reads the embedding's blocks, no copy
+        assert kept.lm_head.qweight.data_ptr() == emb.qweight.data_ptr()
+    assert kept.mtp is not None and isinstance(kept.mtp.fc, QuantLinear)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "twins"])
+def test_kept_model_agrees_with_the_widened_one(mixed, kernels):
+    path, exact = mixed
+    previous = cpu_kernels.set_enabled(kernels)
+    try:
+        kept = qwen35.load_model(path, dtype=torch.bfloat16)
+        widened = load_gguf(path, torch.bfloat16, keep_quantized=False)  # the same values rounded to bf16
+        a, b = kept(IDS), widened(IDS)
+        assert_logits_close(a, b, rel=3e-2)  # (bf16 against fp32 differs more: MoE routing flips under rounding)
+        agree = (a[0].argmax(-1) == b[0].argmax(-1)).float().mean()
+        assert agree >= 0.9, float(agree)
+    finally:
+        cpu_kernels.set_enabled(previous)
+
+
+def test_engine_runs_a_kept_gguf(mixed):
+    """dtype "auto" keeps the blocks; greedy tokens equal the model's own greedy continuation."""
+    path, _ = mixed
+    llm = qwen35.LLM(str(path), kv_cache_memory_bytes=1 << 24, skip_tokenizer_init=True)
+    assert llm.model.quantization == "gguf" and llm.model.dtype == torch.bfloat16
+    prompt = IDS[0, :20].tolist()
+    out = llm.generate([{"prompt_token_ids": prompt}], qwen35.SamplingParams(temperature=0, max_tokens=4,
+                                                                           ignore_eos=True))
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(int(llm.model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out[0].outputs[0].token_ids == seq[len(prompt):]
+
+
+def test_quantization_option_is_refused_on_a_gguf(mixed):
+    path, _ = mixed
+    with pytest.raises(ValueError, match="is a GGUF file: quantization='int8'"):
+        qwen35.load_model(path, quantization="int8")
+
+
+def test_bad_tensor_data_is_named(mixed, tmp_path):
+    path, _ = mixed
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])  # header intact, the last tensor's bytes cut short
+    with pytest.raises(CheckpointError, match=r"cut.gguf: tensor .* runs past the end of the file"):
+        qwen35.load_model(cut)
+    # an unknown type id in the tensor directory
+    from qwen35.weights.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    first = f.tensors[0]
+    name = first.name.encode()
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    nd = int.from_bytes(data[at:at + 4], "little")
+    type_at = at + 4 + 8 * nd
+    odd = tmp_path / "odd.gguf"
+    odd.write_bytes(data[:type_at] + (77).to_bytes(4, "little") + data[type_at + 4:])
+    with pytest.raises(CheckpointError, match=f"odd.gguf: tensor {first.name} has GGUF type id 77"):
+        qwen35.load_model(odd)
