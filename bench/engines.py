@@ -61,6 +61,9 @@ class Ours:
         self.cache = self.seqs = None
         self.cache = self.model.new_cache(num_slots=n_seqs, max_tokens=n_seqs * (max_len + 16))
         self.seqs = [self.cache.new_sequence() for _ in range(n_seqs)]
+        c = self.cache
+        self.cache_bytes = sum(t.numel() * t.element_size() for d in (c.conv, c.recurrent, c.k, c.v)
+                               for t in d.values())
 
     def _forward(self, seqs, chunks) -> list[int]:
         from qwen35.model import ForwardBatch
@@ -298,4 +301,5 @@ class Llama:
         raise Unsupported("llama.cpp: no synthetic context")
 
 
-ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "ours-fp8": Ours, "hf": HF, "llama": Llama}
+ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "ours-fp8": Ours, "ours-gguf": Ours, "hf": HF,
+           "llama": Llama}

@@ -252,11 +252,33 @@ CONVERTER_HELP = (
     f"\n  tar xzf /tmp/llama_sdist/llama_cpp_python-{LLAMA_SDIST_VERSION}.tar.gz -C /tmp/llama_sdist")
 
 
+# llama.cpp's quantize mixes (llama_ftype values of llama.h), made from the bf16 conversion
+LLAMA_QUANTIZE = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
 def make_gguf(cache: Path, name: str, outtype: str = "bf16", converter: str | None = None) -> Path:
-    """Convert a benchmark checkpoint to GGUF (once): ``convert_hf_to_gguf.py --outtype {bf16,q8_0} --no-mtp``."""
+    """Convert a benchmark checkpoint to GGUF (once): ``convert_hf_to_gguf.py --outtype {bf16,q8_0} --no-mtp``;
+    the K-quant mixes (``q4_k_m``, ``q5_k_m``, ``q6_k``) by llama.cpp's own quantize (llama-cpp-python's
+    ``llama_model_quantize``, as ``llama-quantize`` does) from the bf16 file."""
     folder = make_checkpoint(cache, name)
     out = folder / f"model-{outtype}.gguf"
     if out.exists():
+        return out
+    if outtype in LLAMA_QUANTIZE:
+        src = make_gguf(cache, name, "bf16", converter)
+        tmp = out.with_suffix(".gguf.tmp")
+        code = ("import llama_cpp as l, sys\n"
+                "p = l.llama_model_quantize_default_params()\n"
+                f"p.ftype = {LLAMA_QUANTIZE[outtype]}\np.nthread = 2\n"
+                f"sys.exit(l.llama_model_quantize({str(src).encode()!r}, {str(tmp).encode()!r}, p))")
+        _log(f"quantizing {name} to {outtype} with llama.cpp")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp quantize to {outtype} failed ({r.returncode}):\n{r.stdout[-4000:]}")
+        tmp.rename(out)
+        _log(f"GGUF {outtype} of {name} made in {time.perf_counter() - t0:.0f} s "
+             f"({out.stat().st_size / 2**30:.2f} GiB)")
         return out
     conv = find_converter(converter)
     if conv is None:

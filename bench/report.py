@@ -59,10 +59,10 @@ def value(data, section, model, engine, what, gguf=None, **task):
     return _med([metric(r, what) for r in select(data, section, model, engine, gguf, **task)])
 
 
-def ratio(data, section, model, a, b, what, **task) -> float | None:
+def ratio(data, section, model, a, b, what, gguf=None, **task) -> float | None:
     """Median over rounds of the per-round ratio a/b (pairs measured next to each other)."""
-    ra = {r["round"]: metric(r, what) for r in select(data, section, model, a, **task)}
-    rb = {r["round"]: metric(r, what) for r in select(data, section, model, b, **task)}
+    ra = {r["round"]: metric(r, what) for r in select(data, section, model, a, gguf, **task)}
+    rb = {r["round"]: metric(r, what) for r in select(data, section, model, b, gguf, **task)}
     pairs = [ra[k] / rb[k] for k in ra if k in rb and ra[k] and rb[k]]
     return _med(pairs)
 
@@ -473,6 +473,37 @@ def markdown(data: dict, plots: dict) -> str:
                   f"screen's int8 copy in both); the FP8 load's peak RSS less the bf16 run's overhead (its peak RSS "
                   f"less its weights) is {adj['ratio']:.2f}x the FP8 bytes.")
         a("")
+    # ---------------------------------------------------------------- gguf
+    if select(data, "gguf"):
+        a("## GGUF files: llama.cpp's own Q8_0 and Q4_K_M, in both engines")
+        a("")
+        a("The benchmark checkpoint converted by llama.cpp's converter (`convert_hf_to_gguf.py --outtype q8_0`, and "
+          "`--outtype bf16` then llama.cpp's quantize to Q4_K_M through `llama_cpp.llama_model_quantize`, ftype 15: "
+          "`bench/models.py make_gguf`). Both engines load the same file: llama.cpp with `llama_cpp.Llama`, qwen35 "
+          "with `qwen35.load_model(path, dtype=torch.bfloat16)`, which keeps Q8_0 / Q4_K / Q5_K / Q6_K tensors in "
+          "their blocks (`ops/quant/gguf.py`, csrc/gguf.cpp). Ratios are per-round medians.")
+        a("")
+        a("| model | file | task | qwen35 | llama.cpp | qwen35 / llama.cpp |")
+        a("|---|---|---|---|---|---|")
+        for m in sorted({r["model"] for r in select(data, "gguf")}, key=lambda x: (x != dense, x)):
+            for g in sorted({r["gguf"] for r in select(data, "gguf", m)}):
+                for kind, what, label, nd in (("prefill", "prefill_tps", "prefill 512, tok/s", 1),
+                                              ("decode", "decode_tps", "decode after 1K, tok/s", 2),
+                                              ("decode", "rss_mb", "peak RSS, MB (decode task)", 0)):
+                    r_ = ratio(data, "gguf", m, "ours-gguf", "llama", what, gguf=g, kind=kind)
+                    a(f"| {m} | {g.upper()} | {label} | {cell(data, 'gguf', m, 'ours-gguf', what, nd, g, kind=kind)} | "
+                      f"{cell(data, 'gguf', m, 'llama', what, nd, g, kind=kind)} | {fx(r_)} |")
+        a("")
+        a("qwen35's memory against what it must hold: (peak RSS - RSS before loading, i.e. torch and qwen35 "
+          "imported) / (file size + the cache it allocated for the decode task).")
+        a("")
+        for m in sorted({r["model"] for r in select(data, "gguf")}, key=lambda x: (x != dense, x)):
+            for g in sorted({r["gguf"] for r in select(data, "gguf", m)}):
+                adj = gguf_rss_ratio(data, m, g)
+                if adj is not None:
+                    a(f"- {m} {g.upper()}: file {adj['file_gb']:.3f} GB + cache {adj['cache_gb']:.3f} GB; peak RSS "
+                      f"{adj['peak_gb']:.3f} GB less {adj['base_gb']:.3f} GB before loading: {adj['ratio']:.2f}x")
+        a("")
     # ---------------------------------------------------------------- screen
     if select(data, "screen"):
         a(f"## The greedy head screen ({dense}, bf16, decode after 1K)")
@@ -665,10 +696,34 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
         if adj is not None:
             out.append((f"FP8 peak RSS <= 1.1x the FP8 bytes + the rest ({m})", f"{adj['ratio']:.2f}x",
                         adj["ratio"] <= 1.1))
+    for m in sorted({r["model"] for r in select(data, "gguf")}):
+        for g in sorted({r["gguf"] for r in select(data, "gguf", m)}):
+            add(f"GGUF {g.upper()} decode >= 1.0x llama.cpp ({m}, after 1K)",
+                ratio(data, "gguf", m, "ours-gguf", "llama", "decode_tps", gguf=g, kind="decode"), 1.0,
+                "qwen35 / llama.cpp")
+            add(f"GGUF {g.upper()} prefill >= 1.3x llama.cpp ({m}, 512)",
+                ratio(data, "gguf", m, "ours-gguf", "llama", "prefill_tps", gguf=g, kind="prefill"), 1.3,
+                "qwen35 / llama.cpp")
+            adj = gguf_rss_ratio(data, m, g)
+            if adj is not None:
+                out.append((f"GGUF {g.upper()} peak RSS <= 1.15x file + cache ({m})", f"{adj['ratio']:.2f}x",
+                            adj["ratio"] <= 1.15))
     if select(data, "q8"):
         add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
             ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
     return out
+
+
+def gguf_rss_ratio(data: dict, model: str, gguf: str) -> dict | None:
+    """qwen35's peak RSS in the GGUF decode task less its RSS before loading, over the file size plus the cache."""
+    rs = [r for r in select(data, "gguf", model, "ours-gguf", gguf, kind="decode")
+          if r.get("rss_base_mb") and r.get("file_bytes") and r.get("cache_bytes") and r.get("rss_mb")]
+    if not rs:
+        return None
+    peak, base = _med([r["rss_mb"] for r in rs]) * 2**20, _med([r["rss_base_mb"] for r in rs]) * 2**20
+    file, cache = rs[0]["file_bytes"], _med([r["cache_bytes"] for r in rs])
+    return {"peak_gb": peak / 1e9, "base_gb": base / 1e9, "file_gb": file / 1e9, "cache_gb": cache / 1e9,
+            "ratio": (peak - base) / (file + cache)}
 
 
 def fp8_bytes(cfg) -> tuple[float, float]:

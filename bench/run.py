@@ -20,8 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "ours-fp8": "qwen35 FP8",
-                "hf": "transformers", "llama": "llama.cpp"}
-SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen", "fp8")
+                "ours-gguf": "qwen35 GGUF", "hf": "transformers", "llama": "llama.cpp"}
+SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen", "fp8", "gguf")
+GGUF_TYPES = ("q8_0", "q4_k_m")  # the gguf section: files made by llama.cpp (converter, then its quantize)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,7 +165,7 @@ class Runner:
         key = (engine, model, gguf)
         if key not in self._paths:
             try:
-                if engine == "llama":
+                if engine in ("llama", "ours-gguf"):  # the same file for both
                     self._paths[key] = str(models.make_gguf(self.cache, model, gguf, self.converter))
                 elif engine == "ours-fp8":  # the official FP8 layout, loaded as such (kept in 8 bits)
                     self._paths[key] = str(models.make_fp8_checkpoint(self.cache, model))
@@ -263,9 +264,10 @@ class Runner:
                 continue
             spec = {"engine": eng, "model": model, "path": path, "task": task, "threads": self.plan["threads"],
                     "chunk": self.plan["chunk"], "flash_attn": self.plan["llama_fa"],
-                    "vocab": 500 if model.startswith("tiny") else 248044, "gguf": gguf if eng == "llama" else None,
+                    "vocab": 500 if model.startswith("tiny") else 248044,
+                    "gguf": gguf if eng in ("llama", "ours-gguf") else None,
                     "quant": ours_quant if eng == "ours" else None}
-            variant = (" " + gguf) if eng == "llama" else f" {spec['quant']}" if spec["quant"] else ""
+            variant = (" " + gguf) if spec["gguf"] else f" {spec['quant']}" if spec["quant"] else ""
             self.log(f"round {rnd + 1}: {section} {model} {ENGINE_NAMES[eng]}{variant} "
                      f"{json.dumps(task)} ...")
             res = self.worker(spec)
@@ -368,6 +370,14 @@ class Runner:
                                      ours_quant=None)
                         self.measure(sec, m, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
                                               "fill": "prefill"}, rnd, engs, gguf="q8_0", ours_quant=None)
+                elif sec == "gguf":  # llama.cpp's own files in both engines: ours keeps their blocks
+                    engs = (["ours-gguf"] if "ours" in p["engines"] else []) + [e for e in p["engines"] if e == "llama"]
+                    for m in [dense] + ([moe] if moe else []):
+                        for g in GGUF_TYPES:
+                            self.measure(sec, m, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf=g,
+                                         ours_quant=None)
+                            self.measure(sec, m, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
+                                                  "fill": "prefill"}, rnd, engs, gguf=g, ours_quant=None)
                 elif sec == "screen":  # what the greedy head screen is worth: ours with it off, same rounds
                     engs = [e for e in p["engines"] if e in ("ours", "llama")]
                     engs = engs[:1] + ["ours-fullhead"] + engs[1:] if "ours" in engs else engs

@@ -135,10 +135,15 @@ def run(spec: dict) -> dict:
         kw["quantization"] = spec["quant"]
     if spec["engine"] == "llama":
         kw = {"chunk": 512, "flash_attn": spec.get("flash_attn", "off")}
+    base = {"llama": ("llama_cpp",), "hf": ("torch", "transformers")}.get(spec["engine"], ("torch", "qwen35"))
+    for mod in base:  # the runtime's own memory, before any weights: what the model's share is measured from
+        __import__(mod)
+    rss_base = current_rss_mb()
     eng = ENGINES[spec["engine"]](spec["path"], spec.get("threads", 2), **kw)
     vocab = spec.get("vocab", 248044)
     seed = spec.get("seed", 0)
-    res: dict = {"load_s": eng.load_s}
+    res: dict = {"load_s": eng.load_s, "rss_base_mb": rss_base, "file_bytes": os.path.getsize(spec["path"])
+                 if os.path.isfile(spec["path"]) else None}
     # Warm-up: allocations, kernel selection, first-call costs.
     eng.open(1, 64)
     w = prompt(seed + 1, 32, vocab)
@@ -178,10 +183,20 @@ def run(spec: dict) -> dict:
             t0 = time.perf_counter()
             toks = eng.step(toks)
             times.append(time.perf_counter() - t0)
-        res.update(step_s=times)
+        res.update(step_s=times, cache_bytes=getattr(eng, "cache_bytes", None))
     else:
         raise ValueError(f"unknown task kind {task['kind']!r}")
     return res
+
+
+def current_rss_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_mb() -> float:

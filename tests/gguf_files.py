@@ -146,7 +146,8 @@ def random_blocks(kind: int, shape: tuple[int, ...], rng: np.random.Generator) -
     return b.reshape(*lead, nb * size)
 
 
-def write_gguf(model, path: Path, type_of: Callable[[str, tuple[int, ...]], int], seed: int = 0) -> Path:
+def write_gguf(model, path: Path, type_of: Callable[[str, tuple[int, ...]], int], seed: int = 0,
+               chat_template: str | None = None) -> Path:
     """Write `model` as a GGUF; `type_of(gguf_name, shape)` picks each tensor's type (a GGMLQuantizationType)."""
     import gguf
     from gguf.constants import GGMLQuantizationType as T
@@ -181,6 +182,8 @@ def write_gguf(model, path: Path, type_of: Callable[[str, tuple[int, ...]], int]
         w.add_uint32(f"{arch}.expert_shared_feed_forward_length", t.shared_expert_intermediate_size)
     else:
         w.add_uint32(f"{arch}.feed_forward_length", t.intermediate_size)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
     for name, value in gguf_tensors(model).items():
         kind = T(type_of(name, value.shape)) if value.ndim >= 2 else T.F32

@@ -142,8 +142,12 @@ def test_unknown_architecture_is_refused(tmp_path):
         qwen35.load_model(path)
 
 
+SAMPLES = ["Hello world", "  indented\n\tcode()  ", "数字 123,456.78 and émojis 🎉🎉", "<|im_start|>user\nhi<|im_end|>",
+           "<think>\nreason\n</think>\n\nanswer", "<tool_call>{\"a\": 1}</tool_call>"]
+
+
 def test_a_gguf_alone_uses_the_builtin_vocabulary_only_if_it_is_the_same(converted, tmp_path):
-    from qwen35.weights.gguf import check_builtin_vocabulary
+    from qwen35.weights.gguf import check_builtin_vocabulary, gguf_tokenizer
 
     _, _, path = converted
     alone = tmp_path / "alone.gguf"
@@ -153,3 +157,24 @@ def test_a_gguf_alone_uses_the_builtin_vocabulary_only_if_it_is_the_same(convert
     assert llm.tokenizer.encode("Hello world") == qwen35.load_tokenizer(None).encode("Hello world")
     with pytest.raises(CheckpointError, match="differs from the built-in Qwen3.5 vocabulary"):
         check_builtin_vocabulary(llm.tokenizer, (248077, "0" * 40), str(alone))
+    # another vocabulary (a fine-tune's): the tokenizer is built from the file's tokenizer.ggml.* metadata
+    other = gguf_tokenizer(alone, digest=(248077, "0" * 40))
+    assert other.name_or_path == str(alone)
+
+
+def test_the_tokenizer_built_from_gguf_metadata_gives_the_builtin_ids(converted):
+    """tokens, merges and token types of the converter's file make a tokenizer with the very ids of the built-in
+    Qwen3.5 vocabulary, special tokens and chat markup included; the file's chat template and EOS come along."""
+    from qwen35.tokenizer import tokenizer_from_gguf
+    from qwen35.weights.gguf_file import GGUFFile
+
+    _, _, path = converted
+    fields = GGUFFile(path).fields
+    ours, builtin = tokenizer_from_gguf(fields, str(path)), qwen35.load_tokenizer(None)
+    for text in SAMPLES:
+        assert ours.encode(text) == builtin.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.eos_token_ids[0] == fields["tokenizer.ggml.eos_token_id"]
+    assert ours.chat_template == fields.get("tokenizer.chat_template")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre='llama-bpe' is not the Qwen pre-tokenizer"):
+        tokenizer_from_gguf({**fields, "tokenizer.ggml.pre": "llama-bpe"}, "x.gguf")

@@ -23,6 +23,7 @@ from qwen35.weights.gguf import load_gguf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 IDS = torch.randint(0, 500, (1, 37), generator=torch.Generator().manual_seed(1))
 
 
@@ -49,7 +50,7 @@ def mixed(request, tmp_path_factory):
     moe = request.param == "moe"
     folder = tmp_path_factory.mktemp(f"gguf-quant-{request.param}")
     model = dummy_model(folder, moe=moe, tied=not moe)
-    path = write_gguf(model, folder / "model-mix.gguf", mix)
+    path = write_gguf(model, folder / "model-mix.gguf", mix, chat_template=TEMPLATE)
     return path, qwen35.load_model(path, dtype=torch.float32)
 
 
@@ -129,6 +130,15 @@ def test_engine_runs_a_kept_gguf(mixed):
     for _ in range(4):
         seq.append(int(llm.model(torch.tensor([seq]))[0, -1].argmax()))
     assert out[0].outputs[0].token_ids == seq[len(prompt):]
+
+
+def test_a_gguf_without_tokens_takes_the_builtin_vocabulary_and_its_own_chat_template(mixed):
+    from qwen35.weights.gguf import gguf_tokenizer
+
+    path, _ = mixed
+    tok = gguf_tokenizer(path)
+    assert tok.chat_template == TEMPLATE
+    assert tok.encode("Hello world") == qwen35.load_tokenizer(None).encode("Hello world")
 
 
 def test_quantization_option_is_refused_on_a_gguf(mixed):

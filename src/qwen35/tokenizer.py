@@ -573,3 +573,47 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
 
     backend, table = _builtin_backend(str(builtin_vocab_path()))
     return Tokenizer(backend, eos_token_ids=eos, token_bytes=table, chat_template=template, name_or_path=name)
+
+
+# GGUF token types (llama.cpp's llama_token_type): 3 control (special), 4 user-defined (added, matched whole),
+# 5 unused (the converter's [PAD<id>] fillers up to the padded embedding size).
+_GGUF_CONTROL, _GGUF_USER, _GGUF_UNUSED = 3, 4, 5
+
+
+def tokenizer_from_gguf(fields: dict, name: str | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata (tokens, merges, token types, EOS)
+    and its ``tokenizer.chat_template``: the vocabulary a fine-tune ships inside its GGUF. Only the Qwen
+    pre-tokenizer (``tokenizer.ggml.pre`` ``qwen35`` / ``qwen2``) is known here."""
+    label = name or "GGUF"
+    model, pre = fields.get("tokenizer.ggml.model"), fields.get("tokenizer.ggml.pre")
+    tokens, merges = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.merges")
+    if model != "gpt2" or not tokens or merges is None:
+        raise ValueError(f"{label}: tokenizer.ggml.model={model!r} with{'' if tokens else 'out'} tokens and "
+                         f"with{'' if merges is not None else 'out'} merges; only byte-level BPE ('gpt2') GGUF "
+                         "vocabularies are read (put the model's tokenizer.json beside the GGUF)")
+    if pre not in ("qwen35", "qwen2"):
+        raise ValueError(f"{label}: tokenizer.ggml.pre={pre!r} is not the Qwen pre-tokenizer (qwen35 / qwen2); put "
+                         "the model's tokenizer.json beside the GGUF")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{label}: {len(types)} token types for {len(tokens)} tokens")
+    vocab, added = {}, []
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind == _GGUF_UNUSED:
+            continue
+        if kind in (_GGUF_CONTROL, _GGUF_USER):
+            added.append((i, tok, kind == _GGUF_CONTROL))
+        else:
+            vocab[tok] = i
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"{label}: merge {m!r} is not two tokens separated by a space")
+        pairs.append((a, b))
+    bpe = models.BPE(vocab, pairs, ignore_merges=True, fuse_unk=False, byte_fallback=False)
+    backend = _pipeline(bpe, added)
+    eos = tuple(dict.fromkeys(int(fields[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+                              if fields.get(k) is not None)) or DEFAULT_EOS_TOKEN_IDS
+    return Tokenizer(backend, eos_token_ids=eos, chat_template=fields.get("tokenizer.chat_template"),
+                     name_or_path=name)

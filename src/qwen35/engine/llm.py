@@ -61,12 +61,12 @@ class LLM:
         made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments are `LLMEngine`'s."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
-        from qwen35.weights.gguf import check_builtin_vocabulary, is_gguf
+        from qwen35.weights.gguf import gguf_tokenizer, is_gguf
         from qwen35.weights.hub import resolve_model_path
         from qwen35.weights.loader import auto_dtype
 
         folder: Path | None = None
-        gguf_vocab = None
+        gguf_alone: Path | None = None  # a GGUF without tokenizer files beside it
         if isinstance(model, torch.nn.Module):
             net = model
         else:
@@ -79,10 +79,10 @@ class LLM:
                              seed=seed if seed is not None else 0, quantization=quantization)
             if Path(name).expanduser().is_dir():
                 folder = Path(name).expanduser()
-            elif is_gguf(name):  # tokenizer files beside the GGUF, else the built-in Qwen3.5 vocabulary
+            elif is_gguf(name):  # tokenizer files beside the GGUF, else its own metadata (see gguf_tokenizer)
                 beside = Path(name).expanduser().parent
                 folder = beside if (beside / "tokenizer.json").is_file() else None
-                gguf_vocab = getattr(net, "gguf_vocabulary", None) if folder is None else None
+                gguf_alone = Path(name).expanduser() if folder is None else None
             elif load_format != "dummy" or (name.count("/") == 1 and not _is_preset(name)):
                 folder = resolve_model_path(name, weights=False)
         self.model = net
@@ -92,10 +92,10 @@ class LLM:
         elif tokenizer is None:
             if folder is not None:
                 tokenizer = load_tokenizer(folder)
+            elif gguf_alone is not None:
+                tokenizer = gguf_tokenizer(gguf_alone, getattr(net, "gguf_vocabulary", None))
             else:  # a preset name or a bare module: the built-in Qwen3.5 vocabulary
                 tokenizer = load_tokenizer(None)
-                if gguf_vocab is not None:
-                    check_builtin_vocabulary(tokenizer, gguf_vocab, str(model))
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer

@@ -205,8 +205,7 @@ def check_builtin_vocabulary(tokenizer, digest: tuple[int, str], path: str) -> N
 
 
 def _gguf_tokens(reader: GGUFFile) -> list[str] | None:
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return None if tokens is None else [str(t) for t in tokens]
+    return None if reader.fields.get("tokenizer.ggml.tokens") is None else _gguf_tokens_of(reader.fields)
 
 
 def _grouped_from_tiled(t: torch.Tensor, dim: int, num_k: int, per_k: int, head_dim: int) -> torch.Tensor:
@@ -515,4 +514,36 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
     model.quantization = "gguf" if kept_places else None
     tokens = _gguf_tokens(readers[0])
     model.gguf_vocabulary = vocabulary_digest(tokens) if tokens is not None else None
+    model.gguf_path = files[0]
     return model
+
+
+_TOKENIZER_KEYS = ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+
+
+def gguf_tokenizer(path: str | Path, digest: tuple[int, str] | None = None):
+    """The tokenizer of a GGUF that has no tokenizer files beside it: the built-in Qwen3.5 vocabulary when the
+    file's own token list is the same (`digest`, from `vocabulary_digest`), else one built from its
+    `tokenizer.ggml.*` metadata; either way with the file's chat template and EOS ids where it has them."""
+    from qwen35.tokenizer import DEFAULT_EOS_TOKEN_IDS, load_tokenizer, tokenizer_from_gguf
+
+    fields = _open(gguf_shards(path)[0]).fields
+    tokenizer = load_tokenizer(None)
+    if fields.get("tokenizer.ggml.tokens") is None:
+        log.info("%s has no tokenizer.ggml.tokens: using the built-in Qwen3.5 vocabulary", path)
+    else:
+        try:
+            check_builtin_vocabulary(tokenizer, digest or vocabulary_digest(_gguf_tokens_of(fields)), str(path))
+        except CheckpointError:
+            log.info("%s: its vocabulary differs from the built-in Qwen3.5 one: tokenizer built from its metadata",
+                     path)
+            return tokenizer_from_gguf(fields, str(path))
+    if fields.get("tokenizer.chat_template"):
+        tokenizer.chat_template = fields["tokenizer.chat_template"]
+    eos = [int(fields[k]) for k in _TOKENIZER_KEYS[1:] if fields.get(k) is not None]
+    tokenizer.eos_token_ids = tuple(dict.fromkeys([*eos, *DEFAULT_EOS_TOKEN_IDS]))
+    return tokenizer
+
+
+def _gguf_tokens_of(fields: dict) -> list[str]:
+    return [str(t) for t in fields["tokenizer.ggml.tokens"]]
