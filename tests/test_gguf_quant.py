@@ -130,6 +130,8 @@ def test_engine_runs_a_kept_gguf(mixed):
     for _ in range(4):
         seq.append(int(llm.model(torch.tensor([seq]))[0, -1].argmax()))
     assert out[0].outputs[0].token_ids == seq[len(prompt):]
+    with pytest.raises(ValueError, match="separate mmproj-"):  # a GGUF is text only: say what images need
+        llm.model.encode_vision(torch.zeros(4, 8), torch.tensor([[1, 2, 2]]))
 
 
 def test_a_gguf_without_tokens_takes_the_builtin_vocabulary_and_its_own_chat_template(mixed):

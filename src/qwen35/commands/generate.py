@@ -16,12 +16,13 @@ from typing import Any
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The model and how to load and hold it: shared by `generate`, `chat` and `serve`."""
-    p.add_argument("model", help="checkpoint folder, hub id (org/name), or with --load-format dummy a preset name "
-                                 "or a folder holding only config.json")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+    p.add_argument("model", help="checkpoint folder, hub id (org/name), a GGUF file (x.gguf, the first of split "
+                                 "files), or with --load-format dummy a preset name or a folder holding only "
+                                 "config.json")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="'dummy': random weights, no weight files needed (default: auto)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: bf16 on GPU "
-                                                   "and for FP8 weights, else fp32 on CPU)")
+                                                   "and for FP8 weights and GGUF files, else fp32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--quantization", default=None, choices=["int8", "fp8"],
                    help="weight-only quantisation of the linear layers made at load (int8: per-row scales; fp8: "

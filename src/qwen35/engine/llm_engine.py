@@ -350,6 +350,8 @@ class LLMEngine:
             if self._mm_processor is None:
                 from qwen35.multimodal.inputs import MultimodalProcessor
 
+                if self.runner.model.config.vision is None:
+                    raise ValueError(self.runner.model.no_vision_message)
                 self._mm_processor = MultimodalProcessor(self.runner.model.config, self.model_folder)
             text, ids, mm = self._mm_processor.prepare(
                 text, self.tokenizer, as_list(data.get("image", [])), as_list(data.get("video", [])),

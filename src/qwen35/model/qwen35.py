@@ -133,8 +133,17 @@ class Qwen35Model(nn.Module):
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Vision tower features for images (or videos): [sum t*h*w/merge^2, hidden]."""
         if self.visual is None:
-            raise ValueError("this model has no vision tower (the checkpoint has no model.visual.* weights)")
+            raise ValueError(self.no_vision_message)
         return self.visual(pixel_values, grid_thw)
+
+    @property
+    def no_vision_message(self) -> str:
+        """Why images are refused, for error messages: a GGUF never holds the vision tower."""
+        if getattr(self, "gguf_path", None) is not None:
+            return ("this model has no vision tower: a GGUF file holds the text model only (llama.cpp ships the "
+                    "vision tower as a separate mmproj-*.gguf, which qwen35 does not read yet; load the "
+                    "safetensors checkpoint for images and videos)")
+        return "this model has no vision tower (the checkpoint has no model.visual.* weights)"
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               video_embeds: torch.Tensor | None = None) -> torch.Tensor:

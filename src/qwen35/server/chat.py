@@ -189,14 +189,14 @@ def plan_chat(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
 
     messages, images, videos = convert_messages(serving, req.messages)
     if videos and not serving.accepts_images:
-        raise APIError("this model does not take videos (it has no vision encoder)", 400, param="messages",
+        raise APIError(f"this model does not take videos ({serving.no_vision_message})", 400, param="messages",
                        code="images_not_supported")
     if len(videos) > MAX_VIDEOS:
         raise APIError(f"at most {MAX_VIDEOS} videos per request, got {len(videos)}", 400, param="messages",
                        code="invalid_value")
     if images:
         if not serving.accepts_images:
-            raise APIError("this model does not take images (it has no vision encoder)", 400, param="messages",
+            raise APIError(f"this model does not take images ({serving.no_vision_message})", 400, param="messages",
                            code="images_not_supported")
         if len(images) > MAX_IMAGES:
             raise APIError(f"at most {MAX_IMAGES} images per request, got {len(images)}", 400, param="messages",

@@ -96,6 +96,8 @@ class Serving:
             getattr(self.tokenizer, "chat_template", None)
         vision = getattr(getattr(getattr(self.engine, "model", None), "config", None), "vision", None)
         self.accepts_images = vision is not None and hasattr(self.engine, "prepare_prompt")
+        self.no_vision_message = getattr(getattr(self.engine, "model", None), "no_vision_message",
+                                         "it has no vision encoder")
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.call_close_id = self.tokenizer.token_to_id("</tool_call>")
 
