@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qwen35.config import ModelConfig, find_preset
 from qwen35.model_info import full_attention_twin, model_info
-from qwen35.weights.gguf import gguf_bytes_by_type, is_gguf, read_gguf_config
+from qwen35.weights.gguf import gguf_bytes_by_type, gguf_loaded_bytes, is_gguf, read_gguf_config
 from qwen35.weights.hub import resolve_model_path
 
 
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
         ("all-full-attention twin: total", _gib(twin.total_bytes)),
         ("cache ratio twin / hybrid", f"{twin.cache_bytes / info.cache_bytes:.2f}x"),
     ]
-    if by_type is not None:
+    if by_type is not None:  # loaded as the file stores it: kernel types kept, the rest widened to bf16
+        loaded = gguf_loaded_bytes(args.model)
+        rows[7] = ("weights (GGUF as loaded in bf16)", _gib(loaded))
+        rows[11] = ("total memory (GGUF weights + cache)", _gib(loaded + info.cache_bytes))
         total = sum(r["bytes"] for r in by_type.values())
         rows.insert(7, ("GGUF file (all tensors, MTP included)", _gib(total)))
         for i, (kind, r) in enumerate(by_type.items()):

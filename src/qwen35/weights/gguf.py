@@ -184,6 +184,16 @@ def gguf_bytes_by_type(path: str | Path) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
 
 
+def gguf_loaded_bytes(path: str | Path, dtype_bytes: int = 2) -> int:
+    """Weight bytes of the model loaded below float32: tensors of kernel types as stored, the rest widened to
+    `dtype_bytes` per element (`qwen35 info x.gguf`)."""
+    total = 0
+    for f in gguf_shards(path):
+        for x in _open(f).tensors:
+            total += x.n_bytes if x.type_id in KEPT_TYPES else x.n_elements * dtype_bytes
+    return total
+
+
 def vocabulary_digest(tokens) -> tuple[int, str]:
     """(count, sha1) of a vocabulary's token strings in id order, the converter's `[PAD<id>]` fillers (ids past
     the real vocabulary, up to the padded embedding size) left out: compares a GGUF's vocabulary with a
