@@ -54,6 +54,19 @@ def mixed(request, tmp_path_factory):
     return path, qwen35.load_model(path, dtype=torch.float32)
 
 
+def test_an_f32_gguf_gives_back_every_weight_mtp_included(tmp_path):
+    """Written in the converter's layout (transforms applied, value heads tiled, MTP as block n_layer with its
+    nextn tensors) and read back in fp32: every parameter equals the model's, the MTP head too."""
+    model = dummy_model(tmp_path, moe=True, tied=False)
+    path = write_gguf(model, tmp_path / "f32.gguf", lambda name, shape: T.F32)
+    back = qwen35.load_model(path, dtype=torch.float32)
+    assert back.mtp is not None and back.config.text.mtp_num_hidden_layers == 1
+    ours = dict(back.state_dict())
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(ours[name], p, rtol=1e-6, atol=1e-7, msg=name)  # A_log: log(-(-exp)) in fp32
+    assert_logits_close(back(IDS), model(IDS), rel=1e-5)
+
+
 def _random_rows(fmt, rows: int, k: int, rng) -> np.ndarray:
     if fmt.name == "q8_0":
         return gguf.quants.quantize(rng.standard_normal((rows, k)).astype(np.float32), T.Q8_0)
