@@ -86,6 +86,20 @@ class Ours:
             nxt = self._forward([self.seqs[i]], [ids[a:a + self.chunk]])[0]
         return nxt
 
+    def argmax_all(self, ids: list[int]) -> list[int]:
+        """The greedy next token at every position of one prompt (fp32 logits of every position)."""
+        from qwen35.model import ForwardBatch
+
+        self.open(1, len(ids) + 8)
+        out = []
+        for a in range(0, len(ids), self.chunk):
+            part = ids[a:a + self.chunk]
+            batch = ForwardBatch.for_sequences(self.cache, self.seqs, [len(part)])
+            hidden = self.model.forward_batch(self.torch.tensor(part, dtype=self.torch.long), batch)
+            self.seqs[0].num_tokens += len(part)
+            out += self.model.compute_logits(hidden, self.torch.float32).argmax(-1).tolist()
+        return out
+
     def prefill_all(self, prompts: list[list[int]]) -> list[int]:
         """Several prompts per varlen forward, up to `chunk` tokens each (as an engine's scheduler would)."""
         nxt: list[int | None] = [None] * len(prompts)
@@ -294,6 +308,14 @@ class Llama:
     def prefill_all(self, prompts: list[list[int]]) -> list[int]:
         return [self.prefill(i, p) for i, p in enumerate(prompts)]
 
+    def argmax_all(self, ids: list[int]) -> list[int]:
+        """The greedy next token at every position of one prompt (logits requested for every token)."""
+        self.open(1, len(ids) + 8)
+        out = []
+        for a in range(0, len(ids), self.n_batch):
+            out += self._decode([(0, t, True) for t in ids[a:a + self.n_batch]])
+        return out
+
     def step(self, tokens: list[int]) -> list[int]:
         return self._decode([(s, t, True) for s, t in enumerate(tokens)])
 
@@ -301,5 +323,14 @@ class Llama:
         raise Unsupported("llama.cpp: no synthetic context")
 
 
-ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "ours-fp8": Ours, "ours-gguf": Ours, "hf": HF,
-           "llama": Llama}
+class OursExact(Ours):
+    """A GGUF widened exactly to float32 at load (the weights' own values, nothing rounded): the reference that
+    llama.cpp's agreement with the kept blocks is set against."""
+
+    def __init__(self, path: str, threads: int, chunk: int = 4096, dtype: str = "float32",
+                 quantization: str | None = None):
+        super().__init__(path, threads, chunk, dtype="float32")
+
+
+ENGINES = {"ours": Ours, "ours-fullhead": OursFullHead, "ours-fp8": Ours, "ours-gguf": Ours,
+           "ours-gguf-exact": OursExact, "hf": HF, "llama": Llama}

@@ -494,6 +494,20 @@ def markdown(data: dict, plots: dict) -> str:
                     a(f"| {m} | {g.upper()} | {label} | {cell(data, 'gguf', m, 'ours-gguf', what, nd, g, kind=kind)} | "
                       f"{cell(data, 'gguf', m, 'llama', what, nd, g, kind=kind)} | {fx(r_)} |")
         a("")
+        agree = [(m, g) for m in sorted({r["model"] for r in select(data, "gguf")}, key=lambda x: (x != dense, x))
+                 for g in sorted({r["gguf"] for r in select(data, "gguf", m, kind="agree")})]
+        if agree:
+            a("Top-1 agreement per position (the greedy next token at each of 256 positions of one random prompt): "
+              "qwen35 with the blocks kept (bf16 activations), qwen35 with the file widened exactly to fp32, and "
+              "llama.cpp (which also rounds its activations to 8 bits for its dot products).")
+            a("")
+            a("| model | file | kept vs llama.cpp | exact fp32 vs llama.cpp | kept vs exact fp32 |")
+            a("|---|---|---|---|---|")
+            for m, g in agree:
+                a(f"| {m} | {g.upper()} | {fpct(agreement(data, m, g, 'ours-gguf', 'llama'))} | "
+                  f"{fpct(agreement(data, m, g, 'ours-gguf-exact', 'llama'))} | "
+                  f"{fpct(agreement(data, m, g, 'ours-gguf', 'ours-gguf-exact'))} |")
+            a("")
         a("qwen35's memory against what it must hold: (peak RSS - RSS before loading, i.e. torch and qwen35 "
           "imported) / (file size + the cache it allocated for the decode task).")
         a("")
@@ -712,6 +726,21 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
         add(f"int8 decode >= 1.0x llama.cpp Q8_0 ({dense}, after 1K)",
             ratio(data, "q8", dense, "ours", "llama", "decode_tps", kind="decode"), 1.0, "ours int8 / llama.cpp Q8_0")
     return out
+
+
+def agreement(data: dict, model: str, gguf: str, a: str, b: str) -> float | None:
+    """Fraction of positions where engines a and b pick the same greedy token (the agree task)."""
+    ra = [r for r in select(data, "gguf", model, a, gguf, kind="agree") if r.get("argmax")]
+    rb = [r for r in select(data, "gguf", model, b, gguf, kind="agree") if r.get("argmax")]
+    if not ra or not rb:
+        return None
+    x, y = ra[0]["argmax"], rb[0]["argmax"]
+    n = min(len(x), len(y))
+    return sum(p == q for p, q in zip(x[:n], y[:n], strict=True)) / n if n else None
+
+
+def fpct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def gguf_rss_ratio(data: dict, model: str, gguf: str) -> dict | None:

@@ -20,9 +20,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_NAMES = {"ours": "qwen35", "ours-fullhead": "qwen35 (full bf16 head)", "ours-fp8": "qwen35 FP8",
-                "ours-gguf": "qwen35 GGUF", "hf": "transformers", "llama": "llama.cpp"}
+                "ours-gguf": "qwen35 GGUF", "ours-gguf-exact": "qwen35 GGUF widened to fp32", "hf": "transformers",
+                "llama": "llama.cpp"}
 SECTIONS = ("bandwidth", "prefill", "decode", "batch", "context", "moe", "q8", "e2e", "screen", "fp8", "gguf")
-GGUF_TYPES = ("q8_0", "q4_k_m")  # the gguf section: files made by llama.cpp (converter, then its quantize)
+# the gguf section: files made by llama.cpp (converter, then its quantize); speed on the first two, agreement on all
+GGUF_SPEED, GGUF_AGREE = ("q8_0", "q4_k_m"), ("q8_0", "q6_k", "q4_k_m")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -165,7 +167,7 @@ class Runner:
         key = (engine, model, gguf)
         if key not in self._paths:
             try:
-                if engine in ("llama", "ours-gguf"):  # the same file for both
+                if engine in ("llama", "ours-gguf", "ours-gguf-exact"):  # the same file for all
                     self._paths[key] = str(models.make_gguf(self.cache, model, gguf, self.converter))
                 elif engine == "ours-fp8":  # the official FP8 layout, loaded as such (kept in 8 bits)
                     self._paths[key] = str(models.make_fp8_checkpoint(self.cache, model))
@@ -265,7 +267,7 @@ class Runner:
             spec = {"engine": eng, "model": model, "path": path, "task": task, "threads": self.plan["threads"],
                     "chunk": self.plan["chunk"], "flash_attn": self.plan["llama_fa"],
                     "vocab": 500 if model.startswith("tiny") else 248044,
-                    "gguf": gguf if eng in ("llama", "ours-gguf") else None,
+                    "gguf": gguf if eng in ("llama", "ours-gguf", "ours-gguf-exact") else None,
                     "quant": ours_quant if eng == "ours" else None}
             variant = (" " + gguf) if spec["gguf"] else f" {spec['quant']}" if spec["quant"] else ""
             self.log(f"round {rnd + 1}: {section} {model} {ENGINE_NAMES[eng]}{variant} "
@@ -373,7 +375,10 @@ class Runner:
                 elif sec == "gguf":  # llama.cpp's own files in both engines: ours keeps their blocks
                     engs = (["ours-gguf"] if "ours" in p["engines"] else []) + [e for e in p["engines"] if e == "llama"]
                     for m in [dense] + ([moe] if moe else []):
-                        for g in GGUF_TYPES:
+                        for g in GGUF_AGREE if rnd == 0 else ():  # top-1 agreement: deterministic, one round
+                            agree = engs + (["ours-gguf-exact"] if "ours-gguf" in engs else [])
+                            self.measure(sec, m, {"kind": "agree", "n": 256}, rnd, agree, gguf=g, ours_quant=None)
+                        for g in GGUF_SPEED:
                             self.measure(sec, m, {"kind": "prefill", "n": 512, "reps": 3}, rnd, engs, gguf=g,
                                          ours_quant=None)
                             self.measure(sec, m, {"kind": "decode", "context": 1024, "steps": steps, "batch": 1,
@@ -430,6 +435,8 @@ def summarize(res: dict) -> str:
         parts.insert(0, f"prefill {n / statistics.median(res['prefill_s']):.1f} tok/s")
     if "step_s" in res:
         parts.insert(0, f"decode {t.get('batch', 1) / statistics.median(res['step_s']):.2f} tok/s")
+    if "argmax" in res:
+        parts.insert(0, f"greedy tokens at {len(res['argmax'])} positions")
     return f"{ENGINE_NAMES.get(res['engine'], res['engine'])}: " + ", ".join(parts)
 
 

@@ -150,7 +150,9 @@ def run(spec: dict) -> dict:
     t = eng.prefill(0, w)
     for _ in range(2):
         t = eng.step([t])[0]
-    if task["kind"] == "prefill":
+    if task["kind"] == "agree":  # greedy next token at every position of one prompt
+        res["argmax"] = eng.argmax_all(prompt(seed + 7, task["n"], vocab))
+    elif task["kind"] == "prefill":
         n = task["n"]
         ids = prompt(seed, n, vocab)
         eng.open(1, n + 8)
