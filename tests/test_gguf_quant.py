@@ -116,19 +116,24 @@ def test_kept_modules_hold_the_widened_weights(mixed):
     assert kept.mtp is not None and isinstance(kept.mtp.fc, QuantLinear)
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "twins"])
-def test_kept_model_agrees_with_the_widened_one(mixed, kernels):
+def test_kept_model_kernels_equal_its_twins_and_stay_near_the_exact_model(mixed):
+    """The kept model with the compiled kernels and with the twins (exact fp32 weights, fp32 sums, one rounding):
+    the same up to summation order. Against the file widened to fp32 only bf16 activations differ (the MoE's
+    routing flips more under them, hence its wider bound)."""
     path, exact = mixed
-    previous = cpu_kernels.set_enabled(kernels)
+    kept = qwen35.load_model(path, dtype=torch.bfloat16)
+    a = kept(IDS)
+    previous = cpu_kernels.set_enabled(False)
     try:
-        kept = qwen35.load_model(path, dtype=torch.bfloat16)
-        widened = load_gguf(path, torch.bfloat16, keep_quantized=False)  # the same values rounded to bf16
-        a, b = kept(IDS), widened(IDS)
-        assert_logits_close(a, b, rel=3e-2)  # (bf16 against fp32 differs more: MoE routing flips under rounding)
-        agree = (a[0].argmax(-1) == b[0].argmax(-1)).float().mean()
-        assert agree >= 0.9, float(agree)
+        b = kept(IDS)
     finally:
         cpu_kernels.set_enabled(previous)
+    assert_logits_close(a, b, rel=2e-2)
+    assert float((a[0].argmax(-1) == b[0].argmax(-1)).float().mean()) >= 0.9
+    assert_logits_close(a, exact(IDS), rel=0.1 if kept.config.text.is_moe else 5e-2)
+    widened = load_gguf(path, torch.bfloat16, keep_quantized=False)  # the file's values rounded to bf16
+    assert not any(isinstance(m, QuantLinear) for m in widened.modules())
+    assert_logits_close(widened(IDS), exact(IDS), rel=0.15)
 
 
 def test_engine_runs_a_kept_gguf(mixed):

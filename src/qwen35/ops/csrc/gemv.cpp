@@ -423,6 +423,13 @@ torch::Tensor linear_fp8_prefill(torch::Tensor x, torch::Tensor q, torch::Tensor
 torch::Tensor moe_experts_fp8(torch::Tensor x, torch::Tensor gu_q, torch::Tensor gu_scale, torch::Tensor gu_srow,
                               torch::Tensor dn_q, torch::Tensor dn_scale, torch::Tensor dn_srow, torch::Tensor ids,
                               torch::Tensor weights);
+torch::Tensor gguf_dequant(torch::Tensor q, int64_t type, int64_t K, int64_t r0, int64_t r1, bool to_bf16);
+torch::Tensor gguf_dequant_rows(torch::Tensor q, int64_t type, int64_t K, torch::Tensor ids, bool to_bf16);
+torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor q, int64_t type);
+torch::Tensor linear_gguf_prefill(torch::Tensor x, torch::Tensor q, int64_t type);
+torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
+                               int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights);
+bool gguf_prefill_bf16();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 matrix-vector product for a few rows", py::arg("x"), py::arg("w"),
@@ -448,4 +455,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_fp8_prefill", &linear_fp8_prefill, "x @ W.T for a block-FP8 W, widened tile by tile (prefill)",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("srow"));
   m.def("moe_experts_fp8", &moe_experts_fp8, "routed experts of a MoE block with block-FP8 weights (decode)");
+  m.def("gguf_dequant", &gguf_dequant, "rows [r0, r1) of a GGUF weight widened (fp32, or bf16)", py::arg("q"),
+        py::arg("type"), py::arg("K"), py::arg("r0"), py::arg("r1"), py::arg("to_bf16"));
+  m.def("gguf_dequant_rows", &gguf_dequant_rows, "rows ids of a GGUF weight widened (an embedding lookup)",
+        py::arg("q"), py::arg("type"), py::arg("K"), py::arg("ids"), py::arg("to_bf16"));
+  m.def("gemv_gguf", &gemv_gguf, "x @ W.T for a GGUF W and a few rows of x (decode)", py::arg("x"), py::arg("q"),
+        py::arg("type"));
+  m.def("linear_gguf_prefill", &linear_gguf_prefill, "x @ W.T for a GGUF W, widened tile by tile (prefill)",
+        py::arg("x"), py::arg("q"), py::arg("type"));
+  m.def("moe_experts_gguf", &moe_experts_gguf, "routed experts of a MoE block with GGUF weights (decode)",
+        py::arg("x"), py::arg("gu_q"), py::arg("gu_type"), py::arg("dn_q"), py::arg("dn_type"), py::arg("I"),
+        py::arg("ids"), py::arg("weights"));
+  m.def("gguf_prefill_bf16", &gguf_prefill_bf16, "linear_gguf_prefill widens to bf16 (else to fp32)");
 }

@@ -105,6 +105,12 @@ class GGUFBlocks(WeightFormat):
             *ids.shape, cls.in_features(qweight))
 
     @classmethod
+    def linear_reference(cls, x: torch.Tensor, t) -> torch.Tensor:
+        """The twin: the exact fp32 weight (not rounded to x's dtype) times x in fp32, rounded once, as the kernels
+        compute it (up to summation order)."""
+        return torch.nn.functional.linear(x.float(), cls.dequantize(t, torch.float32)).to(x.dtype)
+
+    @classmethod
     def linear(cls, x: torch.Tensor, t) -> torch.Tensor:
         q = t["qweight"]
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
