@@ -141,14 +141,23 @@ def random_blocks(kind: int, shape: tuple[int, ...], rng: np.random.Generator) -
         levels = 15 if kind == GGMLQuantizationType.Q4_K else 31
         b[..., 0:2] = f16(r * 2 * unit / (32 * levels))
         b[..., 2:4] = f16(r * unit / 32)
+    elif kind == GGMLQuantizationType.Q2_K:  # scales[16], qs[64], d, dmin
+        b[..., 80:82] = f16(r * unit / 16)
+        b[..., 82:84] = f16(r * unit / 16)
+    elif kind == GGMLQuantizationType.Q3_K:  # hmask[32], qs[64], scales[12], d
+        b[..., 108:110] = f16(r * unit / 64)
+    elif kind in (GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS):  # d first
+        b[..., 0:2] = f16(r * unit / 128)
     else:
-        raise ValueError(f"random_blocks: {kind.name} is not a K-quant")
+        raise ValueError(f"random_blocks: no random blocks for {kind.name}")
     return b.reshape(*lead, nb * size)
 
 
 def write_gguf(model, path: Path, type_of: Callable[[str, tuple[int, ...]], int], seed: int = 0,
-               chat_template: str | None = None) -> Path:
-    """Write `model` as a GGUF; `type_of(gguf_name, shape)` picks each tensor's type (a GGMLQuantizationType)."""
+               chat_template: str | None = None, as_quantize: bool = False) -> Path:
+    """Write `model` as a GGUF; `type_of(gguf_name, shape)` picks each tensor's type (a GGMLQuantizationType).
+    `as_quantize`: as llama.cpp's quantize rewrites a converted file, which stores the [1, H] shared-expert gate
+    as [H]."""
     import gguf
     from gguf.constants import GGMLQuantizationType as T
 
@@ -186,11 +195,15 @@ def write_gguf(model, path: Path, type_of: Callable[[str, tuple[int, ...]], int]
         w.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
     for name, value in gguf_tensors(model).items():
+        if as_quantize and name.endswith("ffn_gate_inp_shexp.weight"):
+            value = value.reshape(-1)
         kind = T(type_of(name, value.shape)) if value.ndim >= 2 else T.F32
         if kind == T.F32:
             w.add_tensor(name, value.astype(np.float32))
-        elif kind in (T.Q4_K, T.Q5_K, T.Q6_K):
+        elif kind in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS):  # gguf cannot quantize these
             w.add_tensor(name, random_blocks(kind, value.shape, rng), raw_dtype=kind)
+        elif kind == T.F16:
+            w.add_tensor(name, value.astype(np.float16))
         else:
             w.add_tensor(name, gguf.quants.quantize(value.astype(np.float32), kind), raw_dtype=kind)
     w.write_header_to_file()

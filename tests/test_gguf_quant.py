@@ -7,6 +7,8 @@ llama.cpp's Q4_K_M (Q4_K, Q5_K, Q6_K, Q8_0, and a Q4_0 tensor that has no kernel
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,7 @@ def mixed(request, tmp_path_factory):
     moe = request.param == "moe"
     folder = tmp_path_factory.mktemp(f"gguf-quant-{request.param}")
     model = dummy_model(folder, moe=moe, tied=not moe)
-    path = write_gguf(model, folder / "model-mix.gguf", mix, chat_template=TEMPLATE)
+    path = write_gguf(model, folder / "model-mix.gguf", mix, chat_template=TEMPLATE, as_quantize=True)
     return path, qwen35.load_model(path, dtype=torch.float32)
 
 
@@ -65,6 +67,51 @@ def test_an_f32_gguf_gives_back_every_weight_mtp_included(tmp_path):
     for name, p in model.state_dict().items():
         torch.testing.assert_close(ours[name], p, rtol=1e-6, atol=1e-7, msg=name)  # A_log: log(-(-exp)) in fp32
     assert_logits_close(back(IDS), model(IDS), rel=1e-5)
+
+
+WIDENED_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4")
+
+
+def test_types_without_kernels_are_widened_to_gguf_values(tmp_path):
+    """Every other type the issue lists loads, widened per tensor to exactly gguf.quants.dequantize's values
+    (F16 / BF16 exactly; the rest through gguf's own dequantizer), kept types beside them stay in blocks."""
+    from qwen35.weights.gguf_file import GGUFFile
+
+    model = dummy_model(tmp_path, moe=False, tied=False)
+    names = itertools.cycle(WIDENED_TYPES)
+    chosen: dict[str, str] = {}
+
+    def type_of(name: str, shape) -> int:
+        if not name.startswith("blk.") or name.endswith(("norm.weight", "ssm_conv1d.weight")) or shape[-1] % 256:
+            return T.F32 if len(shape) < 2 or shape[-1] % 256 else T.Q4_K
+        chosen[name] = next(names)
+        return T[chosen[name]]
+
+    path = write_gguf(model, tmp_path / "types.gguf", type_of)
+    assert set(chosen.values()) == set(WIDENED_TYPES)
+    f32 = qwen35.load_model(path, dtype=torch.float32)
+    bf16 = qwen35.load_model(path, dtype=torch.bfloat16)
+    assert any("without kernels, widened" in line for line in bf16.load_report)
+    params = dict(f32.named_parameters())
+    tensors = {t.name: t for t in GGUFFile(path).tensors}
+    for gname, kind in chosen.items():
+        if gname.endswith(("attn_qkv.weight", "attn_gate.weight", "ssm_alpha.weight", "ssm_beta.weight",
+                           "ssm_out.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight")):
+            continue  # reordered or split on the way: covered by the kept-vs-widened tests
+        if int(gname.split(".")[1]) >= model.config.text.num_hidden_layers:
+            continue  # the MTP block
+        x = tensors[gname]
+        ref = torch.from_numpy(gguf.quants.dequantize(x.read().reshape(x.shape[0], -1), T[kind]).copy())
+        ours = next(p for n, p in params.items() if n.startswith(f"model.layers.{gname.split('.')[1]}.")
+                    and n.endswith(_OURS[gname.split(".", 2)[2]]))
+        assert torch.equal(ours, ref.float()), (gname, kind)
+    assert torch.isfinite(bf16(IDS)).all()
+
+
+_OURS = {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+         "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+         "ffn_down.weight": "mlp.down_proj.weight"}
 
 
 def _random_rows(fmt, rows: int, k: int, rng) -> np.ndarray:

@@ -425,6 +425,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
         key, want = _destination(p, params)
         if p.kept:
             want = _kept_shape(meta.get_submodule(p.module), p)
+        elif len(want) == 2 and want[0] == 1 and tuple(p.tensor.shape) == want[1:]:
+            want = want[1:]  # llama.cpp's quantize stores the [1, H] shared-expert gate as [H]
         if tuple(p.tensor.shape) != want:
             misshapen.append(f"{p.tensor.name} ({p.tensor.type_name}): {list(p.tensor.shape)} for {p.target} "
                              f"{list(want)}")
@@ -482,7 +484,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
         if p.part is not None:
             half = dst.shape[1] // 2
             dst = dst[:, p.part * half:(p.part + 1) * half]
-        dst.copy_(w)
+        dst.copy_(w.reshape(dst.shape))  # (a [1, H] gate may be stored as [H])
         return x.n_bytes
 
     total = sum(p.tensor.n_bytes for p in places)
