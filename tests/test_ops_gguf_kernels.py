@@ -133,7 +133,7 @@ def test_gemv_gguf_equals_linear_on_the_widened_weight(qtype, rows):
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gemv_gguf_is_exact_on_one_hot_inputs(qtype):
     """One-hot inputs pick single weights: y is the widened weight rounded to bf16, at every position of every
-    block (decode order, scales), 8 inputs at a time, and 32 (more than 16 take the GEMM on widened tiles)."""
+    block (decode order, scales), 8 inputs at a time, and 32 (more than 8 take the GEMM on widened tiles)."""
     n = 19
     for k, rows in ((KS[qtype][1], 8), (KS[qtype][2], 32)):
         q = random_blocks(qtype, n, k, seed=qtype + k)
