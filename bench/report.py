@@ -135,6 +135,8 @@ def summary_text(data: dict) -> str:
             continue
         seen.add(key)
         t = r["task"]
+        if t["kind"] == "agree":  # no speed: the gguf section's agreement table
+            continue
         what = "prefill_tps" if t["kind"] == "prefill" else "decode_tps"
         label = (f"prefill {t['n']}" if t["kind"] == "prefill" else
                  f"{t['kind']}@{t['context']} b{t.get('batch', 1)} {t.get('fill', '')}")
@@ -486,7 +488,7 @@ def markdown(data: dict, plots: dict) -> str:
         a("| model | file | task | qwen35 | llama.cpp | qwen35 / llama.cpp |")
         a("|---|---|---|---|---|---|")
         for m in sorted({r["model"] for r in select(data, "gguf")}, key=lambda x: (x != dense, x)):
-            for g in sorted({r["gguf"] for r in select(data, "gguf", m)}):
+            for g in sorted({r["gguf"] for r in select(data, "gguf", m) if r["task"]["kind"] != "agree"}):
                 for kind, what, label, nd in (("prefill", "prefill_tps", "prefill 512, tok/s", 1),
                                               ("decode", "decode_tps", "decode after 1K, tok/s", 2),
                                               ("decode", "rss_mb", "peak RSS, MB (decode task)", 0)):
@@ -711,7 +713,7 @@ def targets(data, dense, moe) -> list[tuple[str, str, bool | None]]:
             out.append((f"FP8 peak RSS <= 1.1x the FP8 bytes + the rest ({m})", f"{adj['ratio']:.2f}x",
                         adj["ratio"] <= 1.1))
     for m in sorted({r["model"] for r in select(data, "gguf")}):
-        for g in sorted({r["gguf"] for r in select(data, "gguf", m)}):
+        for g in sorted({r["gguf"] for r in select(data, "gguf", m) if r["task"]["kind"] != "agree"}):
             add(f"GGUF {g.upper()} decode >= 1.0x llama.cpp ({m}, after 1K)",
                 ratio(data, "gguf", m, "ours-gguf", "llama", "decode_tps", gguf=g, kind="decode"), 1.0,
                 "qwen35 / llama.cpp")
