@@ -191,26 +191,26 @@ def run(spec: dict) -> dict:
     return res
 
 
-def current_rss_mb() -> float | None:
+def _status_mb(key: str) -> float | None:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM) in MB."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
+def current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
     """VmHWM of this process. (ru_maxrss is not used: Linux keeps it across exec, so a worker would report at
     least its parent's peak.)"""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def source_hash() -> str | None:

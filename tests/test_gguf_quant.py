@@ -246,3 +246,25 @@ def test_bad_tensor_data_is_named(mixed, tmp_path):
     odd.write_bytes(data[:type_at] + (77).to_bytes(4, "little") + data[type_at + 4:])
     with pytest.raises(CheckpointError, match=f"odd.gguf: tensor {first.name} has GGUF type id 77"):
         qwen35.load_model(odd)
+
+
+def test_info_gives_the_weights_as_loaded(mixed, capsys):
+    """`qwen35 info x.gguf`: the weight bytes it reports are what the kept model holds (blocks as stored, the rest
+    in bf16), MTP included."""
+    from qwen35.cli import main
+    from qwen35.weights.gguf import gguf_loaded_bytes
+
+    path, _ = mixed
+    assert main(["info", str(path)]) == 0
+    expected = gguf_loaded_bytes(path)
+    rows = {k.strip(): v.strip() for k, v in (line.rsplit("  ", 1) for line in capsys.readouterr().out.splitlines()
+                                              if "  " in line)}
+    assert rows["weights (GGUF as loaded in bf16)"] == f"{expected / 2**30:,.2f} GiB"
+    kept = qwen35.load_model(path, dtype=torch.bfloat16)
+    seen, held = set(), 0
+    for name, t in [*kept.named_parameters(), *kept.named_buffers()]:
+        if t.untyped_storage().data_ptr() in seen or "rotary" in name or name.endswith("in_order"):
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        held += t.untyped_storage().nbytes()
+    assert abs(held - expected) <= 0.01 * expected, (held, expected)

@@ -120,9 +120,10 @@ inline void block_q8_0_scalar(const uint8_t* b, float* y) {
   for (int i = 0; i < 32; ++i) y[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
 }
 
-inline void block_q4_k_scalar(const uint8_t* b, float* y) {
+// Q4_K (qh null: 4-bit quants, nibbles at byte 16) and Q5_K (qh at byte 16, the fifth bits; nibbles at byte 48).
+inline void block_k_scalar(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* y) {
   const float d = half_to_float(load_u16(b)), dmin = half_to_float(load_u16(b + 2));
-  const uint8_t *sc = b + 4, *qs = b + 16;
+  const uint8_t* sc = b + 4;
   for (int c = 0; c < 4; ++c) {
     int s1, m1, s2, m2;
     scale_min_k4(sc, 2 * c, s1, m1);
@@ -130,29 +131,19 @@ inline void block_q4_k_scalar(const uint8_t* b, float* y) {
     const float d1 = d * static_cast<float>(s1), n1 = dmin * static_cast<float>(m1);
     const float d2 = d * static_cast<float>(s2), n2 = dmin * static_cast<float>(m2);
     for (int l = 0; l < 32; ++l) {
-      y[64 * c + l] = d1 * static_cast<float>(qs[32 * c + l] & 0xF) - n1;
-      y[64 * c + 32 + l] = d2 * static_cast<float>(qs[32 * c + l] >> 4) - n2;
-    }
-  }
-}
-
-inline void block_q5_k_scalar(const uint8_t* b, float* y) {
-  const float d = half_to_float(load_u16(b)), dmin = half_to_float(load_u16(b + 2));
-  const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + 48;
-  for (int c = 0; c < 4; ++c) {
-    int s1, m1, s2, m2;
-    scale_min_k4(sc, 2 * c, s1, m1);
-    scale_min_k4(sc, 2 * c + 1, s2, m2);
-    const float d1 = d * static_cast<float>(s1), n1 = dmin * static_cast<float>(m1);
-    const float d2 = d * static_cast<float>(s2), n2 = dmin * static_cast<float>(m2);
-    for (int l = 0; l < 32; ++l) {
-      const int lo = (qs[32 * c + l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
-      const int hi = (qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+      int lo = qs[32 * c + l] & 0xF, hi = qs[32 * c + l] >> 4;
+      if (qh != nullptr) {
+        lo |= ((qh[l] >> (2 * c)) & 1) << 4;
+        hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+      }
       y[64 * c + l] = d1 * static_cast<float>(lo) - n1;
       y[64 * c + 32 + l] = d2 * static_cast<float>(hi) - n2;
     }
   }
 }
+
+inline void block_q4_k_scalar(const uint8_t* b, float* y) { block_k_scalar(b, nullptr, b + 16, y); }
+inline void block_q5_k_scalar(const uint8_t* b, float* y) { block_k_scalar(b, b + 16, b + 48, y); }
 
 inline void block_q6_k_scalar(const uint8_t* b, float* y) {
   const float d = half_to_float(load_u16(b + 208));

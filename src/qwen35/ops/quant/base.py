@@ -18,8 +18,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.ops.experts import ExpertDispatch
+from qwen35.ops.hugepages import advise_hugepages
 
 Tensors = dict[str, torch.Tensor]
+
+
+def concat_rows(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Weight rows of several parts [N_i, ...] fused into one buffer on huge pages (decode streams it), and each
+    part's rows as a view of it: what every format's `concat` does with its row-indexed field."""
+    sizes = [t.shape[0] for t in parts]
+    fused = torch.empty(sum(sizes), *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
+    fused = torch.cat(parts, out=advise_hugepages(fused))
+    return fused, list(fused.split(sizes))
+
+
+def kernel_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x as contiguous rows [M, K] where the compiled CPU kernels apply (bf16 on the CPU, a 2-D weight, at least
+    one row), else None (the format's twin then runs)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows > 0 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dim() == 2:
+        return x.reshape(rows, x.shape[-1]).contiguous()
+    return None
 
 
 class WeightFormat:

@@ -22,7 +22,7 @@ import torch
 from qwen35.ops import cpu_kernels
 from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS
 from qwen35.ops.hugepages import advise_hugepages
-from qwen35.ops.quant.base import Tensors, WeightFormat
+from qwen35.ops.quant.base import Tensors, WeightFormat, concat_rows, kernel_rows
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -98,31 +98,26 @@ class FP8(WeightFormat):
     @classmethod
     def linear(cls, x: torch.Tensor, t) -> torch.Tensor:
         q = t["qweight"]
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > 0 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and q.dim() == 2:
-            k = cpu_kernels.kernels()
-            if k is not None and hasattr(k, "gemv_fp8"):
-                x2 = x.reshape(rows, x.shape[-1]).contiguous()
-                qb = q.view(torch.uint8)
-                if rows <= FP8_GEMV_MAX_ROWS:
-                    y = k.gemv_fp8(x2, qb, t["scale"], t["srow"], True)
-                else:
-                    y = k.linear_fp8_prefill(x2, qb, t["scale"], t["srow"])
-                return y.reshape(*x.shape[:-1], q.shape[0])
+        x2 = kernel_rows(x, q)
+        k = cpu_kernels.kernels() if x2 is not None else None
+        if k is not None and hasattr(k, "gemv_fp8"):
+            qb = q.view(torch.uint8)
+            if x2.shape[0] <= FP8_GEMV_MAX_ROWS:
+                y = k.gemv_fp8(x2, qb, t["scale"], t["srow"], True)
+            else:
+                y = k.linear_fp8_prefill(x2, qb, t["scale"], t["srow"])
+            return y.reshape(*x.shape[:-1], q.shape[0])
         return cls.linear_reference(x, t)
 
     @classmethod
     def concat(cls, parts) -> tuple[Tensors, list[Tensors]]:
-        q0 = parts[0]["qweight"]
-        sizes = [p["qweight"].shape[0] for p in parts]
+        q, qs = concat_rows([p["qweight"] for p in parts])
         tables = [p["scale"].shape[0] for p in parts]
-        fused_q = torch.empty(sum(sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
-        q = torch.cat([p["qweight"] for p in parts], out=advise_hugepages(fused_q))
         scale = torch.cat([p["scale"] for p in parts])
         offsets = [sum(tables[:i]) for i in range(len(parts))]
         srow = torch.cat([p["srow"] + o for p, o in zip(parts, offsets, strict=True)])
         views = [{"qweight": a, "scale": b, "srow": p["srow"]}
-                 for a, b, p in zip(q.split(sizes), scale.split(tables), parts, strict=True)]
+                 for a, b, p in zip(qs, scale.split(tables), parts, strict=True)]
         return {"qweight": q, "scale": scale, "srow": srow}, views
 
     @classmethod

@@ -22,8 +22,7 @@ import torch
 
 from qwen35.ops import cpu_kernels
 from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS
-from qwen35.ops.hugepages import advise_hugepages
-from qwen35.ops.quant.base import Tensors, WeightFormat
+from qwen35.ops.quant.base import Tensors, WeightFormat, concat_rows, kernel_rows
 
 GGUF_GEMV_MAX_ROWS = 32  # csrc/gguf.cpp's GEMV limit; more rows go through the tile-widening GEMM
 
@@ -59,18 +58,6 @@ class GGUFBlocks(WeightFormat):
     @classmethod
     def in_features(cls, qweight: torch.Tensor) -> int:
         return qweight.shape[-1] // cls.block_bytes * cls.block_elems
-
-    @classmethod
-    def quantize(cls, w: torch.Tensor, row_parts: list[int] | None = None) -> Tensors:
-        """Through gguf's own quantizer (Q8_0 only: gguf cannot write K-quants; llama.cpp's quantize makes them)."""
-        import numpy as np
-        from gguf import GGMLQuantizationType
-        from gguf.quants import quantize
-
-        if cls.name != "q8_0":
-            raise NotImplementedError(f"{cls.name} blocks are made by llama.cpp's quantize, not here")
-        data = quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType(cls.ggml_type))
-        return {"qweight": torch.from_numpy(np.ascontiguousarray(data)).to(w.device)}
 
     @classmethod
     def empty(cls, rows: list[int], in_features: int, experts: int | None = None,
@@ -113,25 +100,20 @@ class GGUFBlocks(WeightFormat):
     @classmethod
     def linear(cls, x: torch.Tensor, t) -> torch.Tensor:
         q = t["qweight"]
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > 0 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and q.dim() == 2:
-            k = cpu_kernels.kernels()
-            if k is not None and hasattr(k, "gemv_gguf"):
-                x2 = x.reshape(rows, x.shape[-1]).contiguous()
-                if rows <= GGUF_GEMV_MAX_ROWS:
-                    y = k.gemv_gguf(x2, q, cls.ggml_type)
-                else:
-                    y = k.linear_gguf_prefill(x2, q, cls.ggml_type)
-                return y.reshape(*x.shape[:-1], q.shape[0])
+        x2 = kernel_rows(x, q)
+        k = cpu_kernels.kernels() if x2 is not None else None
+        if k is not None and hasattr(k, "gemv_gguf"):
+            if x2.shape[0] <= GGUF_GEMV_MAX_ROWS:
+                y = k.gemv_gguf(x2, q, cls.ggml_type)
+            else:
+                y = k.linear_gguf_prefill(x2, q, cls.ggml_type)
+            return y.reshape(*x.shape[:-1], q.shape[0])
         return cls.linear_reference(x, t)
 
     @classmethod
     def concat(cls, parts) -> tuple[Tensors, list[Tensors]]:
-        q0 = parts[0]["qweight"]
-        sizes = [p["qweight"].shape[0] for p in parts]
-        fused = torch.empty(sum(sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
-        q = torch.cat([p["qweight"] for p in parts], out=advise_hugepages(fused))
-        return {"qweight": q}, [{"qweight": v} for v in q.split(sizes)]
+        q, views = concat_rows([p["qweight"] for p in parts])
+        return {"qweight": q}, [{"qweight": v} for v in views]
 
     @classmethod
     def experts_kernel(cls, x, gate_up, down, ids, weights, down_fmt: type[WeightFormat] | None = None):
@@ -158,18 +140,27 @@ class Q8_0(GGUFBlocks):
         return blocks[:, 2:].view(torch.int8).float() * d
 
 
+def _k_values(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K weights from their blocks [B, bytes] and quants q [B, 8, 32] (fp32): d*sc*q - dmin*m."""
+    B = blocks.shape[0]
+    d, dmin = _f16(blocks[:, 0:2].reshape(B, 1, 2)), _f16(blocks[:, 2:4].reshape(B, 1, 2))
+    sc, mn = _k_scales(blocks[:, 4:16])
+    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(B, 256)
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes of nibbles [B, 128] -> [B, 8, 32]: chunk c's low nibbles are sub-block 2c, its high ones 2c + 1."""
+    qs = qs.reshape(qs.shape[0], 4, 1, 32)
+    return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(qs.shape[0], 8, 32)
+
+
 class Q4_K(GGUFBlocks):
     name = "q4_k"
     ggml_type, block_elems, block_bytes = 12, 256, 144
 
     @classmethod
     def blocks_to_fp32(cls, blocks: torch.Tensor) -> torch.Tensor:
-        B = blocks.shape[0]
-        d, dmin = _f16(blocks[:, 0:2].reshape(B, 1, 2)), _f16(blocks[:, 2:4].reshape(B, 1, 2))
-        sc, mn = _k_scales(blocks[:, 4:16])
-        qs = blocks[:, 16:144].reshape(B, 4, 1, 32)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(B, 8, 32).float()  # sub-block 2c, 2c + 1 of chunk c
-        return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(B, 256)
+        return _k_values(blocks, _k_nibbles(blocks[:, 16:144]).float())
 
 
 class Q5_K(GGUFBlocks):
@@ -178,15 +169,10 @@ class Q5_K(GGUFBlocks):
 
     @classmethod
     def blocks_to_fp32(cls, blocks: torch.Tensor) -> torch.Tensor:
-        B = blocks.shape[0]
-        d, dmin = _f16(blocks[:, 0:2].reshape(B, 1, 2)), _f16(blocks[:, 2:4].reshape(B, 1, 2))
-        sc, mn = _k_scales(blocks[:, 4:16])
-        qh = blocks[:, 16:48].reshape(B, 1, 32)
-        qs = blocks[:, 48:176].reshape(B, 4, 1, 32)
-        low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(B, 8, 32)
+        qh = blocks[:, 16:48].reshape(blocks.shape[0], 1, 32)
         bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
-        q = (low | (((qh >> bits) & 1) << 4)).float()  # bit j of qh byte l: the fifth bit of sub-block j, weight l
-        return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(B, 256)
+        # bit j of qh byte l: the fifth bit of sub-block j, weight l
+        return _k_values(blocks, (_k_nibbles(blocks[:, 48:176]) | (((qh >> bits) & 1) << 4)).float())
 
 
 class Q6_K(GGUFBlocks):

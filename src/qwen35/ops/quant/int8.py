@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from qwen35.ops import cpu_kernels
 from qwen35.ops.hugepages import advise_hugepages
-from qwen35.ops.quant.base import Tensors, WeightFormat
+from qwen35.ops.quant.base import Tensors, WeightFormat, concat_rows
 
 INT8_GEMV_MAX_ROWS = 32  # the int8 kernel's limit (torch has no fast few-row int8 product to hand over to)
 INT8PACK_MAX_ROWS = 256  # above this, dequantise + F.linear (see int8_linear)
@@ -96,10 +96,7 @@ class Int8(WeightFormat):
 
     @classmethod
     def concat(cls, parts) -> tuple[Tensors, list[Tensors]]:
-        q0 = parts[0]["qweight"]
-        sizes = [p["qweight"].shape[0] for p in parts]
-        fused = torch.empty(sum(sizes), q0.shape[1], dtype=q0.dtype, device=q0.device)
-        q = torch.cat([p["qweight"] for p in parts], out=advise_hugepages(fused))
+        q, qs = concat_rows([p["qweight"] for p in parts])
         scale = torch.cat([p["scale"] for p in parts])
         return ({"qweight": q, "scale": scale},
-                [{"qweight": a, "scale": b} for a, b in zip(q.split(sizes), scale.split(sizes), strict=True)])
+                [{"qweight": a, "scale": b} for a, b in zip(qs, scale.split([a.shape[0] for a in qs]), strict=True)])
