@@ -90,8 +90,7 @@ def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
     context = t.max_position_embeddings if context is None else context
     if context <= 0:
         raise ValueError(f"context must be positive, got {context}")
-    with torch.device("meta"):
-        model = Qwen35Model(config, with_mtp=t.mtp_num_hidden_layers > 0, with_vision=config.vision is not None)
+    model = Qwen35Model.on_meta(config, with_mtp=t.mtp_num_hidden_layers > 0, with_vision=config.vision is not None)
     named = list(model.named_parameters())
     main = [(n, p) for n, p in named if not n.startswith("mtp.")]
     text = [(n, p) for n, p in main if not n.startswith("visual.")]

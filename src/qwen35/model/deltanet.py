@@ -103,6 +103,7 @@ class GatedDeltaNet(nn.Module):
             if cache is not None:
                 conv_pool[slot] = new_window[0]
                 state_pool[slot] = new_state[0]
+            del conv_out, q, k, v  # a prompt's conv output is not held through the norm and out_proj
 
         o = self.norm(out, z.view(N, self.Hv, self.dv))  # fp32 out: the norm rounds it to x's dtype
         return self.out_proj(o.reshape(N, self.value_dim))

@@ -9,6 +9,8 @@ Two ways in:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -36,6 +38,15 @@ class Qwen35Model(nn.Module):
         self.mtp = MTPHead(cfg) if with_mtp else None
         self.visual = VisionTower(config.vision) if with_vision and config.vision is not None else None
         self._head_screen = None  # see enable_head_screen
+
+    @classmethod
+    def on_meta(cls, config: ModelConfig, with_mtp: bool | None = None,
+                with_vision: bool | None = None) -> Qwen35Model:
+        """The model's structure on the meta device (shapes, no storage) for planning and checking a load.
+        torch's random init is skipped: on meta tensors it runs through torch's reference kernels, whose first
+        use imports torch._dynamo (~40 MiB that every later step of the process would carry)."""
+        with torch.device("meta"), _skipped_init():
+            return cls(config, with_mtp=with_mtp, with_vision=with_vision)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -232,3 +243,21 @@ class Qwen35Model(nn.Module):
             n_tokens -= t * h * w // merge**2
             k += 1
         return k
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _skipped_init():
+    """torch.nn.init's in-place initialisers as no-ops (what the layers' reset_parameters call)."""
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)

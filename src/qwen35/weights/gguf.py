@@ -407,8 +407,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, device: str | torch.device =
     qk = 2 * t.linear_num_key_heads * t.linear_key_head_dim
 
     # Every tensor's destination and shape checked on a meta-device model before any storage is allocated.
-    with torch.device("meta"):
-        meta = Qwen35Model(config, with_mtp=nextn > 0, with_vision=False).to(dtype)
+    meta = Qwen35Model.on_meta(config, with_mtp=nextn > 0, with_vision=False).to(dtype)
     kept = _choose_kept(places, meta) if keep else {}
     _swap_kept(meta, kept, dtype, reorder)
     params = dict(meta.state_dict(keep_vars=True))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from qwen35.config import ModelConfig, find_preset
 from qwen35.model import Qwen35Model
 from qwen35.model.mlp import Experts
-from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages
+from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages, release_free_memory
 from qwen35.ops.linear import Linear, fuse_projections
 from qwen35.ops.quant import FP8, QuantExperts, QuantLinear
 from qwen35.ops.quant.fp8 import scale_rows
@@ -46,16 +46,34 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return ok
 
 
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every meta parameter and buffer (what `Module.to_empty` does, but
+    with plain `torch.empty`: `to_empty` runs `empty_like` on meta tensors through torch's reference kernels, whose
+    first use imports sympy and torch.fx, ~40 MiB held for the rest of the process)."""
+    made: dict[int, torch.Tensor] = {}  # by the meta tensor's id: a tensor shared by two modules stays shared
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            data = torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_meta else t.detach().to(device)
+            made[id(t)] = (torch.nn.Parameter(data, requires_grad=t.requires_grad and data.is_floating_point())
+                           if isinstance(t, torch.nn.Parameter) else data)
+        return made[id(t)]
+
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = fresh(t)
+
+
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, with_mtp: bool,
                 with_vision: bool, swap: Callable[[Qwen35Model], None] | None = None) -> Qwen35Model:
     """The model with uninitialised storage on `device` (no time spent on random init). `swap` may replace
     modules of the meta-device model first (e.g. by FP8 ones), so nothing is allocated for what they replace."""
-    with torch.device("meta"):
-        model = Qwen35Model(config, with_mtp=with_mtp, with_vision=with_vision)
-    model = model.to(dtype)
+    model = Qwen35Model.on_meta(config, with_mtp=with_mtp, with_vision=with_vision).to(dtype)
     if swap is not None:
         swap(model)
-    model = model.to_empty(device=device)
+    _materialize(model, torch.device(device))
     for t in [*model.parameters(), *model.buffers()]:
         advise_hugepages(t)  # before the first write: the weights then fault in as 2 MiB pages (ops/hugepages.py)
     for m in model.modules():
@@ -90,6 +108,7 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     # pages for everything: decoding streams every weight per token (see ops/hugepages.py)
     fuse_projections(model)
     place_on_hugepages(model)
+    release_free_memory()  # the load's temporaries (read buffers, the parts fusing replaced) leave the RSS
     return model
 
 

@@ -47,8 +47,15 @@
 // Tile of widened weight rows for linear_gguf_prefill, in bytes of the widened type (and the most bytes of fp32
 // products per tile). Measured at M = 512 on 2 threads against F.linear in fp32 on the ready weight ([3584, 1024]
 // and [1024, 3584] Q4_K): 2 MB tiles 12-18% slower, 4 MB 9-12%, 8 MB 7-8%, 16 MB 5-8% (the whole matrix, here).
+// 4 MB: the tiles are kept between calls, and a prompt's peak memory counts them (the 0.8B's whole 1K-token
+// prefill ran within 2% of its speed with 16 MB).
 #ifndef QWEN35_GGUF_TILE
-#define QWEN35_GGUF_TILE (16 << 20)
+#define QWEN35_GGUF_TILE (4 << 20)
+#endif
+// Input rows multiplied per fp32 GEMM of a tile: x is widened to fp32 (and the product held) for this many rows at
+// a time, not for the whole prompt (a 1K-token prompt's MLP input alone is 14 MB in fp32 on the 0.8B).
+#ifndef QWEN35_GGUF_BLOCK_M
+#define QWEN35_GGUF_BLOCK_M 1024
 #endif
 // Few rows (a MoE expert's share of a prompt, a batch of decode rows) take tiles that stay in L2 instead: measured on
 // 2 threads, Q4_K [1024, 2048] at M = 8 / 16 / 32: 1 MB tiles 0.29 / 0.75 / 0.97 ms, 16 MB 0.69 / 0.80 / 1.00; at
@@ -619,7 +626,7 @@ struct ScratchBuffer {
 };
 
 torch::Tensor scratch(int slot, int64_t n, at::ScalarType dtype) {
-  thread_local ScratchBuffer kept[2];
+  thread_local ScratchBuffer kept[3];
   ScratchBuffer& b = kept[slot];
   const size_t need = (static_cast<size_t>(std::max<int64_t>(n, 1)) * c10::elementSize(dtype) + 63) / 64 * 64;
   if (b.bytes < need) {
@@ -693,15 +700,16 @@ torch::Tensor linear_tiles(const torch::Tensor& x, const Matrix& w, bool bf16) {
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, x.options());
   const int64_t tile_bytes = M <= QWEN35_GGUF_SMALL_M ? QWEN35_GGUF_SMALL_TILE : QWEN35_GGUF_TILE;
   int64_t fit = std::max<int64_t>(1, tile_bytes / ((bf16 ? 2 : 4) * K));
-  if (!bf16) fit = std::min(fit, std::max<int64_t>(256, tile_bytes / (4 * M)));
+  const int64_t mb = std::min<int64_t>(M, QWEN35_GGUF_BLOCK_M);
+  if (!bf16) fit = std::min(fit, std::max<int64_t>(256, tile_bytes / (4 * mb)));
   const int64_t tile = fit >= N ? N : std::max<int64_t>(64, fit / 64 * 64);
-  auto xin = bf16 ? x.contiguous() : x.to(at::kFloat);
   auto buf = scratch(0, std::min(tile, N) * K, bf16 ? at::kBFloat16 : at::kFloat);
   auto fill = [&](int64_t n0, int64_t n1) {
     if (bf16) widen_rows_bf16(w, n0, n1, reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()));
     else widen_rows(w, n0, n1, buf.data_ptr<float>());
   };
   if (bf16) {
+    auto xin = x.contiguous();
     if (tile >= N) {
       fill(0, N);
       return at::mm(xin, buf.view({N, K}).t());
@@ -716,18 +724,26 @@ torch::Tensor linear_tiles(const torch::Tensor& x, const Matrix& w, bool bf16) {
     return out;
   }
   auto out = torch::empty({M, N}, x.options());
-  auto yt = scratch(1, M * std::min(tile, N), at::kFloat);
+  auto yt = scratch(1, mb * std::min(tile, N), at::kFloat);
+  auto xs = scratch(2, mb * K, at::kFloat);
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
     const int64_t nt = std::min(tile, N - n0);
     fill(n0, n0 + nt);
-    auto y = yt.narrow(0, 0, M * nt).view({M, nt});
-    at::mm_out(y, xin, buf.narrow(0, 0, nt * K).view({nt, K}).t());
-    const float* yp = y.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / nt), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t n = 0; n < nt; ++n) op[m * N + n0 + n] = static_cast<at::BFloat16>(yp[m * nt + n]);
-    });
+    const auto wt = buf.narrow(0, 0, nt * K).view({nt, K}).t();
+    for (int64_t r0 = 0; r0 < M; r0 += mb) {
+      const int64_t mt = std::min(mb, M - r0);
+      auto xf = xs.narrow(0, 0, mt * K).view({mt, K});
+      // x widened again for each tile (M * K against the tile's M * K * nt FMAs), unless one block holds it all
+      if (mt < M || n0 == 0) xf.copy_(x.narrow(0, r0, mt));
+      auto y = yt.narrow(0, 0, mt * nt).view({mt, nt});
+      at::mm_out(y, xf, wt);
+      const float* yp = y.data_ptr<float>();
+      at::parallel_for(0, mt, std::max<int64_t>(1, 16384 / nt), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t n = 0; n < nt; ++n) op[(r0 + m) * N + n0 + n] = static_cast<at::BFloat16>(yp[m * nt + n]);
+      });
+    }
   }
   return out;
 }
