@@ -267,3 +267,42 @@ def test_prefill_works_inside_and_outside_inference_mode_in_turn():
         c = kernels.gemv_gguf(x[:20], q, Q4_K)
     d = kernels.gemv_gguf(x[:20], q, Q4_K)
     assert torch.equal(a, b) and torch.equal(c, d)
+
+
+@pytest.mark.parametrize("tokens,topk,i,gu_type,dn_type", [(9, 2, 256, Q4_K, Q6_K), (37, 3, 512, Q5_K, Q8_0),
+                                                           (100, 4, 256, Q6_K, Q4_K), (61, 2, 96, Q8_0, Q8_0)])
+def test_moe_experts_gguf_grouped_equals_the_expert_loop(tokens, topk, i, gu_type, dn_type):
+    """The prompt kernel: tokens grouped by expert (experts get 0 to dozens of tokens, so every group size of the
+    kernel's 4 x 4 blocks and an expert nobody chose occur)."""
+    e, h = 9, 256 if gu_type != Q8_0 else 160
+    gen = torch.Generator().manual_seed(tokens * 10 + topk)
+    gu, dn, gu_w, dn_w = moe_experts(e, h, i, gu_type, dn_type, seed=tokens + i)
+    x = (torch.randn(tokens, h, generator=gen) * 2).bfloat16()
+    # expert 8 is never chosen; the others unevenly (expert 0 by most tokens)
+    ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(7, generator=gen)])[:topk]
+                       if t % 3 else 1 + torch.randperm(7, generator=gen)[:topk] for t in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, topk, generator=gen), -1).bfloat16()
+    got = kernels.moe_experts_gguf_grouped(x, gu, gu_type, dn, dn_type, i, ids, weights)
+    want = moe_twin(x, gu_w, dn_w, ids, weights)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, h)
+    assert (got != want).float().mean() < 0.02  # rounding ties of the fp32 vs fp64 dots only
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.float().abs().max()))
+    per_token = torch.cat([kernels.moe_experts_gguf(x[t:t + 8], gu, gu_type, dn, dn_type, i, ids[t:t + 8],
+                                                    weights[t:t + 8]) for t in range(0, tokens, 8)])
+    assert (got != per_token).float().mean() < 0.02  # the decode kernel: the same roundings, other sum orders
+
+
+def test_moe_experts_gguf_grouped_bad_inputs_and_empty():
+    gu, dn, _, _ = moe_experts(3, 256, 256, Q4_K, Q6_K, seed=5)
+    x, w = torch.randn(12, 256).bfloat16(), torch.ones(12, 2).bfloat16()
+    ids = torch.tensor([[0, 1]] * 12)
+    with pytest.raises(RuntimeError, match="moe_experts_gguf_grouped: expert id 3 out of range"):
+        kernels.moe_experts_gguf_grouped(x, gu, Q4_K, dn, Q6_K, 256, ids + 2, w)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        kernels.moe_experts_gguf_grouped(x, gu, Q4_K, gu, Q4_K, 256, ids, w)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.moe_experts_gguf_grouped(x.float(), gu, Q4_K, dn, Q6_K, 256, ids, w)
+    with pytest.raises(RuntimeError, match="ids has 11 rows but x has 12"):
+        kernels.moe_experts_gguf_grouped(x, gu, Q4_K, dn, Q6_K, 256, ids[:11], w[:11])
+    empty = kernels.moe_experts_gguf_grouped(x[:0], gu, Q4_K, dn, Q6_K, 256, ids[:0], w[:0])
+    assert empty.shape == (0, 256)

@@ -429,6 +429,8 @@ torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor q, int64_t type);
 torch::Tensor linear_gguf_prefill(torch::Tensor x, torch::Tensor q, int64_t type);
 torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
                                int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights);
+torch::Tensor moe_experts_gguf_grouped(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
+                                       int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights);
 bool gguf_prefill_bf16();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -466,5 +468,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts_gguf", &moe_experts_gguf, "routed experts of a MoE block with GGUF weights (decode)",
         py::arg("x"), py::arg("gu_q"), py::arg("gu_type"), py::arg("dn_q"), py::arg("dn_type"), py::arg("I"),
         py::arg("ids"), py::arg("weights"));
+  m.def("moe_experts_gguf_grouped", &moe_experts_gguf_grouped,
+        "routed experts of a MoE block with GGUF weights, tokens grouped by expert (prefill)", py::arg("x"),
+        py::arg("gu_q"), py::arg("gu_type"), py::arg("dn_q"), py::arg("dn_type"), py::arg("I"), py::arg("ids"),
+        py::arg("weights"));
   m.def("gguf_prefill_bf16", &gguf_prefill_bf16, "linear_gguf_prefill widens to bf16 (else to fp32)");
 }

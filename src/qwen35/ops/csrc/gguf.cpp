@@ -878,6 +878,230 @@ torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_t
   return out;
 }
 
+namespace {
+
+constexpr int kGroupRows = 4;  // weight rows widened (and inputs taken) together by micro_dots
+
+// acc[s][r][0..16) += the 16 lanes of sum_k xs[s][k] * w[r * KC + k], k < KC (a multiple of 16), for MS inputs and
+// NR widened weight rows: every 16-wide load of a row or an input feeds several FMAs, the partial sums stay in 16
+// lanes (reduced once the whole row is done).
+template <int MS, int NR>
+void micro_dots(const float* const* xs, int64_t k0, const float* w, int64_t KC, float* acc) {
+#if defined(QWEN35_GGUF_AVX512)
+  __m512 a[MS][NR];
+  for (int s = 0; s < MS; ++s)
+    for (int r = 0; r < NR; ++r) a[s][r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (s * kGroupRows + r) * 16);
+  for (int64_t k = 0; k < KC; k += 16) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(w + r * KC + k);
+    for (int s = 0; s < MS; ++s) {
+      const __m512 xv = _mm512_loadu_ps(xs[s] + k0 + k);
+      for (int r = 0; r < NR; ++r) a[s][r] = _mm512_fmadd_ps(xv, wv[r], a[s][r]);
+    }
+  }
+  for (int s = 0; s < MS; ++s)
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(acc + (s * kGroupRows + r) * 16, a[s][r]);
+#else
+  for (int s = 0; s < MS; ++s)
+    for (int r = 0; r < NR; ++r) {
+      float* a = acc + (s * kGroupRows + r) * 16;
+      if (k0 == 0) std::fill(a, a + 16, 0.f);
+      for (int64_t k = 0; k < KC; ++k) a[k % 16] += xs[s][k0 + k] * w[r * KC + k];
+    }
+#endif
+}
+
+// out[j] = the 16 lanes of a[16 j, 16 j + 16) added up, j < n <= 16: sixteen partial sums reduced together (three
+// shuffle-and-add levels), not one after the other.
+inline void lanes_sums16(const float* a, int n, float* out) {
+#if defined(QWEN35_GGUF_AVX512)
+  __m512 t[8];
+  for (int j = 0; j < 8; ++j) {
+    const __m512 x = _mm512_loadu_ps(a + 32 * j), y = _mm512_loadu_ps(a + 32 * j + 16);
+    t[j] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  }
+  __m512 u[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m512d x = _mm512_castps_pd(t[2 * j]), y = _mm512_castps_pd(t[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), r);
+#else
+  for (int j = 0; j < n; ++j) {
+    float v = 0.f;
+    for (int l = 0; l < 16; ++l) v += a[16 * j + l];
+    out[j] = v;
+  }
+#endif
+}
+
+// Weights widened kGroupRows rows x up to kChunk values at a time (32 KB: in L1 while every input of the expert
+// streams past). Whole rows where they fit: widening a block at a time costs more per block than it saves (MoE
+// bench shape, 2 threads: 256-value chunks made the kernel ~10% slower than whole rows of 2048).
+constexpr int64_t kChunk = 1024;
+
+// out[s * kGroupRows + i] = sum_k xs[s][k] * row_i[k] for inputs s < ns and the kGroupRows weight rows starting at
+// `rows` (row stride m.row_bytes), widened kChunk values at a time. wbuf holds kGroupRows * kChunk floats, acc
+// (ns + kGroupRows) * kGroupRows * 16. (Every weight here has a multiple of 32 rows: K of the other projection.)
+void group_dots(const Matrix& m, const uint8_t* rows, int64_t ns, const float* const* xs, float* wbuf, float* acc,
+                float* out) {
+  // inputs in groups as even as possible of at most kGroupRows (13 = 4 + 3 + 3 + 3, not 4 + 4 + 4 + 1)
+  const int64_t ng = (ns + kGroupRows - 1) / kGroupRows;
+  for (int64_t k0 = 0; k0 < m.K; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, m.K - k0);  // a multiple of the block, so of 16
+    const int64_t b0 = k0 / m.k->elems, nbc = kc / m.k->elems;
+    for (int i = 0; i < kGroupRows; ++i) m.k->widen(rows + i * m.row_bytes + b0 * m.k->bytes, nbc, wbuf + i * kc);
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t s0 = g * ns / ng, ms = (g + 1) * ns / ng - s0;
+      float* a = acc + s0 * kGroupRows * 16;
+      switch (ms) {
+        case 4: micro_dots<4, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
+        case 3: micro_dots<3, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
+        case 2: micro_dots<2, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
+        default: micro_dots<1, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
+      }
+    }
+  }
+  // the partial sums of kGroupRows inputs x kGroupRows rows lie in 16 consecutive vectors
+  static_assert(kGroupRows * kGroupRows == 16, "lanes_sums16 takes 16 partial sums");
+  for (int64_t s0 = 0; s0 < ns; s0 += kGroupRows)
+    lanes_sums16(acc + s0 * kGroupRows * 16, static_cast<int>(std::min<int64_t>(kGroupRows, ns - s0)) * kGroupRows,
+                 out + s0 * kGroupRows);
+}
+
+}  // namespace
+
+// moe_experts_gguf for a prompt's tokens, grouped by expert: each chosen expert's weight rows are widened once, a
+// few at a time into L1, and dotted with all of that expert's tokens (a prompt gives an expert ~T * k / E of them),
+// instead of once per token. The same passes, bf16 roundings and summing order as moe_experts_gguf and its twin
+// (ExpertDispatch); only the order of each dot product's fp32 sum differs.
+torch::Tensor moe_experts_gguf_grouped(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
+                                       int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights) {
+  const char* fn = "moe_experts_gguf_grouped";
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes(), fn,
+              ": x [M, H], ids and weights [M, k]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kBFloat16, fn,
+              ": x and weights must be bf16");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, fn, ": x must be row-major");
+  const int64_t M = x.size(0), H = x.size(1), k = ids.size(1);
+  TORCH_CHECK(ids.size(0) == M, fn, ": ids has ", ids.size(0), " rows but x has ", M);
+  const Matrix gu = check_matrix(fn, "gu_q", gu_q, gu_type, H, 3);
+  const Matrix dn = check_matrix(fn, "dn_q", dn_q, dn_type, I, 3);
+  const int64_t E = gu_q.size(0);
+  TORCH_CHECK(gu.N == 2 * I && dn_q.size(0) == E && dn.N == H, fn, ": shapes disagree: gu_q [", E, ", ", gu.N,
+              ", .] should be [E, 2I=", 2 * I, ", .], dn_q [", dn_q.size(0), ", ", dn.N, ", .] should be [E, H=", H,
+              ", .]");
+  // (always so: H and I are each a multiple of the other projection's block, 32 or 256 weights)
+  TORCH_CHECK(H % kGroupRows == 0 && I % kGroupRows == 0, fn, ": H and I must be multiples of ", kGroupRows);
+  auto id = ids.to(at::kLong).contiguous();
+  auto wt = weights.contiguous();
+  const int64_t* idp = id.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M * k; ++i)
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, fn, ": expert id ", idp[i], " out of range [0, ", E, ")");
+  const int64_t P = M * k;
+  auto out = torch::empty({M, H}, x.options());
+  if (P == 0 || H == 0) return out.zero_();
+  const at::BFloat16* wp = wt.data_ptr<at::BFloat16>();
+  const int64_t gu_expert = 2 * I * gu.row_bytes, dn_expert = H * dn.row_bytes;
+
+  // the slots (m * k + j) of each expert, experts in id order
+  std::vector<int64_t> first(E + 1, 0), slots(P);
+  for (int64_t p = 0; p < P; ++p) ++first[idp[p] + 1];
+  for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  {
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t p = 0; p < P; ++p) slots[fill[idp[p]]++] = p;
+  }
+  const std::vector<float> xf =
+      widen_rows_of(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, H, x.stride(0));
+
+  // tasks: (expert, block of rows); an expert's block is one task whatever its token count
+  auto tasks_of = [&](int64_t rows, int64_t block) {
+    std::vector<std::pair<int64_t, int64_t>> t;
+    for (int64_t e = 0; e < E; ++e)
+      if (first[e + 1] > first[e])
+        for (int64_t r0 = 0; r0 < rows; r0 += block) t.emplace_back(e, r0);
+    return t;
+  };
+
+  // pass 1: gate and up rows, kGroupRows at a time, against all of the expert's tokens
+  std::vector<uint16_t> act(static_cast<size_t>(P * I));
+  constexpr int64_t kBlock1 = 32;
+  const auto tasks1 = tasks_of(I, kBlock1);
+  at::parallel_for(0, static_cast<int64_t>(tasks1.size()), 1, [&](int64_t a, int64_t b) {
+    std::vector<float> wbuf(static_cast<size_t>(kGroupRows * kChunk)), acc;
+    std::vector<const float*> xs;
+    std::vector<float> g, u;
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t e = tasks1[t].first, r0 = tasks1[t].second, r1 = std::min(I, r0 + kBlock1);
+      const int64_t c = first[e + 1] - first[e];
+      const int64_t* sl = slots.data() + first[e];
+      xs.resize(c);
+      for (int64_t s = 0; s < c; ++s) xs[s] = xf.data() + (sl[s] / k) * H;
+      g.resize(c * kGroupRows);
+      u.resize(c * kGroupRows);
+      acc.resize((c + kGroupRows) * kGroupRows * 16);  // lanes_sums16 reads whole groups of vectors
+      const uint8_t* w = gu.q + e * gu_expert;
+      for (int64_t r = r0; r < r1; r += kGroupRows) {
+        constexpr int nr = kGroupRows;
+        group_dots(gu, w + r * gu.row_bytes, c, xs.data(), wbuf.data(), acc.data(), g.data());
+        group_dots(gu, w + (I + r) * gu.row_bytes, c, xs.data(), wbuf.data(), acc.data(), u.data());
+        for (int64_t s = 0; s < c; ++s)
+          for (int i = 0; i < nr; ++i) {
+            const float gv = round_bf16(g[s * nr + i]), uv = round_bf16(u[s * nr + i]);
+            const float sg = round_bf16(gv / (1.f + std::exp(-gv)));
+            act[sl[s] * I + r + i] = bits_bf16(sg * uv);
+          }
+      }
+    }
+  });
+
+  // pass 2: down rows, kGroupRows at a time, against the expert's activations: y[p, n], rounded, weighted
+  const std::vector<float> af = widen_rows_of(act.data(), P, I, I);
+  std::vector<uint16_t> y(static_cast<size_t>(P * H));
+  constexpr int64_t kBlock2 = 64;
+  const auto tasks2 = tasks_of(H, kBlock2);
+  at::parallel_for(0, static_cast<int64_t>(tasks2.size()), 1, [&](int64_t a, int64_t b) {
+    std::vector<float> wbuf(static_cast<size_t>(kGroupRows * kChunk)), acc;
+    std::vector<const float*> xs;
+    std::vector<float> d;
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t e = tasks2[t].first, n0 = tasks2[t].second, n1 = std::min(H, n0 + kBlock2);
+      const int64_t c = first[e + 1] - first[e];
+      const int64_t* sl = slots.data() + first[e];
+      xs.resize(c);
+      for (int64_t s = 0; s < c; ++s) xs[s] = af.data() + sl[s] * I;
+      d.resize(c * kGroupRows);
+      acc.resize((c + kGroupRows) * kGroupRows * 16);  // lanes_sums16 reads whole groups of vectors
+      const uint8_t* w = dn.q + e * dn_expert;
+      for (int64_t n = n0; n < n1; n += kGroupRows) {
+        constexpr int nr = kGroupRows;
+        group_dots(dn, w + n * dn.row_bytes, c, xs.data(), wbuf.data(), acc.data(), d.data());
+        for (int64_t s = 0; s < c; ++s) {
+          const float wgt = static_cast<float>(wp[sl[s]]);
+          for (int i = 0; i < nr; ++i) y[sl[s] * H + n + i] = bits_bf16(round_bf16(d[s * nr + i]) * wgt);
+        }
+      }
+    }
+  });
+
+  // pass 3: each token's experts summed in ascending id order, rounded to bf16 after each step (index_add_)
+  const std::vector<int64_t> order = slots_by_expert(idp, M, k);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < H; ++n) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < k; ++j) acc = round_bf16(acc + bf16_to_float(y[order[m * k + j] * H + n]));
+        op[m * H + n] = static_cast<at::BFloat16>(acc);
+      }
+  });
+  return out;
+}
+
 // Registration: gemv.cpp's PYBIND11_MODULE binds these functions for the extension; a stand-alone build of this
 // file alone (-DQWEN35_GGUF_STANDALONE, for working on it without rebuilding the rest) is a module of its own.
 #if defined(QWEN35_GGUF_STANDALONE)
@@ -893,6 +1117,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_experts_gguf", &moe_experts_gguf, "routed experts of a MoE block with GGUF weights (decode)",
         py::arg("x"), py::arg("gu_q"), py::arg("gu_type"), py::arg("dn_q"), py::arg("dn_type"), py::arg("I"),
         py::arg("ids"), py::arg("weights"));
+  m.def("moe_experts_gguf_grouped", &moe_experts_gguf_grouped,
+        "routed experts of a MoE block with GGUF weights, tokens grouped by expert (prefill)", py::arg("x"),
+        py::arg("gu_q"), py::arg("gu_type"), py::arg("dn_q"), py::arg("dn_type"), py::arg("I"), py::arg("ids"),
+        py::arg("weights"));
   m.def("gguf_prefill_bf16", &gguf_prefill_bf16, "linear_gguf_prefill widens to bf16 (else to fp32)");
 }
 #endif

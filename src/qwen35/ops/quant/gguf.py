@@ -24,6 +24,10 @@ from qwen35.ops import cpu_kernels
 from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS
 from qwen35.ops.quant.base import Tensors, WeightFormat, concat_rows, kernel_rows
 
+# Tokens per call of the grouped MoE kernel (prefill): its per-(token, expert) outputs are T * k * H bf16 values
+# (16 MiB at 512 tokens on the MoE bench shape, H = 2048, k = 8).
+GGUF_MOE_PREFILL_TOKENS = 512
+
 GGUF_GEMV_MAX_ROWS = 32  # csrc/gguf.cpp's GEMV limit; more rows go through the tile-widening GEMM
 
 
@@ -117,17 +121,24 @@ class GGUFBlocks(WeightFormat):
 
     @classmethod
     def experts_kernel(cls, x, gate_up, down, ids, weights, down_fmt: type[WeightFormat] | None = None):
+        """The routed experts in a compiled kernel: per token for decode batches, grouped by expert for prompts
+        (each expert's rows widened once for all its tokens); None where neither applies (ExpertDispatch's loop,
+        the twin of both, runs instead)."""
         down_fmt = down_fmt or cls
         if not (issubclass(down_fmt, GGUFBlocks) and x.device.type == "cpu" and x.dim() == 2
-                and x.shape[0] <= MOE_KERNEL_MAX_TOKENS and x.dtype == torch.bfloat16
-                and weights.dtype == torch.bfloat16):
+                and x.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16):
             return None
         k = cpu_kernels.kernels()
-        if k is None or not hasattr(k, "moe_experts_gguf"):
+        if k is None or not hasattr(k, "moe_experts_gguf_grouped"):
             return None
         inner = down_fmt.in_features(down["qweight"])
-        return k.moe_experts_gguf(x, gate_up["qweight"], cls.ggml_type, down["qweight"], down_fmt.ggml_type, inner,
-                                  ids, weights)
+        args = (gate_up["qweight"], cls.ggml_type, down["qweight"], down_fmt.ggml_type, inner)
+        if x.shape[0] <= MOE_KERNEL_MAX_TOKENS:
+            return k.moe_experts_gguf(x, *args, ids, weights)
+        # a long prompt in pieces: the kernel holds every (token, expert) pair's output row at once
+        step = GGUF_MOE_PREFILL_TOKENS
+        return torch.cat([k.moe_experts_gguf_grouped(x[i:i + step], *args, ids[i:i + step], weights[i:i + step])
+                          for i in range(0, x.shape[0], step)])
 
 
 class Q8_0(GGUFBlocks):
