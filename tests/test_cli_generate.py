@@ -31,6 +31,9 @@ def test_generate_streams_text(tiny_folder, capsys):
     rc = main(["generate", str(tiny_folder), "Hello there", "--load-format", "dummy", "--max-tokens", "6",
                "--temperature", "0", "--ignore-eos"])
     assert rc == 0 and capsys.readouterr().out == captured.out
+    rc = main(["generate", str(tiny_folder), "Hello there", "--load-format", "dummy", "--max-tokens", "6",
+               "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--no-enable-prefix-caching"])
+    assert rc == 0 and capsys.readouterr().out == captured.out
     rc = main(["generate", str(tiny_folder), "Hi", "--load-format", "dummy", "--max-tokens", "4", "--temperature",
                "0.9", "--top-p", "0.9", "--top-k", "5", "--seed", "3"])
     assert rc == 0

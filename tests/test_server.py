@@ -359,6 +359,22 @@ def test_disconnect_frees_cache(server):
     assert metric(now, "qwen35_num_requests_running") == 0 and metric(now, "qwen35_num_requests_waiting") == 0
 
 
+def test_prefix_cache_reports_cached_tokens(server, client):
+    system = "You are a careful assistant. " * 40  # ~240 tokens shared by both requests
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system},
+                                                                  {"role": "user", "content": "Hi"}],
+                                           max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system},
+                                                                   {"role": "user", "content": "Bye"}],
+                                            max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 192 and cached % 64 == 0 and cached < second.usage.prompt_tokens
+    text = get_metrics(server.port)
+    assert metric(text, "qwen35_prefix_cache_hits_total") >= cached
+    assert metric(text, "qwen35_prefix_cache_queries_total") >= first.usage.prompt_tokens + second.usage.prompt_tokens
+
+
 def test_metrics(server, client):
     chat(client, "Tell me a story", temperature=0, max_tokens=4)
     text = get_metrics(server.port)

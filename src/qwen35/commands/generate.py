@@ -30,6 +30,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens of one request "
                                                                     "(default: the model's, capped by the cache)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="cache budget in bytes")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="start requests from the cached KV blocks and GDN state of earlier ones with the same "
+                        "first tokens (default: on; --no-enable-prefix-caching turns it off)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +62,8 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-               max_num_seqs=8, seed=args.seed if args.seed is not None else 0, quantization=args.quantization)
+               max_num_seqs=8, seed=args.seed if args.seed is not None else 0, quantization=args.quantization,
+               enable_prefix_caching=args.enable_prefix_caching)
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, default_max_tokens: int) -> Any:

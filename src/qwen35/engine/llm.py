@@ -50,7 +50,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  generation_config: str | None = "auto", skip_tokenizer_init: bool = False,
-                 quantization: str | None = None):
+                 quantization: str | None = None, enable_prefix_caching: bool = True):
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
         only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU and for FP8
         (checkpoints or `quantization="fp8"`: kept in 8 bits), else float32 on CPU. `tokenizer`: None (the
@@ -58,7 +58,8 @@ class LLM:
         `skip_tokenizer_init`: no tokenizer at all (token ids in and out, `text` stays empty).
         `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
         generation_config.json; None: vLLM's neutral defaults. `quantization`: None, "int8" or "fp8" (weight-only,
-        made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments are `LLMEngine`'s."""
+        made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments (and
+        `enable_prefix_caching`, on by default as in vLLM) are `LLMEngine`'s."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.gguf import gguf_tokenizer, is_gguf
@@ -107,7 +108,8 @@ class LLM:
         self.engine = LLMEngine(net, tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size, seed=seed,
-                                eos_token_ids=eos, default_sampling_params=self.default_sampling_params)
+                                eos_token_ids=eos, default_sampling_params=self.default_sampling_params,
+                                enable_prefix_caching=enable_prefix_caching)
         self.engine.model_folder = folder
 
     def get_tokenizer(self) -> Any:
@@ -116,6 +118,10 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """The checkpoint's defaults (generation_config.json), used when no SamplingParams are given."""
         return self.default_sampling_params
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes (KV blocks and GDN snapshots); False when prefix caching is off."""
+        return self.engine.reset_prefix_cache()
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, prompts: PromptType | Sequence[PromptType],

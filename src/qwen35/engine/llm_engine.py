@@ -35,6 +35,7 @@ from qwen35.engine.cache_manager import (
 from qwen35.engine.detokenize import OutputText
 from qwen35.engine.model_runner import ModelRunner
 from qwen35.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen35.engine.prefix_cache import SNAPSHOT_GRID
 from qwen35.engine.sampler import SamplerOutput, SamplerRow
 from qwen35.engine.sampling import RequestOutputKind, SamplingParams
 from qwen35.engine.scheduler import Scheduler, SchedulerOutput
@@ -45,6 +46,7 @@ log = logging.getLogger("qwen35")
 
 DEFAULT_EOS_TOKEN_IDS = (248046, 248044)
 MAX_LOGPROBS = 20
+HIT_LOG_SECONDS = 60.0  # how often the prefix cache's hit rate is logged (while requests come)
 THINK_START, THINK_END = "<think>", "</think>"
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
@@ -63,13 +65,16 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  eos_token_ids: Iterable[int] | None = None,
-                 default_sampling_params: SamplingParams | None = None):
+                 default_sampling_params: SamplingParams | None = None, enable_prefix_caching: bool = True):
         """`model`: a `Qwen35Model`. `tokenizer`: a `qwen35.tokenizer.Tokenizer` (None: token ids in, no text
         out). `max_model_len`: prompt + output tokens of one sequence (default: the model's
         `max_position_embeddings`, lowered to what the cache holds). `kv_cache_memory_bytes`: the cache budget
         (KV blocks + GDN state slots; default: 90% of free GPU memory, or a quarter of available RAM capped at
         4 GiB on CPU). `max_num_batched_tokens`: tokens per step (default 2048; prompts longer than that are
-        prefilled in chunks). `seed`: where the random streams of unseeded requests come from."""
+        prefilled in chunks). `seed`: where the random streams of unseeded requests come from.
+        `enable_prefix_caching`: requests that begin with the tokens of an earlier one start from its cached KV
+        blocks and GDN state snapshot (see engine/cache_manager.py); the state slots no running sequence holds
+        keep the snapshots."""
         cfg = model.config.text
         self.model = model
         self.tokenizer = tokenizer
@@ -95,21 +100,29 @@ class LLMEngine:
             kv_cache_memory_bytes = default_cache_budget(device)
         if not isinstance(kv_cache_memory_bytes, int) or kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {kv_cache_memory_bytes!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        if enable_prefix_caching and SNAPSHOT_GRID % block_size:
+            raise ValueError(f"block_size={block_size}: with prefix caching it must divide the snapshot grid of "
+                             f"{SNAPSHOT_GRID} tokens (e.g. 16, the default)")
+        # the prefix cache's snapshots live in the state slots running sequences do not hold
         self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len,
                                           block_size)
         if max_model_len is None and self.plan.max_model_len < cfg.max_position_embeddings:
             log.info("max_model_len lowered to %d tokens: what the %s cache budget holds next to %d state slots",
                      self.plan.max_model_len, "given" if budget_given else "default", self.plan.num_slots)
         self.max_model_len = max_model_len = self.plan.max_model_len
-        self.cache = CacheManager(self.plan.num_blocks, block_size, self.plan.num_slots)
         self.max_num_seqs = min(max_num_seqs, self.plan.num_slots)
-        self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.plan)
+        self.cache = CacheManager(self.plan.num_blocks, block_size, self.plan.num_slots,
+                                  enable_prefix_caching=enable_prefix_caching, copy_slot=self.runner.cache.copy_slot)
+        self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
+        self._hit_log_time = time.monotonic()
         self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
         self._mm_processor = None
-        log.info("cache: %d state slots, %d KV blocks of %d tokens (%.1f MiB); max_model_len %d",
+        log.info("cache: %d state slots, %d KV blocks of %d tokens (%.1f MiB); max_model_len %d; prefix caching %s",
                  self.plan.num_slots, self.plan.num_blocks, block_size, self.plan.total_bytes / 2**20,
-                 max_model_len)
+                 max_model_len, "on" if enable_prefix_caching else "off")
 
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -203,7 +216,12 @@ class LLMEngine:
                 if self.scheduler.has_work():
                     raise RuntimeError("scheduler made no progress although requests wait (a bug: please report)")
                 return self._postprocess(work, [], None)
-            sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
+            work.snapshots = self.cache.plan_snapshots(work.seqs, work.num_tokens)
+            try:
+                sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
+            except BaseException:
+                self.cache.drop_snapshots(work.snapshots)  # the slots they took go back
+                raise
             return self._postprocess(work, sampled_seqs, sampled)
 
     def _sampler_row(self, seq: Seq) -> SamplerRow:
@@ -221,6 +239,10 @@ class LLMEngine:
                      ) -> list[RequestOutput]:
         for seq, n in zip(work.seqs, work.num_tokens, strict=True):
             seq.num_computed_tokens += n
+            self.cache.cache_computed(seq)
+        if work.snapshots:
+            self.cache.commit_snapshots(work.snapshots)
+        self._log_hit_rate()
         moved: dict[str, Request] = {}
         now = time.monotonic()
         for i, seq in enumerate(seqs):
@@ -249,6 +271,30 @@ class LLMEngine:
                 req.finished_time = now
                 self._requests.pop(req.request_id, None)
         return outputs
+
+    def _log_hit_rate(self) -> None:
+        prefix = self.cache.prefix
+        now = time.monotonic()
+        if prefix is None or now - self._hit_log_time < HIT_LOG_SECONDS or not prefix.queried_tokens:
+            return
+        self._hit_log_time = now
+        log.info("prefix cache: %.1f%% of %d prompt tokens hit; %d cached blocks, %d snapshots",
+                 100 * prefix.hit_tokens / prefix.queried_tokens, prefix.queried_tokens, len(prefix.key_of),
+                 len(prefix.snapshots))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block and snapshot; False when prefix caching is off."""
+        with self._lock:
+            self.cache.reset_prefix_cache()
+            return self.cache.prefix_caching
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prompt tokens looked up and found cached so far (first admissions), cached blocks and snapshots."""
+        prefix = self.cache.prefix
+        if prefix is None:
+            return {"queried_tokens": 0, "hit_tokens": 0, "cached_blocks": 0, "snapshots": 0}
+        return {"queried_tokens": prefix.queried_tokens, "hit_tokens": prefix.hit_tokens,
+                "cached_blocks": len(prefix.key_of), "snapshots": len(prefix.snapshots)}
 
     # ------------------------------------------------------------------------------------------ tokens
     def _append_token(self, seq: Seq, tok: int, logprob: float | None, top: dict[int, Logprob] | None,
@@ -311,7 +357,8 @@ class LLMEngine:
         if not outs and not finished:
             return None
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=outs, finished=finished, metrics=self._metrics(req))
+                             outputs=outs, finished=finished, metrics=self._metrics(req),
+                             num_cached_tokens=req.sequences[0].num_cached_tokens)
 
     def _completion(self, seq: Seq, text: str, ids: list[int], lp_from: int) -> CompletionOutput:
         p = seq.params

@@ -36,7 +36,8 @@ class ModelRunner:
     def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
             ) -> tuple[list[Sequence], SamplerOutput | None]:
         """Forward the scheduled tokens, then sample for the sequences whose chunk ends their known tokens
-        (`sampler_row(seq)` says how). Returns (the sequences that sampled, the sampler's result)."""
+        (`sampler_row(seq)` says how); on the way the GDN layers write the states `work.snapshots` asks for
+        (prefix cache). Returns (the sequences that sampled, the sampler's result)."""
         ids: list[int] = []
         ctx: list[int] = []
         for seq, n in zip(work.seqs, work.num_tokens, strict=True):
@@ -50,7 +51,8 @@ class ModelRunner:
         else:
             positions, embeds = text_positions(ctx, lens, self.device), None
         batch = ForwardBatch(query_lens=lens, context_lens=ctx, positions=positions, cache=self.cache,
-                             slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs])
+                             slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs],
+                             snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
         hidden = self.model.forward_batch(flat, batch, inputs_embeds=embeds)
 
         sampling, last_rows = [], []

@@ -51,6 +51,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    #: prompt tokens served from the prefix cache (None until the request was first scheduled)
+    num_cached_tokens: int | None = None
 
 
 __all__ = ["CompletionOutput", "Logprob", "RequestOutput", "SampleLogprobs"]

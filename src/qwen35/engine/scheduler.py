@@ -12,6 +12,11 @@ to the front of the waiting queue, to be recomputed later. If there is no such s
 preempted itself. The oldest work always proceeds, so everything finishes as long as one sequence of
 `max_model_len` tokens fits in the cache (checked when the engine starts). No new sequence is admitted in a
 step that preempted.
+
+A prefill chunk that stops inside the known tokens ends on the snapshot grid (absolute positions, multiples of
+64; unless the budget does not reach the next grid point), with or without prefix caching, so that a run that
+starts from a cached prefix computes the same GDN chunks as one that does not. With prefix caching a waiting
+sequence first takes the longest cached prefix (`CacheManager.lookup`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # prefix-cache snapshots to take inside the chunks: {index in seqs: [(offset, slot, key)]}
+    # (CacheManager.plan_snapshots, set by the engine once the step is scheduled)
+    snapshots: dict = field(default_factory=dict)
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -72,7 +80,7 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier one in this loop
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
             if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, out):
                 continue  # it preempted itself
             self.cache.allocate(seq, seq.num_computed_tokens + n)
@@ -94,17 +102,31 @@ class Scheduler:
             self._preempt(victim, out)
         return True
 
+    def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
+        """How many of `seq`'s tokens after `start` to compute this step, within `budget` (see the module
+        docstring: chunk ends on the snapshot grid)."""
+        end = min(seq.num_tokens, start + budget)
+        grid = self.cache.grid
+        if end < seq.num_tokens and end // grid * grid > start:
+            end = end // grid * grid
+        return end - start
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
+            hit = self.cache.lookup(seq)
+            start = hit.num_tokens if hit is not None else seq.num_computed_tokens
+            n = self._chunk(seq, start, budget)
             # Keep a block per running sequence in hand so that admitting does not force the next step's
             # decodes to preempt right away (which would only waste the prefill done here).
             reserve = len(self.running) if self.running else 0
-            if not self.cache.can_allocate(seq, seq.num_computed_tokens + n, reserve_blocks=reserve):
+            if not self.cache.can_allocate(seq, start + n, reserve_blocks=reserve, hit=hit):
                 break
             self.waiting.popleft()
-            self.cache.allocate(seq, seq.num_computed_tokens + n)
+            self.cache.allocate(seq, start + n, hit=hit)
+            if seq.num_cached_tokens is None:  # what its first admission found (preemptions do not count)
+                seq.num_cached_tokens = start
+                self.cache.count_query(seq.num_prompt_tokens, start)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.add(seq, n)

@@ -43,6 +43,12 @@ class Sequence:
     slot: int | None = None
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # prefix cache (engine/cache_manager.py): the chain keys of its full blocks, how many of its blocks are
+    # registered, the prompt tokens its first admission found cached, its latest snapshot while decoding
+    block_keys: list = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
+    decode_snapshot: Any = None
     # sampling state
     thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
     cumulative_logprob: float = 0.0

@@ -84,6 +84,14 @@ class HybridCache:
             seq.slot = None
         seq.num_tokens = 0
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Every GDN layer's conv window and recurrent state of slot `src` into slot `dst` (prefix-cache
+        snapshots are taken and restored so)."""
+        with torch.no_grad():
+            for i in self.conv:
+                self.conv[i][dst].copy_(self.conv[i][src])
+                self.recurrent[i][dst].copy_(self.recurrent[i][src])
+
     @staticmethod
     def slot_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
         """Bytes of one sequence's GDN state over all layers: conv window (model dtype) + fp32 state."""
@@ -124,6 +132,9 @@ class ForwardBatch:
     cache: HybridCache | None = None
     slots: list[int] | None = None
     block_tables: list[list[int]] | None = None
+    # prefix-cache snapshots: {sequence index: [(offset o in its new tokens, slot)]}: every GDN layer writes its
+    # state after the first o new tokens (conv window and recurrent state) into that slot of the cache
+    snapshots: dict[int, list[tuple[int, int]]] | None = None
     starts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +144,11 @@ class ForwardBatch:
             raise ValueError("a ForwardBatch over a cache needs slots and block_tables")
         if self.cache is None and any(c != 0 for c in self.context_lens):
             raise ValueError("context_lens must be 0 without a cache")
+        for i, cuts in (self.snapshots or {}).items():
+            if self.cache is None or not all(0 < o < self.query_lens[i] for o, _ in cuts) or \
+                    [o for o, _ in cuts] != sorted({o for o, _ in cuts}):
+                raise ValueError(f"snapshots of sequence {i}: offsets must rise strictly inside its "
+                                 f"{self.query_lens[i]} new tokens, over a cache")
         self.starts = [0]
         for n in self.query_lens:
             self.starts.append(self.starts[-1] + n)

@@ -49,6 +49,15 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
         return q, k, v.view(n, self.Hv, self.dv)
 
+    def _window_before(self, inputs: torch.Tensor, o: int, window: torch.Tensor | None) -> torch.Tensor:
+        """The conv window [C, K-1] (raw inputs, oldest first) after the first `o` rows of `inputs` [n, C],
+        which followed `window` ([1, C, K-1]; None: zeros, a sequence at position 0)."""
+        keep = self.conv1d.weight.shape[-1] - 1
+        if o >= keep:
+            return inputs[o - keep:o].transpose(0, 1)
+        before = window[0] if window is not None else inputs.new_zeros(inputs.shape[1], keep)
+        return torch.cat([before[:, o:], inputs[:o].transpose(0, 1)], dim=1)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         N = x.shape[0]
         mixed, z, b_lin, a_lin = run_projections(self, x, self.projection_parts())
@@ -97,9 +106,20 @@ class GatedDeltaNet(nn.Module):
             n = e - s
             q, k, v = conv_out[0].split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
             q, k = q.view(1, n, self.Hk, self.dk), k.view(1, n, self.Hk, self.dk)  # normalised in there
-            _, new_state = gated_delta_rule_prefill(q, k, v.view(1, n, self.Hv, self.dv), g[None, s:e],
-                                                    beta[None, s:e], state, out=out[None, s:e],
+            v = v.view(1, n, self.Hv, self.dv)
+            # the prompt in pieces where the prefix cache wants the state (snapshots: after o new tokens); pieces
+            # that start on the kernel's chunk grid compute exactly what one call over the whole would
+            cuts = batch.snapshots.get(i, []) if batch.snapshots else []
+            a = 0
+            for b, snap in [*cuts, (n, None)]:
+                _, state = gated_delta_rule_prefill(q[:, a:b], k[:, a:b], v[:, a:b], g[None, s + a:s + b],
+                                                    beta[None, s + a:s + b], state, out=out[None, s + a:s + b],
                                                     l2norm_eps=1e-6, q_scale=self.dk**-0.5)
+                if snap is not None:
+                    state_pool[snap] = state[0]
+                    conv_pool[snap] = self._window_before(mixed[s:e], b, window)
+                a = b
+            new_state = state
             if cache is not None:
                 conv_pool[slot] = new_window[0]
                 state_pool[slot] = new_state[0]

@@ -61,6 +61,7 @@ from qwen35.server.serving import (
     new_id,
     on_finish_cleanup,
     sse,
+    usage,
 )
 
 log = logging.getLogger("qwen35.server")
@@ -341,8 +342,7 @@ class ChatHandler:
         ctx.timer.finish(reasons)
         n_prompt = len(plan.prompt_ids)
         return {"id": ctx.rid, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
-                "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                                              "total_tokens": n_prompt + completion_tokens}}
+                "choices": choices, "usage": usage(n_prompt, completion_tokens, out.num_cached_tokens)}
 
     # ---------------------------------------------------------------- stream
     async def _stream(self, ctx: _Ctx, stream: Any, cleanup: Any) -> AsyncIterator[str]:
@@ -371,7 +371,9 @@ class ChatHandler:
                 yield chunk(i, {"role": "assistant", "content": ""})
                 if plan.forced:
                     parsers[i].feed(plan.forced)  # a call start: nothing to show until the call is whole
+            cached = None
             async for out in stream:
+                cached = out.num_cached_tokens if out.num_cached_tokens is not None else cached
                 step_tokens = 0
                 for c in out.outputs:
                     i = c.index
@@ -399,8 +401,7 @@ class ChatHandler:
                 n_prompt = len(plan.prompt_ids)
                 yield sse({"id": ctx.rid, "object": "chat.completion.chunk", "created": ctx.created,
                            "model": ctx.model, "choices": [],
-                           "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                                     "total_tokens": n_prompt + completion_tokens}})
+                           "usage": usage(n_prompt, completion_tokens, cached)})
             yield SSE_DONE
         except (EngineError, ValueError) as e:
             ctx.timer.finish(["error"])

@@ -35,6 +35,7 @@ from qwen35.server.serving import (
     new_id,
     on_finish_cleanup,
     sse,
+    usage,
 )
 
 
@@ -160,8 +161,8 @@ class CompletionHandler:
         timer.finish([r["finish_reason"] or "stop" for r in result])
         return json_response({"id": base, "object": "text_completion", "created": created, "model": model,
                               "choices": result,
-                              "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                                        "total_tokens": n_prompt + completion_tokens}})
+                              "usage": usage(n_prompt, completion_tokens,
+                                             sum(o.num_cached_tokens or 0 for o in outs))})
 
     def _logprobs(self, c: Any, top_n: int, ch: _Choice) -> dict[str, Any]:
         s = self.s
@@ -197,7 +198,10 @@ class CompletionHandler:
                         "choices": [choice]})
 
         try:
+            cached: dict[int, int] = {}
             async for i, out in merge_streams(streams):
+                if out.num_cached_tokens is not None:
+                    cached[i] = out.num_cached_tokens
                 step_tokens = 0
                 for c in out.outputs:
                     ch = choices[(i, c.index)]
@@ -216,8 +220,7 @@ class CompletionHandler:
             timer.finish(reasons)
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield sse({"id": base, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                                                    "total_tokens": n_prompt + completion_tokens}})
+                           "choices": [], "usage": usage(n_prompt, completion_tokens, sum(cached.values()))})
             yield SSE_DONE
         except (EngineError, ValueError) as e:
             timer.finish(["error"])

@@ -95,6 +95,12 @@ class Gauge(_Metric):
         return self.header() + [f"{self.name} {_num(float(self.read()))}"]
 
 
+class CallbackCounter(Gauge):
+    """A counter kept elsewhere (the engine's), read when scraped."""
+
+    kind = "counter"
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -166,11 +172,18 @@ class ServerMetrics:
             Gauge("qwen35_state_slots_usage_ratio", "Share of GDN state slots in use (0-1).",
                   lambda: _ratio(usage()["num_slots"] - usage()["free_slots"], usage()["num_slots"])),
             Gauge("qwen35_engine_steps_total", "Engine steps run.", lambda: engine.step_count),
+            CallbackCounter("qwen35_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+                            lambda: self._prefix()["queried_tokens"]),
+            CallbackCounter("qwen35_prefix_cache_hits_total", "Prompt tokens served from the prefix cache.",
+                            lambda: self._prefix()["hit_tokens"]),
             Gauge("qwen35_engine_alive", "1 while the engine thread runs.", lambda: 1 if engine.alive else 0),
         ]
 
     def _usage(self) -> dict[str, int]:
         return self.engine.engine.cache_usage()
+
+    def _prefix(self) -> dict[str, int]:
+        return self.engine.engine.prefix_cache_stats()
 
     def render(self) -> str:
         lines: list[str] = []
@@ -184,4 +197,4 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "CallbackCounter", "Counter", "Gauge", "Histogram", "ServerMetrics"]

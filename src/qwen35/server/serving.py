@@ -49,6 +49,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens or 0}}
+
+
 def clean_float(v: float | None) -> float | None:
     if v is None:
         return None
@@ -347,4 +354,4 @@ def local_path(p: str | None) -> Path | None:
 
 
 __all__ = ["ClientGone", "RequestTimer", "ServerConfig", "Serving", "collect_final", "dumps", "json_response",
-           "merge_streams", "new_id", "sse"]
+           "merge_streams", "new_id", "sse", "usage"]

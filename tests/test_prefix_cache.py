@@ -1,0 +1,164 @@
+"""Prefix caching: requests that begin alike start from cached KV blocks and GDN state snapshots, and get the
+tokens (and logprobs) they get without the cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_engine_support import engine_llm, make_model, random_prompts, write_config
+
+from qwen35 import SamplingParams
+from qwen35.engine.prefix_cache import SNAPSHOT_GRID, chain_keys
+from qwen35.model.cache import HybridCache
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model(write_config(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+def _run(llm, prompts, params=GREEDY, together=False):
+    if together:
+        return llm.generate(prompts, params, use_tqdm=False)
+    return [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+
+
+def _assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        lg = [next(iter(d.values())).logprob for d in g.outputs[0].logprobs]
+        lw = [next(iter(d.values())).logprob for d in w.outputs[0].logprobs]
+        assert max(abs(a - b) for a, b in zip(lg, lw, strict=True)) < 1e-5
+
+
+def _prompts():
+    base = random_prompts([3100], seed=11)[0]
+    tails = random_prompts([40, 77, 1, 5, 64], seed=12)
+    lengths = [127, 128, 129]
+    return ([base[:n] for n in lengths]  # 64k-1, 64k, 64k+1, each a prefix of the next
+            + [base[:100] + tails[0], base[:100] + tails[1], base[:100] + tails[0]]  # A, B, A over 100 shared
+            + [base[:3000] + tails[2], base[:3000] + tails[3], base[:3000] + tails[4]])  # 3000 shared
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_cache_on_gives_what_cache_off_gives(model, together):
+    prompts = _prompts()
+    on = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=1024)
+    off = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=1024, enable_prefix_caching=False)
+    _assert_same(_run(on, prompts, together=together), _run(off, prompts, together=together))
+    _assert_same(_run(on, prompts, together=together), _run(off, prompts, together=together))  # all cached now
+    assert on.engine.prefix_cache_stats()["hit_tokens"] > 0
+    on.engine.cache.check()
+    assert on.engine.cache.all_free() and off.engine.cache.all_free()
+
+
+@pytest.mark.parametrize("shared", [64, 65, 100, 130, 1000])
+def test_a_shared_prefix_hits_on_the_grid(model, shared):
+    llm = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=512)
+    base = random_prompts([shared], seed=shared)[0]
+    a, b = random_prompts([30, 50], seed=shared + 1)
+    first = llm.generate([base + a], GREEDY, use_tqdm=False)[0]
+    second = llm.generate([base + b], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    assert SNAPSHOT_GRID * ((shared - 1) // SNAPSHOT_GRID) <= second.num_cached_tokens <= shared
+    again = llm.generate([base + a], GREEDY, use_tqdm=False)[0]  # all but the last token's grid point
+    assert again.num_cached_tokens == SNAPSHOT_GRID * ((len(base + a) - 1) // SNAPSHOT_GRID)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_a_restored_snapshot_is_the_uncached_state_bit_for_bit(model):
+    prompt = random_prompts([200], seed=5)[0]
+    once = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    on = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=4096)
+    on.generate([prompt], once, use_tqdm=False)
+    prefix = on.engine.cache.prefix
+    keys = chain_keys(prompt, 16, [])
+    for p in (64, 128, 192):  # snapshots inside the one 200-token chunk
+        snap = prefix.snapshots[keys[p // 16 - 1]]
+        off = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=4096,
+                         enable_prefix_caching=False)
+        off.generate([prompt[:p]], once, use_tqdm=False)  # its one sequence had slot 0; its state stays there
+        a, b = on.engine.runner.cache, off.engine.runner.cache
+        for layer in a.recurrent:
+            assert torch.equal(a.recurrent[layer][snap], b.recurrent[layer][0]), (p, layer)
+            assert torch.equal(a.conv[layer][snap], b.conv[layer][0]), (p, layer)
+
+
+def test_eviction_under_memory_pressure(model):
+    cfg = model.config.text
+    slot, block = HybridCache.slot_bytes(cfg, torch.float32), HybridCache.token_kv_bytes(cfg, torch.float32) * 16
+    budget = 8 * slot + 80 * block  # room for a few prompts' blocks and snapshots, far from all of them
+    rng = random.Random(3)
+    bases = random_prompts([400, 300, 500], seed=21)
+    prompts = [bases[rng.randrange(3)][:rng.randrange(60, 300)] + random_prompts([rng.randrange(1, 60)],
+                                                                                 seed=100 + i)[0]
+               for i in range(24)]
+    on = engine_llm(model, kv_cache_memory_bytes=budget, max_num_seqs=8, max_model_len=640)
+    off = engine_llm(model, kv_cache_memory_bytes=budget, max_num_seqs=8, max_model_len=640,
+                     enable_prefix_caching=False)
+    _assert_same(_run(on, prompts), _run(off, prompts))
+    stats = on.engine.prefix_cache_stats()
+    assert 0 < stats["hit_tokens"] < stats["queried_tokens"]
+    on.engine.cache.check()
+    assert on.engine.cache.all_free()
+
+
+def test_many_requests_with_aborts_leave_consistent_books(model):
+    llm = engine_llm(model, kv_cache_memory_bytes=1 << 23, max_num_seqs=8, max_num_batched_tokens=256,
+                     max_model_len=512)
+    eng = llm.engine
+    rng = random.Random(0)
+    bases = random_prompts([300, 200, 250, 100], seed=31)
+    live: list[str] = []
+    for i in range(1000):
+        base = bases[rng.randrange(len(bases))]
+        prompt = base[:rng.randrange(0, len(base))] + [rng.randrange(512) for _ in range(rng.randrange(1, 40))]
+        live.append(eng.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=rng.randrange(1, 6),
+                                                                 ignore_eos=True)))
+        if rng.random() < 0.15:
+            eng.abort_request(live.pop(rng.randrange(len(live))))
+        if i % 4 == 0:
+            eng.step()
+            eng.cache.check()
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.cache.check()
+    assert eng.cache.all_free()
+    assert eng.prefix_cache_stats()["hit_tokens"] > 0
+    assert all(r == 0 for r in eng.cache.refs)
+
+
+def test_reset_and_off(model):
+    prompt = random_prompts([150], seed=9)[0]
+    llm = engine_llm(model, kv_cache_memory_bytes=1 << 26)
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 128
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    off = engine_llm(model, kv_cache_memory_bytes=1 << 26, enable_prefix_caching=False)
+    off.generate([prompt], GREEDY, use_tqdm=False)
+    assert off.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    assert off.reset_prefix_cache() is False
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        engine_llm(model, kv_cache_memory_bytes=1 << 26, enable_prefix_caching="yes")
+    with pytest.raises(ValueError, match="block_size=24"):
+        engine_llm(model, kv_cache_memory_bytes=1 << 26, block_size=24)
+
+
+def test_a_chat_hits_from_turn_two(model):
+    """Each turn's prompt is the previous prompt, its answer and a new message: the cache reaches the grid
+    point before the end of what was computed last turn."""
+    llm = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=512)
+    off = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=512, enable_prefix_caching=False)
+    history = random_prompts([700], seed=41)[0]
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True, logprobs=0)
+    for turn in range(3):
+        out = llm.generate([history], params, use_tqdm=False)[0]
+        _assert_same([out], off.generate([history], params, use_tqdm=False))
+        if turn:
+            assert out.num_cached_tokens >= SNAPSHOT_GRID * ((len(history) - 40 - 1) // SNAPSHOT_GRID) - SNAPSHOT_GRID
+        history = history + out.outputs[0].token_ids + random_prompts([40], seed=50 + turn)[0]
