@@ -109,3 +109,28 @@ def test_bad_multimodal_input_is_a_clear_error(tiny_vl):
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, qwen35.SamplingParams(max_tokens=2, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_prefix_cache_keys_images_by_content(tiny_vl):
+    """A long shared text prefix, then an image: the same image again hits past it (same tokens as
+    transformers); another image of the same size does not hit beyond the text before it."""
+    ref, path = tiny_vl
+    llm = qwen35.LLM(str(path), dtype="float32")
+    system = {"role": "system", "content": "Look closely at every picture and describe it. " * 12}
+    params = qwen35.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    def ask(img):
+        msgs = [system, {"role": "user", "content": [{"type": "image", "image": img},
+                                                     {"type": "text", "text": "What is in the picture? " * 8}]}]
+        return llm.chat(msgs, params, use_tqdm=False)[0]
+
+    a, b = picture(21, size=(64, 64)), picture(22, size=(64, 64))
+    first, same, other = ask(a), ask(a), ask(b)
+    start = first.prompt_token_ids.index(REAL_IDS["image_token_id"])  # where the picture begins
+    assert first.num_cached_tokens == 0 and same.num_cached_tokens > start
+    assert other.num_cached_tokens <= start and other.prompt_token_ids == first.prompt_token_ids
+    for out, img in ((same, a), (other, b)):
+        proc = llm.engine._mm_processor.images([img])
+        expected = hf_greedy(ref, out.prompt_token_ids, 4, pixel_values=proc["pixel_values"],
+                             image_grid_thw=proc["image_grid_thw"])
+        assert list(out.outputs[0].token_ids) == expected

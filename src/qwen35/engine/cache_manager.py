@@ -16,7 +16,7 @@ Snapshots are taken at every grid point of a prompt (the model writes those insi
 slots `plan_snapshots` chose; a chunk's end is copied after the step) and, while a sequence decodes, at its
 latest grid point (one per sequence); after every step a sequence's newly full blocks are remembered.
 Snapshots and live states share the slots: a sequence that needs a slot takes the least recently used
-snapshot's.
+snapshot's. An image's or video's placeholder tokens are keyed by the picture's content.
 
 Sizing (`plan_cache`): a memory budget is split into slots (at most `max_num_seqs`, at most half the budget)
 and blocks (the rest). The plan must hold one sequence of `max_model_len` tokens, else the engine refuses to
@@ -86,16 +86,19 @@ class CacheManager:
 
     # ---------------------------------------------------------------- prefix lookups
     def _keys(self, seq) -> list[BlockKey]:
-        """The chain keys of `seq`'s full blocks of known tokens (extended as it grows)."""
+        """The chain keys of `seq`'s full blocks of known tokens (extended as it grows); an image's or video's
+        placeholder tokens count by the picture's content (`MultimodalPrompt.cache_tokens`)."""
         if len(seq.block_keys) < seq.num_tokens // self.block_size:
-            seq.block_keys = chain_keys(seq.token_ids, self.block_size, seq.block_keys)
+            mm = seq.request.mm
+            ids = seq.token_ids if mm is None else mm.cache_tokens(seq.token_ids[:seq.num_prompt_tokens]) + \
+                seq.token_ids[seq.num_prompt_tokens:]
+            seq.block_keys = chain_keys(ids, self.block_size, seq.block_keys)
         return seq.block_keys
 
     def lookup(self, seq) -> PrefixHit | None:
         """The longest cached prefix `seq` can start from (a sequence with nothing computed yet; at least its
-        last token is left to compute, for the logits). Prompts with images or videos are not cached: their
-        placeholder tokens do not say which image they stand for."""
-        if self.prefix is None or seq.num_computed_tokens or seq.block_table or seq.request.mm is not None:
+        last token is left to compute, for the logits)."""
+        if self.prefix is None or seq.num_computed_tokens or seq.block_table:
             return None
         hit = self.prefix.longest_hit(self._keys(seq), seq.num_tokens - 1)
         return hit
@@ -198,7 +201,7 @@ class CacheManager:
         plans: dict[int, list[tuple[int, int, BlockKey]]] = {}
         for i, (seq, n) in enumerate(zip(seqs, num_tokens, strict=True)):
             start = seq.num_computed_tokens
-            if n < 2 or seq.request.mm is not None:
+            if n < 2:
                 continue
             keys = self._keys(seq)
             points = range((start // prefix.grid + 1) * prefix.grid, start + n, prefix.grid)
@@ -233,7 +236,7 @@ class CacheManager:
     def cache_computed(self, seq) -> None:
         """Remember `seq`'s newly full blocks, and snapshot its state if its computed tokens end on the grid."""
         prefix = self.prefix
-        if prefix is None or seq.request.mm is not None or seq.slot is None:
+        if prefix is None or seq.slot is None:
             return
         done = seq.num_computed_tokens
         keys = self._keys(seq)

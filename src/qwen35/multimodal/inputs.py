@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,38 @@ class MultimodalPrompt:
     positions: torch.Tensor  # [3, prompt_len] M-RoPE positions
     delta: int  # generated token i (absolute index) sits at position i + delta
     feature_index: torch.Tensor  # [prompt_len] row of the features (images first, then videos), -1 for text
+    merge: int = 2  # the vision tower's spatial merge: patches per feature row = merge ** 2
+    _cache_tokens: list[int] | None = field(default=None, init=False, repr=False)
+
+    def cache_tokens(self, ids: list[int]) -> list[int]:
+        """The prompt's ids for the prefix cache's keys: each placeholder token replaced by a number made of its
+        image's (or video's) content and its place in it, so equal keys mean equal pictures too. (Negative:
+        never a real token id. Python's hash: the keys live only in this process.)"""
+        if self._cache_tokens is None:
+            out = list(ids)
+            items = self._item_digests()
+            index = self.feature_index.tolist()
+            for i, r in enumerate(index):
+                if r >= 0:
+                    start, digest = max((it for it in items if it[0] <= r), key=lambda it: it[0])
+                    out[i] = -1 - (hash((digest, r - start)) & ((1 << 62) - 1))
+            self._cache_tokens = out
+        return self._cache_tokens
+
+    def _item_digests(self) -> list[tuple[int, str]]:
+        """(first feature row, content digest) of every image, then every video."""
+        items, row = [], 0
+        for pv, grid in ((self.pixel_values, self.image_grid_thw), (self.pixel_values_videos, self.video_grid_thw)):
+            if pv is None:
+                continue
+            start = 0
+            for g in grid.tolist():
+                patches = g[0] * g[1] * g[2]
+                digest = hashlib.sha1(pv[start:start + patches].contiguous().numpy().tobytes()).hexdigest()
+                items.append((row, f"{tuple(g)}:{digest}"))
+                row += patches // (self.merge ** 2)
+                start += patches
+        return items
 
     def positions_for(self, start: int, end: int) -> torch.Tensor:
         """Positions of token indices [start, end): the prompt's own, then index + delta."""
@@ -106,7 +138,8 @@ def build_multimodal_prompt(ids: list[int], config: ModelConfig, pixel_values=No
     n_img = int(img.sum())
     index[img] = torch.arange(n_img)
     index[vid] = n_img + torch.arange(int(vid.sum()))
-    return MultimodalPrompt(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, positions, delta, index)
+    return MultimodalPrompt(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, positions, delta, index,
+                            merge)
 
 
 class VisionFeatureCache:
