@@ -135,8 +135,7 @@ def run(spec: dict) -> dict:
         kw["quantization"] = spec["quant"]
     if spec["engine"] == "llama":
         kw = {"chunk": 512, "flash_attn": spec.get("flash_attn", "off")}
-    # qwen35 first, as its CLI imports it (it sets MKL's options before torch loads MKL; see qwen35/__init__.py)
-    base = {"llama": ("llama_cpp",), "hf": ("torch", "transformers")}.get(spec["engine"], ("qwen35", "torch"))
+    base = {"llama": ("llama_cpp",), "hf": ("torch", "transformers")}.get(spec["engine"], ("torch", "qwen35"))
     for mod in base:  # the runtime's own memory, before any weights: what the model's share is measured from
         __import__(mod)
     rss_base = current_rss_mb()

@@ -7,17 +7,9 @@ imported on first use, so `import qwen35` stays light).
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from typing import Any
 
-if "torch" not in sys.modules:
-    # MKL keeps the packing buffers of the GEMMs it ran for reuse (its fast memory manager): tens of MB held
-    # through every prompt's peak (40 MiB of the 0.8B GGUF's 1K-token prefill, at no measured speed cost when
-    # off). It reads this only when torch loads it, so `import qwen35` before torch (the CLI does) is needed.
-    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
-
-from qwen35.config import ConfigError, ModelConfig  # noqa: E402
+from qwen35.config import ConfigError, ModelConfig
 from qwen35.weights import CheckpointError, load_model
 
 __version__ = "0.1.0"
