@@ -73,6 +73,29 @@ def test_linear_dispatch_matches_twin():
     torch.testing.assert_close(lin.linear(x32, w.float()), x32 @ w.float().T)
 
 
+@pytest.mark.parametrize("m,n,k", [(9, 70, 48), (100, 1000, 1056), (300, 2050, 2000)])
+def test_linear_fp32_tiles_is_linear_in_fp32(m, n, k, monkeypatch):
+    """The prompt path for bf16 weights on CPUs without bf16 dots: exact products, fp32 sums, one rounding; tiles
+    that do not divide the rows (a small tile size makes several)."""
+    monkeypatch.setattr(lin, "FP32_TILE_BYTES", 64 * 4 * k + 4 * k)  # 65 rows a tile: 64 after the max() floor
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    exact = x.double() @ w.double().T
+    for dtype in (torch.bfloat16, torch.float32):
+        got = lin.linear_fp32_tiles(x, w, dtype)
+        assert got.dtype == dtype and got.shape == (m, n)
+        want = exact.to(dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+        else:  # equal but for rounding ties of the fp32 sums
+            assert (got != want).float().mean() < 0.01
+            torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-6)
+    monkeypatch.setattr(lin, "_slow_bf16_gemm", True)  # linear() takes this path for prompts then
+    torch.testing.assert_close(lin.linear(x[None], w)[0].float(), lin.linear_fp32_tiles(x, w, torch.bfloat16).float(),
+                               rtol=0, atol=0)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_decode_with_and_without_kernels(tmp_path, dtype):
