@@ -111,6 +111,22 @@ def test_cli_info_reads_a_gguf(converted, capsys):
     assert sum(r["bytes"] for r in by_type.values()) <= path.stat().st_size
 
 
+def test_cli_generate_on_a_gguf(converted, capsys):
+    """`qwen35 generate x.gguf` (auto and --load-format gguf): the engine's greedy text, the same both ways."""
+    from qwen35.cli import main
+
+    _, _, path = converted
+    args = ["generate", str(path), "Hello there", "--max-tokens", "5", "--temperature", "0", "--ignore-eos",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.strip() and "length limit" in first.err
+    assert main([*args, "--load-format", "gguf"]) == 0
+    assert capsys.readouterr().out == first.out
+    assert main(["generate", str(path), "Hi", "--load-format", "safetensors", "--max-tokens", "2"]) != 0
+    assert str(path) in capsys.readouterr().err
+
+
 def test_bad_gguf_files_are_named(converted, tmp_path):
     _, _, path = converted
     junk = tmp_path / "junk.gguf"
