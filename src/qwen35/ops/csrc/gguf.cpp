@@ -802,13 +802,22 @@ torch::Tensor linear_gguf_prefill(torch::Tensor x, torch::Tensor q, int64_t type
   return linear_tiles(x, w, gguf_prefill_bf16());
 }
 
-// The GGUF twin of moe_experts_fp8 (fp8.cpp): the same passes, tasks and bf16 roundings, with gemv_gguf's dot
-// products. x [M, H] bf16; gu_q [E, 2I, row_bytes(H)] (gate rows, then up rows) of gu_type; dn_q [E, H,
-// row_bytes(I)] of dn_type (the two may differ: Q4_K_M files give ffn_down Q6_K); ids [M, k] int64, weights [M, k]
-// bf16 -> [M, H] bf16.
-torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
-                               int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights) {
-  const char* fn = "moe_experts_gguf";
+namespace {
+
+// A MoE block's routed-expert inputs, checked (what both GGUF expert kernels take): x [M, H] bf16, gu_q [E, 2I,
+// row_bytes(H)], dn_q [E, H, row_bytes(I)], ids and weights [M, k]. `id` and `wt` keep the contiguous copies alive.
+struct MoeInputs {
+  int64_t M, H, k, E, P;
+  Matrix gu, dn;
+  torch::Tensor id, wt;
+  const int64_t* idp;
+  const at::BFloat16* wp;
+  int64_t gu_expert, dn_expert;  // bytes of one expert's gate|up rows, of its down rows
+};
+
+MoeInputs check_moe(const char* fn, const torch::Tensor& x, const torch::Tensor& gu_q, int64_t gu_type,
+                    const torch::Tensor& dn_q, int64_t dn_type, int64_t I, const torch::Tensor& ids,
+                    const torch::Tensor& weights) {
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes(), fn,
               ": x [M, H], ids and weights [M, k]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kBFloat16, fn,
@@ -827,14 +836,28 @@ torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_t
   const int64_t* idp = id.data_ptr<int64_t>();
   for (int64_t i = 0; i < M * k; ++i)
     TORCH_CHECK(idp[i] >= 0 && idp[i] < E, fn, ": expert id ", idp[i], " out of range [0, ", E, ")");
-  const int64_t P = M * k;
+  return {M, H, k, E, M * k, gu, dn, id, wt, idp, wt.data_ptr<at::BFloat16>(), 2 * I * gu.row_bytes,
+          H * dn.row_bytes};
+}
+
+}  // namespace
+
+// The GGUF twin of moe_experts_fp8 (fp8.cpp): the same passes, tasks and bf16 roundings, with gemv_gguf's dot
+// products. x [M, H] bf16; gu_q [E, 2I, row_bytes(H)] (gate rows, then up rows) of gu_type; dn_q [E, H,
+// row_bytes(I)] of dn_type (the two may differ: Q4_K_M files give ffn_down Q6_K); ids [M, k] int64, weights [M, k]
+// bf16 -> [M, H] bf16.
+torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
+                               int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights) {
+  const MoeInputs in = check_moe("moe_experts_gguf", x, gu_q, gu_type, dn_q, dn_type, I, ids, weights);
+  const int64_t M = in.M, H = in.H, k = in.k, P = in.P, gu_expert = in.gu_expert, dn_expert = in.dn_expert;
+  const Matrix &gu = in.gu, &dn = in.dn;
+  const int64_t* idp = in.idp;
+  const at::BFloat16* wp = in.wp;
   auto out = torch::empty({M, H}, x.options());
   if (P == 0 || H == 0) return out.zero_();
   const std::vector<int64_t> order = slots_by_expert(idp, M, k);
   const std::vector<float> xf =
       widen_rows_of(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, H, x.stride(0));
-  const at::BFloat16* wp = wt.data_ptr<at::BFloat16>();
-  const int64_t gu_expert = 2 * I * gu.row_bytes, dn_expert = H * dn.row_bytes;
   std::vector<uint16_t> act(static_cast<size_t>(P * I));
 
   // pass 1: gate then up rows of every chosen expert, in blocks of kRows rows (two sequential streams per task)
@@ -981,31 +1004,15 @@ void group_dots(const Matrix& m, const uint8_t* rows, int64_t ns, const float* c
 torch::Tensor moe_experts_gguf_grouped(torch::Tensor x, torch::Tensor gu_q, int64_t gu_type, torch::Tensor dn_q,
                                        int64_t dn_type, int64_t I, torch::Tensor ids, torch::Tensor weights) {
   const char* fn = "moe_experts_gguf_grouped";
-  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes(), fn,
-              ": x [M, H], ids and weights [M, k]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kBFloat16, fn,
-              ": x and weights must be bf16");
-  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, fn, ": x must be row-major");
-  const int64_t M = x.size(0), H = x.size(1), k = ids.size(1);
-  TORCH_CHECK(ids.size(0) == M, fn, ": ids has ", ids.size(0), " rows but x has ", M);
-  const Matrix gu = check_matrix(fn, "gu_q", gu_q, gu_type, H, 3);
-  const Matrix dn = check_matrix(fn, "dn_q", dn_q, dn_type, I, 3);
-  const int64_t E = gu_q.size(0);
-  TORCH_CHECK(gu.N == 2 * I && dn_q.size(0) == E && dn.N == H, fn, ": shapes disagree: gu_q [", E, ", ", gu.N,
-              ", .] should be [E, 2I=", 2 * I, ", .], dn_q [", dn_q.size(0), ", ", dn.N, ", .] should be [E, H=", H,
-              ", .]");
+  const MoeInputs in = check_moe(fn, x, gu_q, gu_type, dn_q, dn_type, I, ids, weights);
+  const int64_t M = in.M, H = in.H, k = in.k, E = in.E, P = in.P, gu_expert = in.gu_expert, dn_expert = in.dn_expert;
+  const Matrix &gu = in.gu, &dn = in.dn;
+  const int64_t* idp = in.idp;
+  const at::BFloat16* wp = in.wp;
   // (always so: H and I are each a multiple of the other projection's block, 32 or 256 weights)
   TORCH_CHECK(H % kGroupRows == 0 && I % kGroupRows == 0, fn, ": H and I must be multiples of ", kGroupRows);
-  auto id = ids.to(at::kLong).contiguous();
-  auto wt = weights.contiguous();
-  const int64_t* idp = id.data_ptr<int64_t>();
-  for (int64_t i = 0; i < M * k; ++i)
-    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, fn, ": expert id ", idp[i], " out of range [0, ", E, ")");
-  const int64_t P = M * k;
   auto out = torch::empty({M, H}, x.options());
   if (P == 0 || H == 0) return out.zero_();
-  const at::BFloat16* wp = wt.data_ptr<at::BFloat16>();
-  const int64_t gu_expert = 2 * I * gu.row_bytes, dn_expert = H * dn.row_bytes;
 
   // the slots (m * k + j) of each expert, experts in id order
   std::vector<int64_t> first(E + 1, 0), slots(P);
