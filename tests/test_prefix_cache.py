@@ -162,3 +162,23 @@ def test_a_chat_hits_from_turn_two(model):
         if turn:
             assert out.num_cached_tokens >= SNAPSHOT_GRID * ((len(history) - 40 - 1) // SNAPSHOT_GRID) - SNAPSHOT_GRID
         history = history + out.outputs[0].token_ids + random_prompts([40], seed=50 + turn)[0]
+
+
+def test_a_failed_step_gives_its_snapshot_slots_back(model, monkeypatch):
+    llm = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=512)
+    eng = llm.engine
+    real = eng.runner.run
+
+    def boom(work, sampler_row):
+        assert work.snapshots  # a 300-token prompt plans snapshots at 64 ... 256
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(eng.runner, "run", boom)
+    rid = eng.add_request(None, random_prompts([300], seed=77)[0], GREEDY)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.step()
+    eng.abort_request(rid)
+    eng.step()
+    monkeypatch.setattr(eng.runner, "run", real)
+    eng.cache.check()
+    assert eng.cache.all_free() and len(eng.cache.free_slots) == eng.cache.num_slots

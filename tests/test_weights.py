@@ -201,3 +201,22 @@ def test_hub_id_resolves_from_local_cache_offline(moe_dir, tmp_path, monkeypatch
     assert m.config.is_moe
     with pytest.raises(qwen35.ConfigError, match="not in the local hub cache"):
         qwen35.load_model("Qwen/Not-There")
+
+
+
+def test_loading_does_not_import_torch_compile_machinery(tmp_path):
+    """The meta-device model and its materialisation skip torch's reference kernels: their first use imports
+    torch._dynamo and sympy, tens of MB held by the process for good."""
+    import json
+    import subprocess
+    import sys
+
+    from test_engine_support import write_config
+
+    folder = write_config(tmp_path / "m")
+    code = ("import json, sys, torch, qwen35\n"
+            f"m = qwen35.load_model({str(folder)!r}, load_format='dummy')\n"
+            "print(json.dumps(['torch._dynamo' in sys.modules, 'sympy' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False]

@@ -100,8 +100,7 @@ class CacheManager:
         last token is left to compute, for the logits)."""
         if self.prefix is None or seq.num_computed_tokens or seq.block_table:
             return None
-        hit = self.prefix.longest_hit(self._keys(seq), seq.num_tokens - 1)
-        return hit
+        return self.prefix.longest_hit(self._keys(seq), seq.num_tokens - 1)
 
     def count_query(self, prompt_tokens: int, hit_tokens: int) -> None:
         """A request's first admission: its prompt tokens looked up and those found cached."""
