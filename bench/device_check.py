@@ -36,21 +36,17 @@ class _Ours:
 
     def __init__(self, path: str, dtype, device, max_tokens: int):
         import qwen35
+        from qwen35.engine.direct import DirectRun
 
         self.model = qwen35.load_model(path, dtype=dtype, device=device, progress=False)
-        self.cache = self.model.new_cache(num_slots=1, max_tokens=max_tokens + 16)
-        self.seq = self.cache.new_sequence()
+        self.run = DirectRun(self.model, num_seqs=1, max_len=max_tokens + 16)
         self.device = device
 
     def forward(self, ids: list[int]):
         """All-position logits (fp32) of `ids` appended to the sequence."""
         import torch
 
-        from qwen35.model import ForwardBatch
-
-        batch = ForwardBatch.for_sequences(self.cache, [self.seq], [len(ids)])
-        hidden = self.model.forward_batch(torch.tensor(ids, device=self.device), batch)
-        self.seq.num_tokens += len(ids)
+        hidden, _ = self.run.forward({0: ids})
         return self.model.compute_logits(hidden, torch.float32)
 
     def last_token(self, ids: list[int]) -> int:
@@ -58,8 +54,7 @@ class _Ours:
 
     def restart(self) -> None:
         """An empty sequence in place of the current one."""
-        self.cache.release(self.seq)
-        self.seq = self.cache.new_sequence()
+        self.run.restart(0)
 
 
 def parity(path: str, device, vocab: int) -> dict:

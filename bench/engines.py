@@ -54,26 +54,19 @@ class Ours:
         # as the engine's model runner does: greedy steps read the int8 screen of the head where it applies
         self.head_screen = self.model.enable_head_screen()
         self.load_s = time.perf_counter() - t0
-        self.cache = None
-        self.seqs = []
+        self.run = None
 
     def open(self, n_seqs: int, max_len: int) -> None:
-        self.cache = self.seqs = None
-        self.cache = self.model.new_cache(num_slots=n_seqs, max_tokens=n_seqs * (max_len + 16))
-        self.seqs = [self.cache.new_sequence() for _ in range(n_seqs)]
-        c = self.cache
-        self.cache_bytes = sum(t.numel() * t.element_size() for d in (c.conv, c.recurrent, c.k, c.v)
-                               for t in d.values())
+        """The engine's own allocator and model runner (qwen35.engine.direct), sized for this task."""
+        from qwen35.engine.direct import DirectRun
 
-    def _forward(self, seqs, chunks) -> list[int]:
-        from qwen35.model import ForwardBatch
+        self.run = None
+        self.run = DirectRun(self.model, num_seqs=n_seqs, max_len=max_len + 16)
+        self.cache_bytes = self.run.cache_bytes
 
+    def _forward(self, idx: list[int], chunks) -> list[int]:
         torch = self.torch
-        batch = ForwardBatch.for_sequences(self.cache, seqs, [len(c) for c in chunks])
-        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
-        hidden = self.model.forward_batch(ids, batch)
-        for s, c in zip(seqs, chunks, strict=True):
-            s.num_tokens += len(c)
+        hidden, batch = self.run.forward(dict(zip(idx, chunks, strict=True)))
         last = torch.tensor(batch.starts[1:], dtype=torch.long) - 1
         if self.head_screen:  # greedy, as the engine's model runner: the argmax without the full logits
             return self.model.greedy_tokens(hidden[last]).tolist()
@@ -83,20 +76,15 @@ class Ours:
     def prefill(self, i: int, ids: list[int]) -> int:
         nxt = None
         for a in range(0, len(ids), self.chunk):
-            nxt = self._forward([self.seqs[i]], [ids[a:a + self.chunk]])[0]
+            nxt = self._forward([i], [ids[a:a + self.chunk]])[0]
         return nxt
 
     def argmax_all(self, ids: list[int]) -> list[int]:
         """The greedy next token at every position of one prompt (fp32 logits of every position)."""
-        from qwen35.model import ForwardBatch
-
         self.open(1, len(ids) + 8)
         out = []
         for a in range(0, len(ids), self.chunk):
-            part = ids[a:a + self.chunk]
-            batch = ForwardBatch.for_sequences(self.cache, self.seqs, [len(part)])
-            hidden = self.model.forward_batch(self.torch.tensor(part, dtype=self.torch.long), batch)
-            self.seqs[0].num_tokens += len(part)
+            hidden, _ = self.run.forward({0: ids[a:a + self.chunk]})
             out += self.model.compute_logits(hidden, self.torch.float32).argmax(-1).tolist()
         return out
 
@@ -112,37 +100,21 @@ class Ours:
                     idx.append(i)
                     chunks.append(take)
                     budget -= len(take)
-            outs = self._forward([self.seqs[i] for i in idx], chunks)
+            outs = self._forward(idx, chunks)
             for i, c, o in zip(idx, chunks, outs, strict=True):
                 at[i] += len(c)
                 nxt[i] = o
         return nxt
 
     def step(self, tokens: list[int]) -> list[int]:
-        return self._forward(self.seqs, [[t] for t in tokens])
+        return self._forward(list(range(len(tokens))), [[t] for t in tokens])
 
     def synthetic(self, context: int, seed: int = 0) -> None:
         """Random KV for `context` tokens and a random GDN state in every sequence. Decode reads exactly what it
         would after a real prefill of that length; only the values differ."""
-        torch = self.torch
-        gen = torch.Generator().manual_seed(seed)
-        cache = self.cache
-        for s in self.seqs:
-            cache.reserve(s, context)
-            s.num_tokens = context
-        # Every tensor of the cache (KV pools, conv windows, recurrent states), whatever their layout.
-        for attr, val in vars(cache).items():
-            pools = val.values() if isinstance(val, dict) else [val] if isinstance(val, torch.Tensor) else []
-            for t in pools:
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    continue
-                scale = 0.02 if attr == "recurrent" else 1.0
-                # the whole storage (the KV pools are permuted views of it)
-                flat = t.new_empty(0).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
-                step = 1 << 24
-                for a in range(0, flat.numel(), step):
-                    n = min(step, flat.numel() - a)
-                    flat[a:a + n].copy_(torch.randn(n, generator=gen) * scale)
+        for i in range(len(self.run.seqs)):
+            self.run.hold(i, context)
+        self.run.fill_random(seed)
 
 
 class OursFullHead(Ours):

@@ -57,7 +57,6 @@ def _cpu() -> str:
 def run(args) -> str:
     import qwen35
     from qwen35 import SamplingParams
-    from qwen35.model.cache import HybridCache
 
     torch.set_num_threads(args.threads)
     model = qwen35.load_model(args.model, dtype=torch.bfloat16, load_format=args.load_format, progress=False)
@@ -69,7 +68,7 @@ def run(args) -> str:
     while len(tok.encode(system)) < args.system_tokens:
         system += " " + _text(rng, 50)
     params = SamplingParams(temperature=0, max_tokens=args.answer_tokens, ignore_eos=True)
-    slot = HybridCache.slot_bytes(model.config.text, torch.bfloat16)
+    slot = engines[True].engine.plan.region_bytes  # a snapshot takes one region of the pool
     rows: list[str] = []
     summary: list[str] = []
     for thinking in (False, True):

@@ -92,13 +92,13 @@ def run_sweep(spec: dict) -> dict:
             else:
                 eng.synthetic(c)
             res["fill_s"][f"{label}@{c}"] = time.perf_counter() - t0
-            pairs.append((label, c, eng.cache, eng.seqs))
+            pairs.append((label, c, eng.run))
     times: dict = {label: {str(c): [] for c in contexts} for label in engines}
     toks = prompt(spec.get("seed", 0) + 2, 1, spec.get("vocab", 248044))
     def step(pair, tok):
-        label, _, cache, seqs = pair
+        label, _, run = pair
         eng = engines[label]
-        eng.cache, eng.seqs = cache, seqs
+        eng.run = run
         t0 = time.perf_counter()
         out = eng.step(tok)
         return out, time.perf_counter() - t0
@@ -108,7 +108,7 @@ def run_sweep(spec: dict) -> dict:
         order = pairs[k:] + pairs[:k]
         last = {}
         for pair in order:
-            pair[3][0].num_tokens = pair[1]
+            pair[2].rewind(0, pair[1])
             last[id(pair)] = toks
         ts: dict = {id(pair): [] for pair in order}
         for i in range(2 + steps):

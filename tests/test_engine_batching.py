@@ -11,7 +11,7 @@ import torch
 from test_engine_support import engine_llm, make_model, random_prompts, write_config
 
 from qwen35 import SamplingParams
-from qwen35.model.cache import HybridCache
+from qwen35.model.cache import CacheLayout
 
 LENGTHS = [1, 2, 5, 16, 17, 63, 200, 513, 1000, 2000]
 MAX_TOKENS = 8
@@ -53,13 +53,13 @@ def test_batch_invariance_with_chunked_prefill(model, alone):
 
 
 def test_batch_invariance_under_preemption(model, alone):
-    cfg = model.config.text
-    slot, block = HybridCache.slot_bytes(cfg, torch.float32), HybridCache.token_kv_bytes(cfg, torch.float32) * 16
+    lay = CacheLayout.of(model.config.text, torch.float32)
+    assert lay.blocks_per_region == 1  # the tiny model's state is a block's size
     # Room for the longest request (2008 tokens = 126 blocks) and a bit more, far from all of them (~490 blocks).
-    budget = 8 * slot + 150 * block
+    budget = 151 * lay.region_bytes
     llm = engine_llm(model, kv_cache_memory_bytes=budget, max_num_seqs=8, max_model_len=2048,
                      max_num_batched_tokens=300)
-    assert llm.engine.plan.num_blocks == 150
+    assert llm.engine.plan.num_regions == 151
     _check_together(llm, alone)
     assert llm.engine.scheduler.num_preemptions > 0
 
@@ -70,9 +70,8 @@ def test_preemption_while_decoding_recomputes_generated_tokens(model, monkeypatc
               SamplingParams(temperature=0.8, seed=1, max_tokens=60, ignore_eos=True)] * 2
     ref = engine_llm(model, kv_cache_memory_bytes=1 << 22)
     expected = [ref.generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params, strict=True)]
-    cfg = model.config.text
-    slot, block = HybridCache.slot_bytes(cfg, torch.float32), HybridCache.token_kv_bytes(cfg, torch.float32) * 16
-    llm = engine_llm(model, kv_cache_memory_bytes=4 * slot + 24 * block, max_num_seqs=4, max_model_len=192)
+    lay = CacheLayout.of(model.config.text, torch.float32)
+    llm = engine_llm(model, kv_cache_memory_bytes=27 * lay.region_bytes, max_num_seqs=4, max_model_len=192)
     generated_at_preemption = []
     original = llm.engine.scheduler._preempt
 
@@ -88,13 +87,12 @@ def test_preemption_while_decoding_recomputes_generated_tokens(model, monkeypatc
 
 
 def test_request_that_can_never_fit_is_refused(model):
-    cfg = model.config.text
-    slot, block = HybridCache.slot_bytes(cfg, torch.float32), HybridCache.token_kv_bytes(cfg, torch.float32) * 16
+    lay = CacheLayout.of(model.config.text, torch.float32)
     with pytest.raises(ValueError, match="max_model_len"):
-        engine_llm(model, kv_cache_memory_bytes=slot + 10 * block, max_model_len=1000)
-    llm = engine_llm(model, kv_cache_memory_bytes=slot + 10 * block)  # max_model_len follows the budget
+        engine_llm(model, kv_cache_memory_bytes=10 * lay.region_bytes, max_model_len=1000)
+    llm = engine_llm(model, kv_cache_memory_bytes=10 * lay.region_bytes)  # max_model_len follows the budget
     plan = llm.engine.plan
-    assert llm.engine.max_model_len == plan.num_blocks * 16 < 160 and plan.num_slots > 1
+    assert llm.engine.max_model_len == (plan.num_regions - 1) * plan.blocks_per_region * 16 == 144
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([[1] * llm.engine.max_model_len], SamplingParams(max_tokens=2))
     prompt_len = llm.engine.max_model_len - 10

@@ -105,7 +105,7 @@ def test_model_decode_with_and_without_kernels(tmp_path, dtype):
 
     import qwen35
     from conftest import text_config
-    from qwen35.model import ForwardBatch
+    from qwen35.engine.direct import DirectRun
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe_text", **text_config(moe=True)}))
     model = qwen35.load_model(tmp_path, load_format="dummy", dtype=dtype)
@@ -114,13 +114,11 @@ def test_model_decode_with_and_without_kernels(tmp_path, dtype):
     def run(enabled: bool) -> torch.Tensor:
         previous = lin.set_cpu_kernels(enabled)
         try:
-            cache = model.new_cache(1, 64)
-            seq = cache.new_sequence()
-            outs = []
+            run = DirectRun(model, num_seqs=1, max_len=64)
+            outs, at = [], 0
             for n in (20, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
-                b = ForwardBatch.for_sequences(cache, [seq], [n])
-                outs.append(model.compute_logits(model.forward_batch(ids[seq.num_tokens:seq.num_tokens + n], b)))
-                seq.num_tokens += n
+                outs.append(model.compute_logits(run.forward({0: ids[at:at + n].tolist()})[0]))
+                at += n
             return torch.cat(outs).float()
         finally:
             lin.set_cpu_kernels(previous)

@@ -38,7 +38,7 @@ def test_int8_linear_paths_equal_reference(rows, dtype):
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_int8_model_close_to_full_precision_and_cache_consistent(tmp_path, moe):
-    from qwen35.model import ForwardBatch
+    from qwen35.engine.direct import DirectRun
 
     kind = "qwen3_5_moe_text" if moe else "qwen3_5_text"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": kind, **text_config(moe=moe,
@@ -50,13 +50,11 @@ def test_int8_model_close_to_full_precision_and_cache_consistent(tmp_path, moe):
     a, b = full(ids), q8(ids)
     assert float((a - b).abs().max()) <= 0.02 * float(a.abs().max())
     # the quantised model through the cache (prefill chunk + decode steps) equals its own one forward
-    cache = q8.new_cache(1, 64)
-    seq = cache.new_sequence()
-    outs = []
+    run = DirectRun(q8, num_seqs=1, max_len=64)
+    outs, at = [], 0
     for n in (40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1):
-        batch = ForwardBatch.for_sequences(cache, [seq], [n])
-        outs.append(q8.compute_logits(q8.forward_batch(ids[0, seq.num_tokens:seq.num_tokens + n], batch)))
-        seq.num_tokens += n
+        outs.append(q8.compute_logits(run.forward({0: ids[0, at:at + n].tolist()})[0]))
+        at += n
     torch.testing.assert_close(torch.cat(outs), b[0], rtol=1e-4, atol=1e-4)
 
 

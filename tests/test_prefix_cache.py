@@ -11,7 +11,7 @@ from test_engine_support import engine_llm, make_model, random_prompts, write_co
 
 from qwen35 import SamplingParams
 from qwen35.engine.prefix_cache import SNAPSHOT_GRID, chain_keys
-from qwen35.model.cache import HybridCache
+from qwen35.model.cache import CacheLayout
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
 
@@ -81,17 +81,17 @@ def test_a_restored_snapshot_is_the_uncached_state_bit_for_bit(model):
         snap = prefix.snapshots[keys[p // 16 - 1]]
         off = engine_llm(model, kv_cache_memory_bytes=1 << 26, max_num_batched_tokens=4096,
                          enable_prefix_caching=False)
-        off.generate([prompt[:p]], once, use_tqdm=False)  # its one sequence had slot 0; its state stays there
+        off.generate([prompt[:p]], once, use_tqdm=False)  # its one sequence had the top region; its state stays
         a, b = on.engine.runner.cache, off.engine.runner.cache
+        top = off.engine.cache.num_regions - 1
         for layer in a.recurrent:
-            assert torch.equal(a.recurrent[layer][snap], b.recurrent[layer][0]), (p, layer)
-            assert torch.equal(a.conv[layer][snap], b.conv[layer][0]), (p, layer)
+            assert torch.equal(a.recurrent[layer][snap], b.recurrent[layer][top]), (p, layer)
+            assert torch.equal(a.conv[layer][snap], b.conv[layer][top]), (p, layer)
 
 
 def test_eviction_under_memory_pressure(model):
     cfg = model.config.text
-    slot, block = HybridCache.slot_bytes(cfg, torch.float32), HybridCache.token_kv_bytes(cfg, torch.float32) * 16
-    budget = 8 * slot + 80 * block  # room for a few prompts' blocks and snapshots, far from all of them
+    budget = 88 * CacheLayout.of(cfg, torch.float32).region_bytes  # a few prompts' blocks and snapshots, not all
     rng = random.Random(3)
     bases = random_prompts([400, 300, 500], seed=21)
     prompts = [bases[rng.randrange(3)][:rng.randrange(60, 300)] + random_prompts([rng.randrange(1, 60)],
@@ -181,4 +181,4 @@ def test_a_failed_step_gives_its_snapshot_slots_back(model, monkeypatch):
     eng.step()
     monkeypatch.setattr(eng.runner, "run", real)
     eng.cache.check()
-    assert eng.cache.all_free() and len(eng.cache.free_slots) == eng.cache.num_slots
+    assert eng.cache.all_free() and eng.cache.free_regions == list(range(eng.cache.num_regions))

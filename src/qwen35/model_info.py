@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qwen35.config import ModelConfig, ceil_div
-from qwen35.model import HybridCache
+from qwen35.model import CacheLayout
 from qwen35.model.qwen35 import Qwen35Model
 
 # Linear weights that FP8 checkpoints keep in bf16 (FACTS.md, modules_to_not_convert), matched by suffix.
@@ -97,8 +97,8 @@ def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
     routed = sum(p.numel() for n, p in text if ".experts." in n)
     params_text = sum(p.numel() for _, p in text)
     active = params_text - routed + (routed * t.num_experts_per_tok // t.num_experts if t.is_moe else 0)
-    kv = HybridCache.token_kv_bytes(t, torch.bfloat16)
-    state = HybridCache.slot_bytes(t, torch.bfloat16)
+    layout = CacheLayout.of(t, torch.bfloat16, block_size=1)
+    kv, state = layout.block_bytes, layout.slot_bytes
     cache = batch * (context * kv + state)
     bf16 = _weight_bytes(main, "bf16")
     by_format = {"bf16": bf16, "fp8": _weight_bytes(main, "fp8"),

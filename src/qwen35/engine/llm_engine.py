@@ -105,24 +105,24 @@ class LLMEngine:
         if enable_prefix_caching and SNAPSHOT_GRID % block_size:
             raise ValueError(f"block_size={block_size}: with prefix caching it must divide the snapshot grid of "
                              f"{SNAPSHOT_GRID} tokens (e.g. 16, the default)")
-        # the prefix cache's snapshots live in the state slots running sequences do not hold
+        # one pool: KV blocks, the running sequences' states and the prefix cache's snapshots
         self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len,
                                           block_size)
         if max_model_len is None and self.plan.max_model_len < cfg.max_position_embeddings:
-            log.info("max_model_len lowered to %d tokens: what the %s cache budget holds next to %d state slots",
-                     self.plan.max_model_len, "given" if budget_given else "default", self.plan.num_slots)
+            log.info("max_model_len lowered to %d tokens: what the %s cache budget holds next to one state slot",
+                     self.plan.max_model_len, "given" if budget_given else "default")
         self.max_model_len = max_model_len = self.plan.max_model_len
-        self.max_num_seqs = min(max_num_seqs, self.plan.num_slots)
+        self.max_num_seqs = min(max_num_seqs, self.plan.num_regions)
         self.runner = ModelRunner(model, self.plan)
-        self.cache = CacheManager(self.plan.num_blocks, block_size, self.plan.num_slots,
-                                  enable_prefix_caching=enable_prefix_caching, copy_slot=self.runner.cache.copy_slot)
+        self.cache = CacheManager.for_plan(self.plan, enable_prefix_caching, copy_slot=self.runner.cache.copy_slot)
         self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
         self._hit_log_time = time.monotonic()
         self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
         self._mm_processor = None
-        log.info("cache: %d state slots, %d KV blocks of %d tokens (%.1f MiB); max_model_len %d; prefix caching %s",
-                 self.plan.num_slots, self.plan.num_blocks, block_size, self.plan.total_bytes / 2**20,
-                 max_model_len, "on" if enable_prefix_caching else "off")
+        log.info("cache: %d regions of %.2f MiB (%.1f MiB), each a GDN state or %d KV blocks of %d tokens; "
+                 "max_model_len %d; prefix caching %s", self.plan.num_regions, self.plan.region_bytes / 2**20,
+                 self.plan.total_bytes / 2**20, self.plan.blocks_per_region, block_size, max_model_len,
+                 "on" if enable_prefix_caching else "off")
 
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -470,9 +470,12 @@ class LLMEngine:
         return self.default_sampling_params
 
     def cache_usage(self) -> dict[str, int]:
-        """Free and total KV blocks and state slots (for monitoring and tests)."""
-        return {"free_blocks": self.cache.num_free_blocks, "num_blocks": self.cache.num_blocks,
-                "free_slots": self.cache.num_free_slots, "num_slots": self.cache.num_slots,
+        """The pool (for monitoring and tests), in KV blocks and in regions: `num_blocks` / `num_slots` what it
+        holds of each when it holds nothing else; `held_blocks` / `live_slots` what running sequences hold;
+        `free_blocks` / `free_slots` what they could still get (the prefix cache's memory counts as free)."""
+        cm = self.cache
+        return {"free_blocks": cm.num_free_blocks, "held_blocks": cm.num_held_blocks, "num_blocks": cm.num_blocks,
+                "free_slots": cm.num_free_slots, "live_slots": cm.num_live_slots, "num_slots": cm.num_regions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
 
 

@@ -25,19 +25,17 @@ class ModelRunner:
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         self.vocab_size = model.config.text.vocab_size
-        # Storage only: its own free lists are not used, the engine's CacheManager hands slots and blocks out.
-        self.cache = HybridCache(model.config.text, plan.num_slots, plan.num_blocks, plan.block_size,
-                                 dtype=self.dtype, device=self.device)
+        # Storage only: the engine's CacheManager decides which region is a slot, a snapshot or KV blocks.
+        self.cache = HybridCache(model.config.text, plan.num_regions, plan.block_size, dtype=self.dtype,
+                                 device=self.device, extra_attention_layers=plan.extra_attention_layers)
         self.sampler = Sampler()
         self.head_screen = model.enable_head_screen()
         self.vision_cache = VisionFeatureCache()
 
     @torch.inference_mode()
-    def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
-            ) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Forward the scheduled tokens, then sample for the sequences whose chunk ends their known tokens
-        (`sampler_row(seq)` says how); on the way the GDN layers write the states `work.snapshots` asks for
-        (prefix cache). Returns (the sequences that sampled, the sampler's result)."""
+    def forward(self, work: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch]:
+        """Forward the scheduled tokens over the cache (the GDN layers write the states `work.snapshots` asks
+        for on the way): the final hidden states [N, H] of the flat batch, and the batch."""
         ids: list[int] = []
         ctx: list[int] = []
         for seq, n in zip(work.seqs, work.num_tokens, strict=True):
@@ -53,7 +51,14 @@ class ModelRunner:
         batch = ForwardBatch(query_lens=lens, context_lens=ctx, positions=positions, cache=self.cache,
                              slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs],
                              snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
-        hidden = self.model.forward_batch(flat, batch, inputs_embeds=embeds)
+        return self.model.forward_batch(flat, batch, inputs_embeds=embeds), batch
+
+    @torch.inference_mode()
+    def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
+            ) -> tuple[list[Sequence], SamplerOutput | None]:
+        """`forward`, then sample for the sequences whose chunk ends their known tokens (`sampler_row(seq)`
+        says how). Returns (the sequences that sampled, the sampler's result)."""
+        hidden, batch = self.forward(work)
 
         sampling, last_rows = [], []
         for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):

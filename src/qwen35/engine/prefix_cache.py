@@ -8,8 +8,9 @@ window and fp32 state of every GDN layer, stored in a state slot like a live seq
 an absolute grid of `grid` tokens, under the key of the block that ends there. A request resumes from the
 longest prefix that has both its blocks and a snapshot.
 
-This module only keeps the indexes (which block or slot holds what, least recently used first); the cache
-manager (`engine/cache_manager.py`) hands the blocks and slots out and back.
+This module only keeps the indexes (which block or slot holds what, least recently used first, with the tick
+of its last use so that blocks and snapshots can be weighed against each other in one pool); the cache manager
+(`engine/cache_manager.py`) hands the blocks and slots out and back.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ class PrefixIndex:
         self.block_size, self.grid = block_size, grid
         self.block_of: dict[BlockKey, int] = {}
         self.key_of: dict[int, BlockKey] = {}
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
+        self.evictable: OrderedDict[int, int] = OrderedDict()  # cached blocks no sequence holds -> tick, oldest first
         self.snapshots: OrderedDict[BlockKey, int] = OrderedDict()  # key -> slot, oldest first
+        self.snapshot_ticks: dict[BlockKey, int] = {}
+        self.clock = 0  # ticks once per use: orders blocks and snapshots alike
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -100,22 +103,40 @@ class PrefixIndex:
         del self.block_of[key]
         self.evictable.pop(block, None)
 
-    def oldest_evictable_block(self) -> int | None:
-        return next(iter(self.evictable), None)
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def make_evictable(self, block: int) -> int:
+        """A cached block nobody holds any more (most recently used); returns its tick."""
+        t = self.evictable[block] = self.tick()
+        return t
+
+    def oldest_evictable(self) -> tuple[int, int] | None:
+        """(block, tick) of the least recently used cached block nobody holds."""
+        return next(iter(self.evictable.items()), None)
+
+    def oldest_snapshot(self) -> tuple[BlockKey, int] | None:
+        """(key, tick) of the least recently used snapshot."""
+        key = next(iter(self.snapshots), None)
+        return None if key is None else (key, self.snapshot_ticks[key])
 
     # ---------------------------------------------------------------- snapshots
     def add_snapshot(self, key: BlockKey, slot: int) -> None:
         self.snapshots[key] = slot
+        self.snapshot_ticks[key] = self.tick()
 
     def touch_snapshot(self, key: BlockKey) -> None:
         self.snapshots.move_to_end(key)
+        self.snapshot_ticks[key] = self.tick()
 
     def pop_snapshot(self, key: BlockKey | None = None) -> int | None:
         """Drop `key`'s snapshot (default: the least recently used one) and return its slot."""
         if key is None:
             if not self.snapshots:
                 return None
-            return self.snapshots.popitem(last=False)[1]
+            key = next(iter(self.snapshots))
+        self.snapshot_ticks.pop(key, None)
         return self.snapshots.pop(key, None)
 
 

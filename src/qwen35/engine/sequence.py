@@ -107,3 +107,17 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.sequences)
+
+
+def bare_sequence(token_ids: list[int], seq_id: int = 0) -> Sequence:
+    """A greedy sequence outside any engine's request bookkeeping (driven by hand: `engine.direct`)."""
+    from qwen35.engine.detokenize import OutputText
+    from qwen35.engine.sampling import SamplingParams
+
+    ids = list(token_ids)
+    request = Request(request_id=f"direct-{seq_id}", prompt=None, prompt_token_ids=ids,
+                      params=SamplingParams(temperature=0.0))
+    seq = Sequence(seq_id=seq_id, request=request, index=0, token_ids=list(ids), num_prompt_tokens=len(ids),
+                   generator=None, text=OutputText(None, []))
+    request.sequences.append(seq)
+    return seq

@@ -1,6 +1,6 @@
 """The Qwen3.5 model: layers that read like the equations in FACTS.md."""
 
-from qwen35.model.cache import CacheFullError, ForwardBatch, HybridCache, SequenceState, text_positions
+from qwen35.model.cache import CacheLayout, ForwardBatch, HybridCache, text_positions
 from qwen35.model.qwen35 import Qwen35Model
 
-__all__ = ["CacheFullError", "ForwardBatch", "HybridCache", "Qwen35Model", "SequenceState", "text_positions"]
+__all__ = ["CacheLayout", "ForwardBatch", "HybridCache", "Qwen35Model", "text_positions"]

@@ -20,8 +20,8 @@ PREFILL_KERNEL_MIN_QUERIES = 16
 
 def paged_indices(block_table: list[int], start: int, end: int, block_size: int,
                   device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block, offset in block) of token positions [start, end) of one sequence: `pool[blocks, :, offsets]`
-    is then their [n, Hkv, D] keys (or values)."""
+    """(block, offset in block) of token positions [start, end) of one sequence (`HybridCache.kv_index` turns
+    them into an index of the pools)."""
     pos = torch.arange(start, end, device=device)
     table = torch.as_tensor(block_table, dtype=torch.long, device=device)
     return table[pos // block_size], pos % block_size
@@ -87,8 +87,8 @@ class GatedAttention(nn.Module):
         if k_ops is not None:  # one-token sequences (decodes) attend straight from the paged pool, together
             rows = plan.rows
             kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            kc[plan.kv_blocks, :, plan.kv_offsets] = k[rows].to(kc.dtype)
-            vc[plan.kv_blocks, :, plan.kv_offsets] = v[rows].to(vc.dtype)
+            kc[plan.kv_index] = k[rows].to(kc.dtype)
+            vc[plan.kv_index] = v[rows].to(vc.dtype)
             out[rows] = k_ops.paged_attention_decode(q[rows], kc, vc, plan.block_tables, plan.context_lens,
                                                      self.scale).to(q.dtype)
             done = set(plan.seqs)
@@ -102,14 +102,14 @@ class GatedAttention(nn.Module):
             else:
                 kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
                 table = batch.block_tables[i]
-                blocks, offsets = paged_indices(table, ctx, ctx + (e - s), cache.block_size, x.device)
-                kc[blocks, :, offsets] = k[s:e].to(kc.dtype)
-                vc[blocks, :, offsets] = v[s:e].to(vc.dtype)
+                where = cache.kv_index(*paged_indices(table, ctx, ctx + (e - s), cache.block_size, x.device))
+                kc[where] = k[s:e].to(kc.dtype)
+                vc[where] = v[s:e].to(vc.dtype)
                 if ctx == 0:
                     keys, values = k[s:e], v[s:e]
                 else:
-                    blocks, offsets = paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device)
-                    keys, values = kc[blocks, :, offsets].to(q.dtype), vc[blocks, :, offsets].to(q.dtype)
+                    where = cache.kv_index(*paged_indices(table, 0, ctx + (e - s), cache.block_size, x.device))
+                    keys, values = kc[where].to(q.dtype), vc[where].to(q.dtype)
             out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
         out = out.reshape(N, -1)
         return self.o_proj(out * torch.sigmoid(gate))

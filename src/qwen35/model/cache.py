@@ -1,14 +1,19 @@
-"""The hybrid cache and the description of one varlen forward.
+"""The hybrid cache's storage and the description of one varlen forward.
 
-Storage (one pool per kind, shared by all sequences):
-  * full-attention layers: paged KV, `k[layer]`/`v[layer]` of shape [num_blocks, Hkv, block_size, D]: a
-    block holds each head's keys contiguously, so decode attention streams whole blocks per head;
-  * GDN layers: one state slot per sequence, `conv[layer]` [num_slots, C, K-1] (model dtype: it holds
-    raw inputs) and `recurrent[layer]` [num_slots, Hv, dk, dv] (always fp32).
-
-A sequence owns one state slot and a list of KV blocks (its block table). The forward never trusts the
-contents of a slot for a sequence that starts from position 0: its state is taken as zero, so a slot
-reused after another sequence (or after preemption) can never leak stale state.
+Storage: one buffer of `num_regions` equal regions (`CacheLayout`), each, at any moment, either
+  * a GDN state slot: every linear-attention layer's fp32 recurrent state [Hv, dk, dv] and conv window
+    [C, K-1] (model dtype: it holds raw inputs) of one sequence, or of one prefix-cache snapshot; or
+  * `blocks_per_region` KV blocks of `block_size` tokens for every full-attention layer, head-major inside the
+    region: each KV head's keys of the region's blocks lie end to end, so decode attention (one thread per
+    head) reads one sequential stream of keys and one of values across a sequence's consecutive blocks, which
+    the hardware prefetcher follows (32K decode: 2.0-2.8 against 2.5-3.0 ms per 0.8B layer block-major,
+    paired in one process; a bare read of the same bytes took 1.8-2.3 ms).
+The per-layer views overlay every region: `recurrent[layer]` [num_regions, Hv, dk, dv] and `conv[layer]`
+[num_regions, C, K-1] index regions as slots, `k[layer]` / `v[layer]` [num_regions, Hkv, blocks_per_region,
+block_size, D] hold block b in region b // blocks_per_region (`kv_index`). Which region is what is decided by
+the engine's allocator (`qwen35.engine.cache_manager.CacheManager`) alone: this class only stores.
+The forward never trusts the contents of a slot for a sequence that starts from position 0: its state is
+taken as zero, so a region that held KV blocks or another sequence's state never leaks into a new one.
 
 `ForwardBatch` describes one forward over many sequences at once (varlen): the new tokens of every
 sequence are concatenated into one flat run of N tokens.
@@ -23,101 +28,94 @@ import torch
 from qwen35.config import TextConfig
 from qwen35.ops.hugepages import hugepage_zeros
 
+REGION_ALIGN = 64  # bytes: every region starts on a cache line
 
-class CacheFullError(RuntimeError):
-    """No free state slot or KV block is left."""
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where everything lies in one region; the same arithmetic sizes the engine's plan and the storage."""
+
+    block_size: int
+    blocks_per_region: int
+    region_bytes: int
+    slot_bytes: int  # one GDN state (every linear-attention layer)
+    block_bytes: int  # one KV block (every full-attention layer, keys and values)
+    num_attention_layers: int  # the model's own full-attention layers + extra ones (MTP)
+
+    @classmethod
+    def of(cls, cfg: TextConfig, dtype: torch.dtype, block_size: int = 16,
+           extra_attention_layers: int = 0) -> CacheLayout:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        esz = torch.finfo(dtype).bits // 8
+        conv = cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * esz
+        state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+        slot_bytes = len(cfg.linear_layers) * (state + conv)
+        n_attn = len(cfg.attention_layers) + extra_attention_layers
+        block_bytes = n_attn * 2 * cfg.num_key_value_heads * block_size * cfg.head_dim * esz
+        per_region = max(1, -(-slot_bytes // block_bytes)) if block_bytes else 1
+        region = max(slot_bytes, per_region * block_bytes, 1)
+        region = -(-region // REGION_ALIGN) * REGION_ALIGN
+        return cls(block_size=block_size, blocks_per_region=per_region, region_bytes=region, slot_bytes=slot_bytes,
+                   block_bytes=block_bytes, num_attention_layers=n_attn)
 
 
 class HybridCache:
-    def __init__(self, cfg: TextConfig, num_slots: int, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 extra_attention_layers: int = 0):
-        """`extra_attention_layers`: KV pools beyond the model's own (e.g. one for the MTP layer), indexed
+    def __init__(self, cfg: TextConfig, num_regions: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", extra_attention_layers: int = 0):
+        """`extra_attention_layers`: KV beyond the model's own layers (e.g. one for the MTP layer), indexed
         after the model's attention layers."""
-        if num_slots <= 0 or num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"HybridCache needs positive num_slots, num_blocks, block_size; got "
-                             f"{num_slots}, {num_blocks}, {block_size}")
+        if num_regions <= 0:
+            raise ValueError(f"HybridCache needs a positive num_regions, got {num_regions}")
         self.cfg = cfg
-        self.num_slots, self.num_blocks, self.block_size = num_slots, num_blocks, block_size
+        self.layout = lay = CacheLayout.of(cfg, dtype, block_size, extra_attention_layers)
+        self.num_regions, self.block_size = num_regions, block_size
+        self.blocks_per_region = lay.blocks_per_region
         self.dtype, self.device = dtype, torch.device(device)
+        self.buffer = hugepage_zeros((num_regions * lay.region_bytes,), dtype=torch.uint8, device=self.device)
+        f32, typed = self.buffer.view(torch.float32), self.buffer.view(dtype)
+        esz = typed.element_size()
         K = cfg.linear_conv_kernel_dim
-        self.conv: dict[int, torch.Tensor] = {}
+        Hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        state_elems, conv_elems = Hv * dk * dv, cfg.conv_dim * (K - 1)
+        gdn = list(cfg.linear_layers)
         self.recurrent: dict[int, torch.Tensor] = {}
-        for i in cfg.linear_layers:
-            self.conv[i] = torch.zeros(num_slots, cfg.conv_dim, K - 1, dtype=dtype, device=self.device)
-            self.recurrent[i] = hugepage_zeros((num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                               cfg.linear_value_head_dim), dtype=torch.float32, device=self.device)
+        self.conv: dict[int, torch.Tensor] = {}
+        for j, i in enumerate(gdn):
+            self.recurrent[i] = f32.as_strided((num_regions, Hv, dk, dv), (lay.region_bytes // 4, dk * dv, dv, 1),
+                                               j * state_elems)
+            conv_at = (len(gdn) * state_elems * 4) // esz + j * conv_elems
+            self.conv[i] = typed.as_strided((num_regions, cfg.conv_dim, K - 1), (lay.region_bytes // esz, K - 1, 1),
+                                            conv_at)
+        Hkv, D, nb, bs = cfg.num_key_value_heads, cfg.head_dim, lay.blocks_per_region, block_size
+        layer_elems = Hkv * nb * bs * D
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        # Indexed [block, KV head, position in block, dim], stored head-major ([KV head, block, ...], the pools
-        # are permuted views): a sequence's blocks, handed out in ascending order, then lie end to end for each
-        # head, and decode attention (one thread per head) reads one sequential stream of keys and one of
-        # values, which the hardware prefetcher follows (32K decode: 2.0-2.8 against 2.5-3.0 ms per 0.8B layer
-        # block-major, paired in one process; a bare read of the same bytes took 1.8-2.3 ms).
-        kv_stored = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         kv_layers = list(cfg.attention_layers) + [cfg.num_hidden_layers + j for j in range(extra_attention_layers)]
-        for i in kv_layers:
-            self.k[i] = hugepage_zeros(kv_stored, dtype=dtype, device=self.device).permute(1, 0, 2, 3)
-            self.v[i] = hugepage_zeros(kv_stored, dtype=dtype, device=self.device).permute(1, 0, 2, 3)
-        self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.free_blocks = list(range(num_blocks - 1, -1, -1))
+        for j, i in enumerate(kv_layers):
+            shape, strides = (num_regions, Hkv, nb, bs, D), (lay.region_bytes // esz, nb * bs * D, bs * D, D, 1)
+            self.k[i] = typed.as_strided(shape, strides, 2 * j * layer_elems)
+            self.v[i] = typed.as_strided(shape, strides, (2 * j + 1) * layer_elems)
 
-    # ---------------------------------------------------------------- simple allocation
-    def new_sequence(self) -> SequenceState:
-        if not self.free_slots:
-            raise CacheFullError(f"all {self.num_slots} GDN state slots are in use")
-        return SequenceState(slot=self.free_slots.pop())
+    @property
+    def num_blocks(self) -> int:
+        return self.num_regions * self.blocks_per_region
 
-    def reserve(self, seq: SequenceState, total_tokens: int) -> None:
-        """Make sure `seq` has KV blocks for `total_tokens` tokens."""
-        need = -(-total_tokens // self.block_size) - len(seq.block_table)
-        if need > len(self.free_blocks):
-            raise CacheFullError(f"need {need} more KV blocks, {len(self.free_blocks)} free")
-        for _ in range(max(need, 0)):
-            seq.block_table.append(self.free_blocks.pop())
-
-    def release(self, seq: SequenceState) -> None:
-        self.free_blocks.extend(reversed(seq.block_table))
-        seq.block_table = []
-        if seq.slot is not None:
-            self.free_slots.append(seq.slot)
-            seq.slot = None
-        seq.num_tokens = 0
+    def kv_index(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple:
+        """`k[layer][index]` is then the [n, Hkv, D] keys of positions `offsets` in blocks `blocks` (long)."""
+        nb = self.blocks_per_region
+        return blocks // nb, slice(None), blocks % nb, offsets
 
     def copy_slot(self, src: int, dst: int) -> None:
-        """Every GDN layer's conv window and recurrent state of slot `src` into slot `dst` (prefix-cache
-        snapshots are taken and restored so)."""
+        """The GDN state (every layer's conv window and recurrent state) of region `src` into region `dst`
+        (prefix-cache snapshots are taken and restored so)."""
+        rb, n = self.layout.region_bytes, self.layout.slot_bytes
         with torch.no_grad():
-            for i in self.conv:
-                self.conv[i][dst].copy_(self.conv[i][src])
-                self.recurrent[i][dst].copy_(self.recurrent[i][src])
-
-    @staticmethod
-    def slot_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
-        """Bytes of one sequence's GDN state over all layers: conv window (model dtype) + fp32 state."""
-        conv = cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * torch.finfo(dtype).bits // 8
-        state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-        return len(cfg.linear_layers) * (conv + state)
-
-    @staticmethod
-    def token_kv_bytes(cfg: TextConfig, dtype: torch.dtype, extra_attention_layers: int = 0) -> int:
-        """KV bytes of one token over all full-attention layers."""
-        per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
-        return (len(cfg.attention_layers) + extra_attention_layers) * per_layer
+            self.buffer[dst * rb:dst * rb + n].copy_(self.buffer[src * rb:src * rb + n])
 
     @property
     def bytes(self) -> int:
-        tensors = [*self.conv.values(), *self.recurrent.values(), *self.k.values(), *self.v.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclass
-class SequenceState:
-    """What one sequence holds in a `HybridCache`."""
-
-    slot: int | None
-    block_table: list[int] = field(default_factory=list)
-    num_tokens: int = 0  # tokens whose KV / state are in the cache
+        return self.buffer.numel()
 
 
 @dataclass
@@ -169,21 +167,6 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return self.starts[-1]
 
-    @classmethod
-    def for_sequences(cls, cache: HybridCache, seqs: list[SequenceState], query_lens: list[int],
-                      positions: torch.Tensor | None = None) -> ForwardBatch:
-        """Reserve KV room and describe a forward of `query_lens[i]` new tokens for each sequence. Text
-        positions continue from each sequence's `num_tokens` unless `positions` is given."""
-        for s, n in zip(seqs, query_lens, strict=True):
-            if s.slot is None:
-                raise ValueError("sequence has been released")
-            cache.reserve(s, s.num_tokens + n)
-        ctx = [s.num_tokens for s in seqs]
-        if positions is None:
-            positions = text_positions(ctx, query_lens, cache.device)
-        return cls(query_lens=list(query_lens), context_lens=ctx, positions=positions, cache=cache,
-                   slots=[s.slot for s in seqs], block_tables=[s.block_table for s in seqs])
-
 
 @dataclass
 class DecodePlan:
@@ -191,8 +174,7 @@ class DecodePlan:
     rows: torch.Tensor  # their token rows in the flat batch (long)
     slots: torch.Tensor  # their state slots (long)
     fresh: torch.Tensor  # bool: starting at position 0 (zero state whatever the slot holds)
-    kv_blocks: torch.Tensor  # KV pool block of each new token (long)
-    kv_offsets: torch.Tensor  # its position inside that block (long)
+    kv_index: tuple  # where each new token's key goes: `cache.k[layer][kv_index]` (HybridCache.kv_index)
     block_tables: torch.Tensor  # int32 [n, max_blocks], zero-padded
     context_lens: torch.Tensor  # int32: keys per sequence, the new one included
 
@@ -211,8 +193,9 @@ class DecodePlan:
         return cls(seqs=seqs, rows=torch.as_tensor([batch.starts[i] for i in seqs], dtype=torch.long),
                    slots=torch.as_tensor([batch.slots[i] for i in seqs], dtype=torch.long),
                    fresh=torch.as_tensor([c == 0 for c in ctx]),
-                   kv_blocks=torch.as_tensor([t[c // bs] for t, c in zip(tables, ctx, strict=True)], dtype=torch.long),
-                   kv_offsets=torch.as_tensor([c % bs for c in ctx], dtype=torch.long),
+                   kv_index=batch.cache.kv_index(
+                       torch.as_tensor([t[c // bs] for t, c in zip(tables, ctx, strict=True)], dtype=torch.long),
+                       torch.as_tensor([c % bs for c in ctx], dtype=torch.long)),
                    block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32))
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qwen35.config import ModelConfig
-from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
+from qwen35.model.cache import ForwardBatch, text_positions
 from qwen35.model.decoder import TextModel
 from qwen35.model.mtp import MTPHead
 from qwen35.model.vision import VisionTower
@@ -113,11 +113,6 @@ class Qwen35Model(nn.Module):
         if screen is not None:
             return screen.argmax(hidden)
         return self.compute_logits(hidden, torch.float32).argmax(dim=-1)
-
-    def new_cache(self, num_slots: int, max_tokens: int, block_size: int = 16) -> HybridCache:
-        """A cache with `num_slots` sequences' GDN state and KV room for `max_tokens` tokens in total."""
-        return HybridCache(self.config.text, num_slots, -(-max_tokens // block_size), block_size, dtype=self.dtype,
-                           device=self.device, extra_attention_layers=1 if self.mtp is not None else 0)
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,

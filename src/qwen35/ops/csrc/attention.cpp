@@ -323,10 +323,11 @@ struct Task {
   int64_t b, h, p0, p1, len;  // sequence b, KV head h, positions [p0, p1) of its len
 };
 
-// Where position p of KV head h in block b starts: b * block + h * head + (p % BS) * pos elements from the pool
-// (the K and V pools share it).
+// Where position p of KV head h in block b starts: (b / per_region) * region + (b % per_region) * block + h * head
+// + (p % BS) * pos elements from the pool (the K and V pools share it). The cache keeps its blocks in regions of
+// per_region blocks, head-major inside each (model/cache.py); a plain [num_blocks, ...] pool is one region.
 struct Layout {
-  int64_t BS, block, head, pos;
+  int64_t BS, block, head, pos, per_region, region;
 };
 
 // G query heads from `qhead` on (of Hq) against KV head t.h over positions [t.p0, t.p1). The offsets run on
@@ -341,7 +342,9 @@ void run_task(const Task& t, int64_t qhead, int64_t Hq, const float* qf, const u
   off.resize(ext);
   for (int64_t i = 0; i < ext; ++i) {
     const int64_t pos = t.p0 + i;
-    off[i] = static_cast<int64_t>(table[pos / lay.BS]) * lay.block + t.h * lay.head + (pos % lay.BS) * lay.pos;
+    const int64_t blk = table[pos / lay.BS];
+    off[i] = blk / lay.per_region * lay.region + blk % lay.per_region * lay.block + t.h * lay.head +
+             (pos % lay.BS) * lay.pos;
   }
   s.resize(G * kChunk);
   const int64_t q0 = (t.b * Hq + qhead) * D;
@@ -464,21 +467,23 @@ void run(const torch::Tensor& q, const KV* kp, const KV* vp, const int32_t* tabl
 
 }  // namespace
 
-// q: [B, Hq, D] (bf16 or fp32); k_pool, v_pool: [num_blocks, Hkv, block_size, D] (fp32 or bf16) with
-// contiguous rows and the same strides (the cache stores them head-major: see model/cache.py);
-// block_tables: int32 [B, max_blocks]; context_lens: int32 [B] (keys per sequence, the new one included)
-// -> fp32 [B, Hq, D]
+// q: [B, Hq, D] (bf16 or fp32); k_pool, v_pool: [num_blocks, Hkv, block_size, D], or the cache's
+// [num_regions, Hkv, blocks_per_region, block_size, D] (block b = region b / blocks_per_region), fp32 or bf16,
+// with contiguous rows and the same strides; block_tables: int32 [B, max_blocks]; context_lens: int32 [B]
+// (keys per sequence, the new one included) -> fp32 [B, Hq, D]
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(), "paged_attention: shapes");
-  TORCH_CHECK(k_pool.stride(3) == 1 && k_pool.strides() == v_pool.strides(),
+  const bool regions = k_pool.dim() == 5;
+  TORCH_CHECK(q.dim() == 3 && (k_pool.dim() == 4 || regions) && v_pool.sizes() == k_pool.sizes(),
+              "paged_attention: shapes");
+  TORCH_CHECK(k_pool.stride(-1) == 1 && k_pool.strides() == v_pool.strides(),
               "paged_attention: the k and v pools need contiguous rows and the same strides");
   TORCH_CHECK(k_pool.scalar_type() == v_pool.scalar_type(), "paged_attention: k and v dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
               "paged_attention: block_tables and context_lens must be int32");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = k_pool.size(1), BS = k_pool.size(2);
-  TORCH_CHECK(k_pool.size(3) == D && Hq % Hkv == 0, "paged_attention: head dims");
+  const int64_t Hkv = k_pool.size(1), BS = k_pool.size(-2);
+  TORCH_CHECK(k_pool.size(-1) == D && Hq % Hkv == 0, "paged_attention: head dims");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_attention: one row per sequence");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
@@ -486,7 +491,16 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torc
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] > 0 && (lp[b] + BS - 1) / BS <= tables.size(1), "paged_attention: context_lens[", b,
                 "]=", lp[b], " does not fit its block table");
-  const Layout lay{BS, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2)};
+  const int64_t num_blocks = regions ? k_pool.size(0) * k_pool.size(2) : k_pool.size(0);
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < (lp[b] + BS - 1) / BS; ++j)
+      TORCH_CHECK(tp[b * tables.size(1) + j] >= 0 && tp[b * tables.size(1) + j] < num_blocks,
+                  "paged_attention: block_tables[", b, "][", j, "]=", tp[b * tables.size(1) + j], " is not a block of "
+                  "the pool (", num_blocks, " blocks)");
+  const Layout lay = regions ? Layout{BS, k_pool.stride(2), k_pool.stride(1), k_pool.stride(3), k_pool.size(2),
+                                      k_pool.stride(0)}
+                             : Layout{BS, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), k_pool.size(0), 0};
   auto out = torch::empty({B, Hq, D}, q.options().dtype(at::kFloat));
   if (k_pool.scalar_type() == at::kBFloat16) {
     run(q, k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(), tables.data_ptr<int32_t>(),

@@ -99,7 +99,8 @@ void delta_step(float* S, const float* q, const float* k, const float* v, float 
 template <typename T>
 void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const int64_t* slots,
          const bool* fresh, const T* a, const T* b, const float* A_log, const float* dt_bias, float* out,
-         int64_t B, int64_t C, int64_t K, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv) {
+         int64_t B, int64_t C, int64_t K, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, int64_t conv_slot,
+         int64_t state_slot) {
   const int64_t key_dim = Hk * dk, W = K - 1, rep = Hv / Hk;
   // One parallel region, one task per (sequence, value head): its conv channels (its q/k head's too:
   // recomputed by the rep value heads sharing it, which is cheaper than a second barrier), the norms and the
@@ -111,7 +112,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t bi = i / Hv, h = i % Hv, kh = h / rep;
       const T* x = mixed + bi * C;
-      const T* win = conv_pool + slots[bi] * C * W;
+      const T* win = conv_pool + slots[bi] * conv_slot;
       conv_silu(x, win, fresh[bi], conv_w, K, kh * dk, dk, q.data());
       conv_silu(x, win, fresh[bi], conv_w, K, key_dim + kh * dk, dk, k.data());
       conv_silu(x, win, fresh[bi], conv_w, K, 2 * key_dim + h * dv, dv, v.data());
@@ -124,13 +125,13 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
       const float sp_in = f32(a[bi * Hv + h]) + dt_bias[h];
       const float softplus = sp_in > 20.f ? sp_in : std::log1p(std::exp(sp_in));
       const float decay = std::exp(-std::exp(A_log[h]) * softplus);
-      delta_step(state_pool + (slots[bi] * Hv + h) * dk * dv, q.data(), k.data(), v.data(), beta, decay, fresh[bi],
-                 dk, dv, out + (bi * Hv + h) * dv);
+      delta_step(state_pool + slots[bi] * state_slot + h * dk * dv, q.data(), k.data(), v.data(), beta, decay,
+                 fresh[bi], dk, dv, out + (bi * Hv + h) * dv);
     }
   });
   // move every window on by one token (the oldest input drops out, the new one enters)
   for (int64_t bi = 0; bi < B; ++bi) {
-    T* win = conv_pool + slots[bi] * C * W;
+    T* win = conv_pool + slots[bi] * conv_slot;
     const T* x = mixed + bi * C;
     for (int64_t c = 0; c < C && W > 0; ++c) {
       T* wc = win + c * W;
@@ -143,7 +144,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
 }  // namespace
 
 // mixed [B, C] and conv_w [C, K] and conv_pool [slots, C, K-1] in the model dtype (fp32 or bf16);
-// state_pool [slots, Hv, dk, dv] fp32; slots int64 [B]; fresh bool [B]; a, b [B, Hv] model dtype;
+// state_pool [slots, Hv, dk, dv] fp32 (each slot contiguous; the slots may lie apart: the cache's regions); slots int64 [B]; fresh bool [B]; a, b [B, Hv] model dtype;
 // A_log, dt_bias [Hv] fp32. Returns o [B, Hv, dv] fp32; updates the window and the state in place.
 torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::Tensor conv_pool,
                               torch::Tensor state_pool, torch::Tensor slots, torch::Tensor fresh, torch::Tensor a,
@@ -151,8 +152,8 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
                               int64_t head_k_dim) {
   TORCH_CHECK(mixed.dim() == 2 && conv_w.dim() == 2 && conv_pool.dim() == 3 && state_pool.dim() == 4,
               "gdn_decode_step: shapes");
-  TORCH_CHECK(mixed.is_contiguous() && conv_w.is_contiguous() && conv_pool.is_contiguous() &&
-              state_pool.is_contiguous() && a.is_contiguous() && b.is_contiguous(), "gdn_decode_step: contiguous");
+  TORCH_CHECK(mixed.is_contiguous() && conv_w.is_contiguous() && conv_pool[0].is_contiguous() &&
+              state_pool[0].is_contiguous() && a.is_contiguous() && b.is_contiguous(), "gdn_decode_step: contiguous");
   TORCH_CHECK(state_pool.scalar_type() == at::kFloat, "gdn_decode_step: the state is fp32");
   TORCH_CHECK(mixed.scalar_type() == conv_w.scalar_type() && mixed.scalar_type() == conv_pool.scalar_type() &&
               a.scalar_type() == mixed.scalar_type() && b.scalar_type() == mixed.scalar_type(),
@@ -162,6 +163,10 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
   TORCH_CHECK(dk == head_k_dim && C == 2 * num_k_heads * dk + Hv * dv && Hv % num_k_heads == 0,
               "gdn_decode_step: head layout");
   auto s64 = slots.to(at::kLong).contiguous();
+  TORCH_CHECK(s64.numel() == B && conv_pool.size(0) == state_pool.size(0), "gdn_decode_step: one slot per row");
+  for (int64_t i = 0; i < B; ++i)
+    TORCH_CHECK(s64.data_ptr<int64_t>()[i] >= 0 && s64.data_ptr<int64_t>()[i] < state_pool.size(0),
+                "gdn_decode_step: slot ", s64.data_ptr<int64_t>()[i], " is not in the pool");
   auto fr = fresh.to(at::kBool).contiguous();
   auto al = A_log.to(at::kFloat).contiguous(), dt = dt_bias.to(at::kFloat).contiguous();
   auto out = torch::empty({B, Hv, dv}, mixed.options().dtype(at::kFloat));
@@ -169,12 +174,13 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
     run(mixed.data_ptr<at::BFloat16>(), conv_w.data_ptr<at::BFloat16>(), conv_pool.data_ptr<at::BFloat16>(),
         state_pool.data_ptr<float>(), s64.data_ptr<int64_t>(), fr.data_ptr<bool>(), a.data_ptr<at::BFloat16>(),
         b.data_ptr<at::BFloat16>(), al.data_ptr<float>(), dt.data_ptr<float>(), out.data_ptr<float>(), B, C, K,
-        num_k_heads, Hv, dk, dv);
+        num_k_heads, Hv, dk, dv, conv_pool.stride(0), state_pool.stride(0));
   } else {
     TORCH_CHECK(mixed.scalar_type() == at::kFloat, "gdn_decode_step: fp32 or bf16");
     run(mixed.data_ptr<float>(), conv_w.data_ptr<float>(), conv_pool.data_ptr<float>(), state_pool.data_ptr<float>(),
         s64.data_ptr<int64_t>(), fr.data_ptr<bool>(), a.data_ptr<float>(), b.data_ptr<float>(), al.data_ptr<float>(),
-        dt.data_ptr<float>(), out.data_ptr<float>(), B, C, K, num_k_heads, Hv, dk, dv);
+        dt.data_ptr<float>(), out.data_ptr<float>(), B, C, K, num_k_heads, Hv, dk, dv, conv_pool.stride(0),
+        state_pool.stride(0));
   }
   return out;
 }
