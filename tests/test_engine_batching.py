@@ -207,3 +207,35 @@ def test_requests_added_and_aborted_from_another_thread(model):
         else:
             assert reason in ("abort", "length") and n <= 20
     assert eng.cache.all_free() and not eng.has_unfinished_requests()
+
+
+def test_large_state_and_a_budget_for_the_longest_request_runs_everything(tmp_path):
+    """A GDN state of ~17 KV blocks and a budget that holds the longest request alone but far from all: every
+    request runs (fewer at once), none is refused or cut, and each gets the tokens it gets alone. (With state
+    slots reserved up front for max_num_seqs, such a budget lowered max_model_len below the longest prompt.)"""
+    big = make_model(write_config(tmp_path / "big", linear_num_key_heads=2, linear_num_value_heads=8,
+                                  linear_key_head_dim=32, linear_value_head_dim=32))
+    lay = CacheLayout.of(big.config.text, torch.float32)
+    assert lay.blocks_per_region >= 16
+    lengths = [1500, 700, 90, 1200, 30, 400]
+    prompts = random_prompts(lengths, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone_llm = engine_llm(big, kv_cache_memory_bytes=64 << 20)
+    alone_out = [alone_llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    need = -(-(1500 + 12) // (16 * lay.blocks_per_region)) + 1  # the longest request: its blocks and its state
+    llm = engine_llm(big, kv_cache_memory_bytes=need * lay.region_bytes, max_num_seqs=8, max_num_batched_tokens=512)
+    assert llm.engine.max_model_len >= 1512
+    running = []
+    real_step = llm.engine.scheduler.schedule
+
+    def spy():
+        out = real_step()
+        running.append(len(llm.engine.scheduler.running))
+        return out
+
+    llm.engine.scheduler.schedule = spy
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone_out
+    assert max(running) >= 2  # the short ones ran next to each other: how many run follows what fits
+    assert llm.engine.cache.all_free()
+    llm.engine.cache.check()

@@ -198,6 +198,36 @@ def test_paged_attention_equals_gathered_softmax(dtype, hq, hkv, d):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_attention_over_the_cache_regions_equals_a_plain_pool(dtype):
+    """The cache keeps KV blocks in regions (HybridCache: [regions, Hkv, blocks per region, BS, D] views with
+    room for a GDN state between regions): the kernel reads each block where a plain [blocks, Hkv, BS, D] pool
+    holds it, bit for bit; block ids it does not have are refused."""
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, BS, regions, per = 8, 2, 64, 16, 7, 5
+    stride = hkv * per * BS * d + 96  # a region is a little larger than its blocks (the state is)
+    buf = torch.randn(regions * stride, generator=gen).to(dtype)
+    shape, strides = (regions, hkv, per, BS, d), (stride, per * BS * d, BS * d, d, 1)
+    k5, v5 = buf.as_strided(shape, strides, 0), torch.randn(regions * stride, generator=gen).to(dtype)
+    v5 = v5.as_strided(shape, strides, 0)
+    plain_k = k5.permute(0, 2, 1, 3, 4).reshape(regions * per, hkv, BS, d)  # block r * per + j
+    plain_v = v5.permute(0, 2, 1, 3, 4).reshape(regions * per, hkv, BS, d)
+    lens = torch.tensor([1, 33, 100, 128], dtype=torch.int32)
+    tables = torch.randperm(regions * per, generator=gen).to(torch.int32)[:32].reshape(4, 8)
+    q = torch.randn(4, hq, d, generator=gen).to(dtype)
+    got = kernels.paged_attention_decode(q, k5, v5, tables, lens, 0.125)
+    want = kernels.paged_attention_decode(q, plain_k, plain_v, tables, lens, 0.125)
+    assert torch.equal(got, want)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ref = paged_attention_reference(q, plain_k, plain_v, tables, lens, 0.125)
+    torch.testing.assert_close(want.double(), ref, rtol=tol, atol=tol)
+    bad = tables.clone()
+    bad[1, 0] = regions * per
+    with pytest.raises(RuntimeError, match="not a block of the pool"):
+        kernels.paged_attention_decode(q, k5, v5, bad, lens, 0.125)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_paged_attention_long_contexts(dtype):
     """Long contexts get longer partitions (a sixteenth of the context, 512-2048 positions) and prefetches that
     run on into the next partition: 8200 and 33000 positions (partitions of 512 and 2048, ragged last ones), slow

@@ -182,3 +182,58 @@ def test_a_failed_step_gives_its_snapshot_slots_back(model, monkeypatch):
     monkeypatch.setattr(eng.runner, "run", real)
     eng.cache.check()
     assert eng.cache.all_free() and eng.cache.free_regions == list(range(eng.cache.num_regions))
+
+
+def _fake_sequence(ids, seed):
+    from qwen35.engine.sequence import bare_sequence
+
+    return bare_sequence(ids, seed)
+
+
+def test_one_pool_evicts_the_least_recently_used_of_blocks_and_snapshots():
+    """Blocks and snapshots compete for the same regions, oldest out first, whatever it is."""
+    from qwen35.engine.cache_manager import CacheManager
+
+    copies = []
+    cm = CacheManager(num_regions=6, blocks_per_region=4, block_size=16, enable_prefix_caching=True,
+                      copy_slot=lambda src, dst: copies.append((src, dst)))
+    a = _fake_sequence(random_prompts([128], seed=1)[0], 1)
+    cm.allocate(a, 128)  # its state in region 5, its 8 blocks in regions 0 and 1
+    assert a.slot == 5 and cm.kind == ["kv", "kv", "free", "free", "free", "slot"]
+    a.num_computed_tokens = 128
+    cm.cache_computed(a)  # its blocks remembered, its state at 128 snapshotted into region 4
+    assert copies == [(5, 4)] and cm.kind[4] == "snapshot" and len(cm.prefix.key_of) == 8
+    cm.free(a)  # its blocks stay cached (let go after the snapshot was taken: more recently used)
+    cm.check()
+    assert cm.all_free() and cm.num_free_blocks == 24 and cm.num_free_slots == 6  # what is cached can go
+    b = _fake_sequence(random_prompts([256], seed=2)[0], 2)
+    assert cm.lookup(b) is None and cm.can_allocate(b, 256)
+    cm.allocate(b, 256)  # 16 blocks and a state: the free regions, then the snapshot, then the oldest 4 blocks
+    cm.check()
+    # a's table was let go from its end: its first 4 blocks are the most recent and stay
+    assert not cm.prefix.snapshots and set(cm.prefix.key_of) == set(cm.prefix.evictable) == {0, 1, 2, 3}
+    assert not cm.can_allocate(_fake_sequence([1] * 100, 3), 100)  # 4 unheld blocks: no room for a state
+    cm.free(b)
+    cm.check()
+
+
+def test_a_snapshot_may_evict_cached_blocks_older_than_itself():
+    from qwen35.engine.cache_manager import CacheManager
+
+    cm = CacheManager(num_regions=3, blocks_per_region=4, block_size=16, enable_prefix_caching=True,
+                      copy_slot=lambda src, dst: None)
+    a = _fake_sequence(random_prompts([64], seed=4)[0], 1)
+    cm.allocate(a, 64)  # state in region 2, blocks in region 0
+    a.num_computed_tokens = 64
+    cm.cache_computed(a)  # snapshot at 64 in region 1 (the last free one)
+    cm.free(a)
+    b = _fake_sequence(random_prompts([64], seed=5)[0], 2)
+    cm.allocate(b, 64)  # state: region 2 again; blocks: region 0 holds a's cached blocks, newer than the
+    cm.check()          # snapshot: the snapshot's region goes
+    assert b.slot == 2 and not cm.prefix.snapshots and {cm.region_of(x) for x in b.block_table} == {1}
+    b.num_computed_tokens = 64
+    cm.cache_computed(b)  # no free region: a's idle KV region (older than anything else) makes room
+    cm.check()
+    assert len(cm.prefix.snapshots) == 1 and cm.kind[0] == "snapshot" and len(cm.prefix.key_of) == 4
+    cm.free(b)
+    cm.check()
