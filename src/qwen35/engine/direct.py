@@ -26,7 +26,7 @@ class DirectRun:
                  extra_attention_layers: int = 0):
         """A pool that holds `num_seqs` sequences of up to `max_len` tokens each, and that many empty ones.
         `extra_attention_layers`: KV for layers past the model's own (1 to run its MTP layer)."""
-        cfg = model.config.text
+        cfg = model.cache_config
         layout = CacheLayout.of(cfg, model.dtype, block_size, extra_attention_layers)
         blocks = -(-max_len // block_size)
         per_seq = 1 + -(-blocks // layout.blocks_per_region)

@@ -75,7 +75,7 @@ class LLMEngine:
         `enable_prefix_caching`: requests that begin with the tokens of an earlier one start from its cached KV
         blocks and GDN state snapshot (see engine/cache_manager.py); the state slots no running sequence holds
         keep the snapshots."""
-        cfg = model.config.text
+        cfg = model.cache_config  # this process's share of the model under tensor parallelism
         self.model = model
         self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size

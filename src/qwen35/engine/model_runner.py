@@ -26,7 +26,7 @@ class ModelRunner:
         self.device, self.dtype = model.device, model.dtype
         self.vocab_size = model.config.text.vocab_size
         # Storage only: the engine's CacheManager decides which region is a slot, a snapshot or KV blocks.
-        self.cache = HybridCache(model.config.text, plan.num_regions, plan.block_size, dtype=self.dtype,
+        self.cache = HybridCache(model.cache_config, plan.num_regions, plan.block_size, dtype=self.dtype,
                                  device=self.device, extra_attention_layers=plan.extra_attention_layers)
         self.sampler = Sampler()
         self.head_screen = model.enable_head_screen()

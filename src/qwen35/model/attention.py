@@ -12,6 +12,7 @@ from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import apply_rotary
 from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import Linear, run_projections
+from qwen35.parallel import TensorParallel
 
 # Chunks of at least this many queries use the compiled flash-attention kernel on CPU (bf16 dot products: ~2x
 # torch's SDPA at 4K tokens on the 0.8B shape); fewer go to SDPA.
@@ -50,8 +51,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, 
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None):
+        """`cfg`: this rank's share under tensor parallelism (parallel/layout.py); `tp` sums o_proj's output."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -112,4 +115,5 @@ class GatedAttention(nn.Module):
                     keys, values = kc[where].to(q.dtype), vc[where].to(q.dtype)
             out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
         out = out.reshape(N, -1)
-        return self.o_proj(out * torch.sigmoid(gate))
+        out = self.o_proj(out * torch.sigmoid(gate))
+        return out if self.tp is None else self.tp.all_reduce(out)

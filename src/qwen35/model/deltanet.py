@@ -12,11 +12,14 @@ from qwen35.model.norm import RMSNormGated
 from qwen35.ops import causal_conv1d, causal_conv1d_step, cpu_kernels, gated_delta_step
 from qwen35.ops.gated_delta import gated_delta_rule_prefill, l2_normalize
 from qwen35.ops.linear import Linear, run_projections
+from qwen35.parallel import TensorParallel
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int):
+    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None):
+        """`cfg`: this rank's share under tensor parallelism (its key-head group); `tp` sums out_proj's output."""
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.layer_idx = layer_idx
         self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
@@ -126,4 +129,5 @@ class GatedDeltaNet(nn.Module):
             del conv_out, q, k, v  # a prompt's conv output is not held through the norm and out_proj
 
         o = self.norm(out, z.view(N, self.Hv, self.dv))  # fp32 out: the norm rounds it to x's dtype
-        return self.out_proj(o.reshape(N, self.value_dim))
+        out = self.out_proj(o.reshape(N, self.value_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)

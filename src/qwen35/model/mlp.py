@@ -10,11 +10,19 @@ from qwen35.config import TextConfig
 from qwen35.ops import cpu_kernels
 from qwen35.ops.experts import MOE_KERNEL_MAX_TOKENS, ExpertDispatch
 from qwen35.ops.linear import Linear, linear, run_projections
+from qwen35.parallel import TensorParallel
+
+
+def _sharded(tp: TensorParallel | None) -> TensorParallel | None:
+    return tp if tp is not None and tp.size > 1 else None
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, tp: TensorParallel | None = None):
+        """`inner`: this rank's share under tensor parallelism; `tp` sums down_proj's output (None: the caller
+        sums it, as the MoE block does for its shared expert)."""
         super().__init__()
+        self.tp = _sharded(tp)
         self.gate_proj = Linear(hidden, inner)
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
@@ -25,7 +33,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = run_projections(self, x, self.projection_parts())
         # in place on the projection's own output: a prompt's [T, inner] activations exist once, not three times
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        out = self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Router(nn.Module):
@@ -67,16 +76,35 @@ class Experts(ExpertDispatch):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp: TensorParallel | None = None):
+        """Under tensor parallelism (`cfg` this rank's share): the router is whole; the rank runs its experts
+        [r*E/N, (r+1)*E/N) whole (expert parallelism) or its share of every expert; its share of the shared
+        expert; and the sum of both over the ranks is one all-reduce."""
         super().__init__()
+        self.tp = tp = _sharded(tp)
         H = cfg.hidden_size
         self.gate = Router(H, cfg.num_experts, cfg.num_experts_per_tok)
-        self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+        self.expert_range = tp.part(cfg.num_experts) if tp is not None and tp.expert_parallel else None
+        local = cfg.num_experts if self.expert_range is None else cfg.num_experts // tp.size
+        self.experts = Experts(local, H, cfg.moe_intermediate_size)
         self.shared_expert = SwiGLU(H, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(H, 1)
 
+    def _local_choices(self, weights: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert parallelism: the choices of this rank's experts, in its local ids. The others get weight 0
+        and, for the dispatch loop, the id one past the last local expert (skipped); for the kernels (few
+        tokens), local expert 0 (computed, weighted 0)."""
+        a, b = self.expert_range
+        local = ids - a
+        mine = (local >= 0) & (local < b - a)
+        other = 0 if n <= MOE_KERNEL_MAX_TOKENS else b - a
+        return weights * mine, torch.where(mine, local, torch.full_like(local, other))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        if self.expert_range is not None:
+            weights, ids = self._local_choices(weights, ids, x.shape[0])
         routed = self.experts(x, weights, ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        out = routed + shared
+        return out if self.tp is None else self.tp.all_reduce(out)

@@ -16,17 +16,18 @@ from qwen35.model.decoder import DecoderLayer
 from qwen35.model.norm import RMSNorm
 from qwen35.model.rope import MRotaryEmbedding
 from qwen35.ops.linear import Linear
+from qwen35.parallel import TensorParallel
 
 
 class MTPHead(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp: TensorParallel | None = None):
         super().__init__()
         H = cfg.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(H, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(H, cfg.rms_norm_eps)
         self.fc = Linear(2 * H, H)
         # Its KV lives after the model's own layers in the cache (HybridCache(extra_attention_layers=1)).
-        self.layers = nn.ModuleList([DecoderLayer(cfg, "full_attention", cfg.is_moe, cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, "full_attention", cfg.is_moe, cfg.num_hidden_layers, tp)])
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(cfg)
 

@@ -22,31 +22,39 @@ from qwen35.model.vision import VisionTower
 from qwen35.multimodal.positions import mrope_positions
 from qwen35.ops import cpu_kernels
 from qwen35.ops.linear import Linear, linear
+from qwen35.parallel import TensorParallel
+from qwen35.parallel.layout import local_text_config
 
 
 class Qwen35Model(nn.Module):
-    def __init__(self, config: ModelConfig, with_mtp: bool | None = None, with_vision: bool | None = None):
+    def __init__(self, config: ModelConfig, with_mtp: bool | None = None, with_vision: bool | None = None,
+                 tp: TensorParallel | None = None):
+        """`tp`: this process is one rank of a tensor-parallel group and holds its share of every layer
+        (qwen35.parallel.layout); `config` stays the whole model's, `cache_config` is the share's."""
         super().__init__()
         self.config = config
-        cfg = config.text
-        self.model = TextModel(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        cfg = config.text if self.tp is None else local_text_config(config.text, self.tp)
+        self.cache_config = cfg  # what this process's hybrid cache holds: its heads only
+        self.model = TextModel(cfg, self.tp)
+        vocab = cfg.vocab_size // (self.tp.size if self.tp is not None else 1)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, vocab)
         if with_mtp is None:
             with_mtp = cfg.mtp_num_hidden_layers > 0
         if with_vision is None:
             with_vision = config.vision is not None
-        self.mtp = MTPHead(cfg) if with_mtp else None
+        self.mtp = MTPHead(cfg, self.tp) if with_mtp else None
         self.visual = VisionTower(config.vision) if with_vision and config.vision is not None else None
         self._head_screen = None  # see enable_head_screen
 
     @classmethod
     def on_meta(cls, config: ModelConfig, with_mtp: bool | None = None,
-                with_vision: bool | None = None) -> Qwen35Model:
+                with_vision: bool | None = None, tp: TensorParallel | None = None) -> Qwen35Model:
         """The model's structure on the meta device (shapes, no storage) for planning and checking a load.
         torch's random init is skipped: on meta tensors it runs through torch's reference kernels, whose first
         use imports torch._dynamo (~40 MiB that every later step of the process would carry)."""
         with torch.device("meta"), _skipped_init():
-            return cls(config, with_mtp=with_mtp, with_vision=with_vision)
+            return cls(config, with_mtp=with_mtp, with_vision=with_vision, tp=tp)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -67,7 +75,13 @@ class Qwen35Model(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Head over final hidden states. `dtype=torch.float32` gives the GEMV's fp32 accumulators directly
-        (what a sampler wants) instead of rounding them to the model dtype first."""
+        (what a sampler wants) instead of rounding them to the model dtype first. Under tensor parallelism
+        every rank computes its vocabulary rows and all get the whole logits."""
+        if self.tp is not None:
+            return self.tp.all_gather_last(self._local_logits(hidden, dtype))
+        return self._local_logits(hidden, dtype)
+
+    def _local_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         if self.lm_head is None:
             return linear(hidden, self.model.embed_tokens.weight, out_dtype=dtype)
         if isinstance(self.lm_head, Linear):
@@ -82,7 +96,7 @@ class Qwen35Model(nn.Module):
         whose head is the embedding). Returns whether the screen is on."""
         from qwen35.ops.head_screen import HeadScreen, head_screen_enabled
 
-        if not head_screen_enabled():
+        if not head_screen_enabled() or self.tp is not None:  # a sharded head picks per rank instead
             self._head_screen = None
             return False
         if self._usable_head_screen() is not None:
@@ -109,10 +123,23 @@ class Qwen35Model(nn.Module):
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, H] -> [M] argmax of the fp32 logits (first index on ties), through the head screen
         when it is on and current; otherwise from the full logits."""
+        if self.tp is not None:
+            return self._sharded_greedy_tokens(hidden)
         screen = self._usable_head_screen()
         if screen is not None:
             return screen.argmax(hidden)
         return self.compute_logits(hidden, torch.float32).argmax(dim=-1)
+
+    def _sharded_greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each rank's best of its vocabulary rows, then the best of those (the lowest id on ties, as argmax
+        over the whole logits): two small gathers instead of the whole logits."""
+        local = self._local_logits(hidden, torch.float32)
+        best, idx = local.max(dim=-1)  # the first index of the max within the rank's rows
+        idx = idx + self.model.embed_tokens.vocab_range[0]
+        bests = torch.stack(self.tp.all_gather_rows(best))  # [N, M]
+        ids = torch.stack(self.tp.all_gather_rows(idx))
+        top = bests.argmax(dim=0)  # the first rank that holds the max: its ids are the lowest
+        return ids.gather(0, top[None])[0]
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch,

@@ -36,6 +36,8 @@ class ExpertDispatch(nn.Module):
         w_sorted = weights.reshape(-1)[order]
         start = 0
         for e, c in enumerate(counts):
+            if e >= self.num_experts:  # "another rank's expert" (expert parallelism: model/mlp.py), sorted last
+                break
             if c == 0:
                 continue
             tok = token_of[start : start + c]

@@ -18,6 +18,8 @@ from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages, release_f
 from qwen35.ops.linear import Linear, fuse_projections
 from qwen35.ops.quant import FP8, QuantExperts, QuantLinear
 from qwen35.ops.quant.fp8 import scale_rows
+from qwen35.parallel import TensorParallel
+from qwen35.parallel.layout import Sharder
 from qwen35.weights.dummy import init_dummy_weights
 from qwen35.weights.fp8 import FP8Plan, FP8Spec, plan_fp8
 from qwen35.weights.gguf import is_gguf
@@ -67,10 +69,12 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | str, with_mtp: bool,
-                with_vision: bool, swap: Callable[[Qwen35Model], None] | None = None) -> Qwen35Model:
-    """The model with uninitialised storage on `device` (no time spent on random init). `swap` may replace
-    modules of the meta-device model first (e.g. by FP8 ones), so nothing is allocated for what they replace."""
-    model = Qwen35Model.on_meta(config, with_mtp=with_mtp, with_vision=with_vision).to(dtype)
+                with_vision: bool, swap: Callable[[Qwen35Model], None] | None = None,
+                tp: TensorParallel | None = None) -> Qwen35Model:
+    """The model (this rank's share of it under `tp`) with uninitialised storage on `device` (no time spent on
+    random init). `swap` may replace modules of the meta-device model first (e.g. by FP8 ones), so nothing is
+    allocated for what they replace."""
+    model = Qwen35Model.on_meta(config, with_mtp=with_mtp, with_vision=with_vision, tp=tp).to(dtype)
     if swap is not None:
         swap(model)
     _materialize(model, torch.device(device))
@@ -86,7 +90,7 @@ def build_empty(config: ModelConfig, dtype: torch.dtype, device: torch.device | 
 
 def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                load_format: str = "auto", seed: int = 0, progress: bool = True,
-               quantization: str | None = None) -> Qwen35Model:
+               quantization: str | None = None, tensor_parallel: TensorParallel | None = None) -> Qwen35Model:
     """Load a Qwen3.5 model in eval mode.
 
     `path_or_id`: a checkpoint folder, a hub id (`Qwen/Qwen3.5-0.8B`), or with `load_format="dummy"` a
@@ -95,10 +99,15 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     `quantization="fp8"`: block-128 FP8 made at load from a BF16 checkpoint (a no-op on an FP8 checkpoint).
     FP8 checkpoints stay in 8 bits, except with `dtype=float32`, which widens them exactly. GGUF files (`x.gguf`,
     the first of split files) likewise keep their Q8_0 / Q4_K / Q5_K / Q6_K tensors quantized below float32.
+    `tensor_parallel`: this process is one rank of a group (torch.distributed set up by the caller) and loads
+    its share of every layer only (qwen35.parallel.layout), from safetensors or dummy weights.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
-    model = _load(path_or_id, dtype, device, load_format, seed, progress, quantization)
+    tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
+    if tp is not None and quantization is not None:
+        raise ValueError(f"quantization={quantization!r} with tensor parallelism is not supported yet")
+    model = _load(path_or_id, dtype, device, load_format, seed, progress, quantization, tp)
     stored = getattr(model, "quantization", None)
     if quantization is not None and stored is None:
         from qwen35.ops.quant import quantize_model
@@ -137,7 +146,7 @@ def auto_dtype(path_or_id: str | Path, device: torch.device | str, load_format: 
     return torch.float32
 
 
-def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) -> Qwen35Model:
+def _load(path_or_id, dtype, device, load_format, seed, progress, quantization, tp=None) -> Qwen35Model:
     dtype = _as_dtype(dtype)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: expected one of {LOAD_FORMATS}")
@@ -149,6 +158,8 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) 
             config = find_preset(str(path_or_id))
             if config is None:
                 config = ModelConfig.from_file(resolve_model_path(str(path_or_id), weights=False))
+        if tp is not None:
+            return _dummy_share(config, dtype, device, seed, tp)
         model = build_empty(config, dtype, device, with_mtp=config.text.mtp_num_hidden_layers > 0,
                             with_vision=config.vision is not None)
         if torch.device(device).type == "meta":
@@ -163,6 +174,8 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) 
         if quantization is not None:
             raise ValueError(f"{path_or_id} is a GGUF file: quantization={quantization!r} cannot be applied to it "
                              "(its tensors keep their GGUF types below float32)")
+        if tp is not None:
+            raise ValueError(f"{path_or_id} is a GGUF file: tensor parallelism over GGUF files is not supported yet")
         return load_gguf(path_or_id, dtype, device, progress=progress)
     folder = resolve_model_path(str(path_or_id), weights=True)
     config = ModelConfig.from_file(folder)
@@ -170,9 +183,38 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization) 
     if spec is not None and quantization not in (None, "fp8"):
         raise ValueError(f"{folder} is an FP8 checkpoint: quantization={quantization!r} cannot be applied to it "
                          "(leave quantization unset, or 'fp8')")
+    if spec is not None and tp is not None:
+        raise ValueError(f"{folder} is an FP8 checkpoint: tensor parallelism over FP8 weights is not supported yet")
     files = checkpoint_files(folder)
     keep_fp8 = dtype != torch.float32 or quantization == "fp8"
-    return load_weights(config, files, dtype, device, progress=progress, fp8=spec, keep_fp8=keep_fp8)
+    return load_weights(config, files, dtype, device, progress=progress, fp8=spec, keep_fp8=keep_fp8, tp=tp)
+
+
+def _dummy_share(config: ModelConfig, dtype: torch.dtype, device, seed: int, tp: TensorParallel) -> Qwen35Model:
+    """This rank's share of the dummy weights one process would make with `seed` (made whole, then cut: for
+    tests and small models)."""
+    full = build_empty(config, dtype, "cpu", with_mtp=config.text.mtp_num_hidden_layers > 0,
+                       with_vision=config.vision is not None)
+    init_dummy_weights(full, seed=seed)
+    model = build_empty(config, dtype, device, with_mtp=full.mtp is not None, with_vision=full.visual is not None,
+                        tp=tp)
+    sharder = Sharder(config.text, tp)
+    whole = full.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, dst in model.state_dict(keep_vars=True).items():
+            dst.data.copy_(_share_of(sharder, name, whole[name].data))
+    model.load_report = [f"dummy weights (random, seeded), rank {tp.rank} of {tp.size}'s share"]
+    return model
+
+
+def _share_of(sharder: Sharder, name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a whole parameter `full` (fused experts: of every expert it holds)."""
+    if _EXPERTS_GATE_UP.search(name) or _EXPERTS_DOWN.search(name):
+        if sharder.tp.expert_parallel:
+            a, b = sharder.tp.part(full.shape[0])
+            return full[a:b]
+        return torch.stack([sharder.piece(name, full[e]) for e in range(full.shape[0])])
+    return sharder.piece(name, full)
 
 
 def _fp8_target(t: Target, field: str) -> Target:
@@ -214,9 +256,11 @@ def _swap_fp8_modules(model: Qwen35Model, plan: FP8Plan) -> int:
 
 def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype,
                  device: str | torch.device = "cpu", progress: bool = True, fp8: FP8Spec | None = None,
-                 keep_fp8: bool = True) -> Qwen35Model:
+                 keep_fp8: bool = True, tp: TensorParallel | None = None) -> Qwen35Model:
     """Build the model for `config` and fill it from checkpoint `files`. FP8 weights (see weights/fp8.py) are
-    kept in 8 bits (`keep_fp8`) or widened exactly into the model dtype."""
+    kept in 8 bits (`keep_fp8`) or widened exactly into the model dtype. Under `tp` the model is this rank's
+    share: each tensor is checked against the whole model's shape, read (one at a time) and cut; experts other
+    ranks hold are not read."""
     shapes = tensor_shapes(files)
     fp8_plan = plan_fp8(shapes, fp8)  # every FP8 weight and scale checked before anything is allocated
     scales = fp8_plan.scales
@@ -235,9 +279,13 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         raise CheckpointError("checkpoint has model.visual.* weights but config.json has no vision_config")
     kept_fp8 = bool(fp8_plan.scale_of) and keep_fp8
     swap = (lambda m: _swap_fp8_modules(m, fp8_plan)) if kept_fp8 else None
-    model = build_empty(config, dtype, device, with_mtp=has_mtp, with_vision=has_vision, swap=swap)
+    model = build_empty(config, dtype, device, with_mtp=has_mtp, with_vision=has_vision, swap=swap, tp=tp)
     # parameters and the FP8 modules' stored buffers (not the derived ones: rotary tables, scale rows)
     params = dict(model.state_dict(keep_vars=True))
+    # the whole model's shapes (what the checkpoint holds) when this process holds a share
+    whole = params if tp is None else dict(Qwen35Model.on_meta(config, with_mtp=has_mtp, with_vision=has_vision)
+                                           .state_dict(keep_vars=True))
+    sharder = Sharder(config.text, tp) if tp is not None else None
     scale_names = {v: k for k, v in fp8_plan.scale_of.items()}
 
     # Plan every tensor's destination and check shapes before reading any data.
@@ -255,7 +303,7 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         if t is None or t.param not in params:
             unexpected.append(n)
             continue
-        full = tuple(params[t.param].shape)
+        full = tuple(whole[t.param].shape)
         if t.expert is None:
             expected = full
         elif t.part is None:
@@ -276,7 +324,7 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
         filled[t.param].add(key)
 
     missing = []
-    for pname, p in params.items():
+    for pname, p in whole.items():
         got = filled.get(pname, set())
         if (None, None) in got:
             continue
@@ -301,6 +349,9 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
                          + "\n  ".join(misshapen[:50]))
         raise CheckpointError("checkpoint does not match the model:\n" + "\n".join(parts))
 
+    if sharder is not None:  # the experts other ranks hold are not read
+        plan = {n: t for n, t in plan.items()
+                if t.expert is None or sharder.expert_index(t.param, t.expert) is not None}
     total_bytes = sum(params[t.param].element_size() * _numel(shapes[n][0]) for n, t in plan.items())
     by_file: dict[Path, list[str]] = {}
     for n in plan:
@@ -314,6 +365,10 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
                 f = readers.setdefault(path, SafetensorsReader(path))
                 for n in tensor_names:
                     t = plan[n]
+                    if sharder is not None:
+                        _read_share(f, n, t, shapes[n][0], params[t.param].data, sharder)
+                        bar.update(_numel(shapes[n][0]) * params[t.param].element_size())
+                        continue
                     dst = params[t.param].data
                     if t.expert is not None:
                         dst = dst[t.expert]
@@ -355,6 +410,22 @@ def _widen_fp8_into(f: SafetensorsReader, name: str, scale_reader: SafetensorsRe
     scale = torch.empty(scale_shape, dtype=torch.float32)
     scale_reader.read_into(scale_name, scale)
     dst.copy_(FP8.dequantize({"qweight": q, "scale": scale, "srow": scale_rows([q.shape[0]])}, dst.dtype))
+
+
+def _read_share(f: SafetensorsReader, name: str, t: Target, shape: tuple[int, ...], dst: torch.Tensor,
+                sharder: Sharder) -> None:
+    """Read checkpoint tensor `name` (whole, into a temporary) and write this rank's share of it into `dst`,
+    the rank's parameter `t.param`."""
+    whole = torch.empty(shape, dtype=dst.dtype)
+    f.read_into(name, whole)
+    if t.expert is None:
+        dst.copy_(_share_of(sharder, t.param, whole))
+        return
+    dst = dst[sharder.expert_index(t.param, t.expert)]
+    if t.part is not None:
+        half = dst.shape[0] // 2
+        dst = dst[t.part * half:(t.part + 1) * half]
+    dst.copy_(sharder.piece(t.param, whole, t.part))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,0 +1,57 @@
+"""Which rank this process is, and the collectives of a sharded forward (torch.distributed: gloo on CPU, NCCL
+on CUDA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Rank `rank` of a tensor-parallel group of `size` processes (`group`: a torch.distributed process group,
+    None for the default one). `expert_parallel`: MoE layers split their routed experts between the ranks
+    (each rank runs whole experts) instead of splitting every expert's inner dimension."""
+
+    rank: int
+    size: int
+    expert_parallel: bool = False
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.size!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.size:
+            raise ValueError(f"rank must be in [0, {self.size}), got {self.rank!r}")
+
+    def part(self, n: int) -> tuple[int, int]:
+        """This rank's [start, end) of `n` items split evenly (n must be a multiple of size: see layout.py)."""
+        share = n // self.size
+        return self.rank * share, (self.rank + 1) * share
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of `x`, added in fp32 and rounded once to `x`'s dtype."""
+        import torch.distributed as dist
+
+        total = x.float() if x.dtype != torch.float32 else x.clone()
+        dist.all_reduce(total, group=self.group)
+        return total if x.dtype == torch.float32 else total.to(x.dtype)
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` side by side along the last dimension (rank order): vocab-parallel logits."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def all_gather_rows(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x` (same shape everywhere), in rank order."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts

@@ -1,0 +1,97 @@
+"""Tensor and expert parallelism over torch.distributed (gloo, processes on this host): every rank loads its
+share of a checkpoint, and a sharded run (mixed-length batch, chunked prefill, decode) gives the tokens and
+logprobs of one process."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import qwen35
+from conftest import TEXT_IDS, make_hf_model, save_hf
+from qwen35.parallel import TensorParallel
+from qwen35.parallel.layout import check_shardable
+
+# Shardable over 2 and 4 ranks, with fewer KV heads (2) than 4 ranks.
+SHAPE = dict(vocab_size=132, num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=4,
+             linear_num_value_heads=8)
+MOE = dict(num_experts=8, num_experts_per_tok=3)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def checkpoint(request, tmp_path_factory):
+    moe = request.param == "moe"
+    ref = make_hf_model("causal", moe=moe, seed=3, **SHAPE, **(MOE if moe else {}))
+    return request.param, save_hf(ref, tmp_path_factory.mktemp(request.param))
+
+
+def scripted_run(model) -> dict:
+    """Three sequences: two prompts prefilled in chunks next to each other, a third joining, then greedy decode
+    steps of all three together. Returns every step's greedy tokens and top-5 logprobs of the last rows."""
+    from qwen35.engine.direct import DirectRun
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, TEXT_IDS, (n,), generator=gen).tolist() for n in (150, 37, 70)]
+    run = DirectRun(model, num_seqs=3, max_len=256)
+    steps = [{0: prompts[0][:100], 1: prompts[1][:20]}, {0: prompts[0][100:], 1: prompts[1][20:], 2: prompts[2]}]
+    tokens, logprobs = [], []
+    for _ in range(6):
+        for chunk in steps:
+            hidden, batch = run.forward(chunk)
+        last = hidden[torch.tensor(batch.starts[1:]) - 1]
+        picked = model.greedy_tokens(last)
+        lp = torch.log_softmax(model.compute_logits(last, torch.float32), dim=-1)
+        tokens.append(picked.tolist())
+        logprobs.append(lp.topk(5, dim=-1).values)
+        steps = [{i: [t] for i, t in enumerate(picked.tolist())}] if len(picked) == 3 else []
+    return {"tokens": tokens, "logprobs": torch.stack(logprobs)}
+
+
+def _rank(rank: int, size: int, port: int, path: str, expert_parallel: bool, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        tp = TensorParallel(rank, size, expert_parallel=expert_parallel)
+        model = qwen35.load_model(path, tensor_parallel=tp, progress=False)
+        result = scripted_run(model)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("size,expert_parallel", [(2, False), (4, False), (2, True), (4, True)])
+def test_sharded_run_equals_one_process(checkpoint, size, expert_parallel, tmp_path):
+    kind, path = checkpoint
+    if kind == "dense" and expert_parallel:
+        pytest.skip("expert parallelism is for MoE layers")
+    alone = scripted_run(qwen35.load_model(path, progress=False))
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank, args=(size, _free_port(), str(path), expert_parallel, str(out)), nprocs=size, join=True)
+    sharded = torch.load(out)
+    assert sharded["tokens"] == alone["tokens"]
+    assert float((sharded["logprobs"] - alone["logprobs"]).abs().max()) <= 1e-5
+
+
+def test_sizes_that_do_not_divide_are_refused():
+    from qwen35.config import find_preset
+
+    cfg = find_preset("Qwen3.5-0.8B").text
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=8.*"
+                                         r"sizes that work for this model: \[1, 2, 4, 8\]"):
+        check_shardable(cfg, 3)
+    moe = find_preset("Qwen3.5-397B-A17B").text
+    check_shardable(moe, 8, expert_parallel=True)
+    with pytest.raises(ValueError, match="num_experts=512"):
+        check_shardable(moe, 3, expert_parallel=True)
