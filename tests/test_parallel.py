@@ -95,3 +95,44 @@ def test_sizes_that_do_not_divide_are_refused():
     check_shardable(moe, 8, expert_parallel=True)
     with pytest.raises(ValueError, match="num_experts=512"):
         check_shardable(moe, 3, expert_parallel=True)
+
+
+def test_llm_with_tensor_parallel_size_2_generates_what_one_process_does(checkpoint):
+    """The engine over two ranks (this process and one it starts): continuous batching of mixed lengths with
+    chunked prefill, greedy and seeded sampling with logprobs, prefix cache hits: what one process gives."""
+    from qwen35 import LLM, SamplingParams
+
+    kind, path = checkpoint
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, TEXT_IDS, (n,), generator=gen).tolist() for n in (90, 7, 200, 33)]
+    later = prompts[2][:150] + prompts[1]  # shares 150 tokens with the third, asked after it
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=8, ignore_eos=True, logprobs=2)] * 2
+    kw = dict(skip_tokenizer_init=True, max_num_batched_tokens=64, kv_cache_memory_bytes=1 << 24)
+
+    def run(llm):
+        return llm.generate(prompts, params, use_tqdm=False) + llm.generate([later], params[0], use_tqdm=False)
+
+    alone = run(LLM(str(path), **kw))
+    llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=kind == "moe", **kw)
+    try:
+        got = run(llm)
+        assert llm.engine.cache.all_free()
+    finally:
+        llm.close_workers()
+    for g, a in zip(got, alone, strict=True):
+        assert g.outputs[0].token_ids == a.outputs[0].token_ids
+        lg = [lp.logprob for d in g.outputs[0].logprobs for lp in d.values()]
+        la = [lp.logprob for d in a.outputs[0].logprobs for lp in d.values()]
+        assert max(abs(x - y) for x, y in zip(lg, la, strict=True)) <= 1e-5
+    assert got[4].num_cached_tokens >= 128
+
+
+def test_tensor_parallel_refusals(checkpoint):
+    from qwen35 import LLM
+
+    _, path = checkpoint
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide"):
+        LLM(str(path), tensor_parallel_size=3, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="not a loaded model"):
+        LLM(qwen35.load_model(path, progress=False), tensor_parallel_size=2, skip_tokenizer_init=True)

@@ -50,7 +50,8 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  generation_config: str | None = "auto", skip_tokenizer_init: bool = False,
-                 quantization: str | None = None, enable_prefix_caching: bool = True):
+                 quantization: str | None = None, enable_prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
         only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU and for FP8
         (checkpoints or `quantization="fp8"`: kept in 8 bits), else float32 on CPU. `tokenizer`: None (the
@@ -59,7 +60,9 @@ class LLM:
         `generation_config` "auto": sampling defaults and EOS ids from the checkpoint's
         generation_config.json; None: vLLM's neutral defaults. `quantization`: None, "int8" or "fp8" (weight-only,
         made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments (and
-        `enable_prefix_caching`, on by default as in vLLM) are `LLMEngine`'s."""
+        `enable_prefix_caching`, on by default as in vLLM) are `LLMEngine`'s. `tensor_parallel_size` N > 1: the
+        model is split over N processes on this host (this one and N-1 it starts; gloo on CPU), each holding its
+        share of every layer (qwen35.parallel.layout), `enable_expert_parallel`: MoE layers split by expert."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.gguf import gguf_tokenizer, is_gguf
@@ -68,6 +71,14 @@ class LLM:
 
         folder: Path | None = None
         gguf_alone: Path | None = None  # a GGUF without tokenizer files beside it
+        self.workers = None
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        if not isinstance(enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
+        if tensor_parallel_size > 1 and isinstance(model, torch.nn.Module):
+            raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or a preset name (every rank loads "
+                             "its own share), not a loaded model")
         if isinstance(model, torch.nn.Module):
             net = model
         else:
@@ -76,8 +87,24 @@ class LLM:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             if dtype == "auto":
                 dtype = auto_dtype(name, device, load_format, quantization)
-            net = load_model(name, dtype=dtype, device=device, load_format=load_format,
-                             seed=seed if seed is not None else 0, quantization=quantization)
+            tp = None
+            if tensor_parallel_size > 1:
+                from qwen35.parallel.layout import check_shardable
+                from qwen35.parallel.workers import WorkerGroup
+
+                if quantization is not None:
+                    raise ValueError(f"quantization={quantization!r} with tensor parallelism is not supported yet")
+                check_shardable(_text_config(name, load_format), tensor_parallel_size, enable_expert_parallel)
+                self.workers = WorkerGroup.start(tensor_parallel_size, enable_expert_parallel, dict(
+                    path_or_id=name, dtype=dtype, device=device, load_format=load_format,
+                    seed=seed if seed is not None else 0), threads=torch.get_num_threads())
+                tp = self.workers.tp
+            try:
+                net = load_model(name, dtype=dtype, device=device, load_format=load_format,
+                                 seed=seed if seed is not None else 0, quantization=quantization, tensor_parallel=tp)
+            except BaseException:
+                self.close_workers()
+                raise
             if Path(name).expanduser().is_dir():
                 folder = Path(name).expanduser()
             elif is_gguf(name):  # tokenizer files beside the GGUF, else its own metadata (see gguf_tokenizer)
@@ -109,8 +136,19 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size, seed=seed,
                                 eos_token_ids=eos, default_sampling_params=self.default_sampling_params,
-                                enable_prefix_caching=enable_prefix_caching)
+                                enable_prefix_caching=enable_prefix_caching, workers=self.workers)
         self.engine.model_folder = folder
+
+    def close_workers(self) -> None:
+        """Stop the other ranks of a tensor-parallel LLM (also at exit); the LLM cannot generate after."""
+        if self.workers is not None:
+            self.workers.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close_workers()
+        except Exception:  # interpreter shutdown
+            pass
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -380,3 +418,17 @@ def _params_list(default: SamplingParams, params, n: int) -> list[SamplingParams
     return params
 
 __all__ = ["LLM"]
+
+
+def _text_config(name: str, load_format: str):
+    """The text config of a checkpoint path, hub id or preset (to check a tensor-parallel split up front)."""
+    from qwen35.config import ModelConfig, find_preset
+    from qwen35.weights.hub import resolve_model_path
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return ModelConfig.from_file(p).text
+    preset = find_preset(name) if load_format == "dummy" else None
+    if preset is not None:
+        return preset.text
+    return ModelConfig.from_file(resolve_model_path(name, weights=False)).text

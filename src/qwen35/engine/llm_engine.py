@@ -65,7 +65,8 @@ class LLMEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  eos_token_ids: Iterable[int] | None = None,
-                 default_sampling_params: SamplingParams | None = None, enable_prefix_caching: bool = True):
+                 default_sampling_params: SamplingParams | None = None, enable_prefix_caching: bool = True,
+                 workers: Any = None):
         """`model`: a `Qwen35Model`. `tokenizer`: a `qwen35.tokenizer.Tokenizer` (None: token ids in, no text
         out). `max_model_len`: prompt + output tokens of one sequence (default: the model's
         `max_position_embeddings`, lowered to what the cache holds). `kv_cache_memory_bytes`: the cache budget
@@ -113,8 +114,11 @@ class LLMEngine:
                      self.plan.max_model_len, "given" if budget_given else "default")
         self.max_model_len = max_model_len = self.plan.max_model_len
         self.max_num_seqs = min(max_num_seqs, self.plan.num_regions)
-        self.runner = ModelRunner(model, self.plan)
-        self.cache = CacheManager.for_plan(self.plan, enable_prefix_caching, copy_slot=self.runner.cache.copy_slot)
+        self.workers = workers  # a qwen35.parallel.workers.WorkerGroup: the other ranks of a sharded model
+        if workers is not None:
+            workers.broadcast(("setup", self.plan))
+        self.runner = ModelRunner(model, self.plan, broadcast=workers.broadcast if workers is not None else None)
+        self.cache = CacheManager.for_plan(self.plan, enable_prefix_caching, copy_slot=self.runner.copy_slot)
         self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
         self._hit_log_time = time.monotonic()
         self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
@@ -144,6 +148,8 @@ class LLMEngine:
             text, ids, mm = prompt.text, prompt.ids, prompt.mm
         else:
             text, ids, mm = self.prepare_prompt(prompt)
+        if mm is not None and self.workers is not None:
+            raise ValueError("images and videos under tensor parallelism are not supported yet")
         if prompt_text is not None:
             text = prompt_text
         self._check_request(ids, params)

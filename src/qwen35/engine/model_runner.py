@@ -9,6 +9,7 @@ the middle of a prompt samples nothing).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,8 +21,26 @@ from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
 from qwen35.multimodal.inputs import VisionFeatureCache
 
 
+@dataclass
+class StepInput:
+    """One step's forward in plain data: what every rank of a tensor-parallel group runs alike."""
+
+    token_ids: torch.Tensor  # [N] the new tokens of every sequence, concatenated
+    query_lens: list[int]
+    context_lens: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+    snapshots: dict[int, list[tuple[int, int]]]  # see ForwardBatch.snapshots
+    positions: torch.Tensor | None = None  # [3, N]; None: text positions
+    embeds: torch.Tensor | None = None  # [N, H] with vision features placed; None: the token embeddings
+    head_rows: list[int] = field(default_factory=list)  # rows whose next token is wanted
+    head: str | None = None  # over those rows: "greedy" (the argmax only) or "logits" (fp32, for the sampler)
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, plan: CachePlan):
+    def __init__(self, model: torch.nn.Module, plan: CachePlan, broadcast: Callable[[tuple], None] | None = None):
+        """`broadcast`: under tensor parallelism, sends every step and cache copy to the other ranks (which
+        run them alike: qwen35.parallel.workers) before this rank runs it."""
         self.model = model
         self.device, self.dtype = model.device, model.dtype
         self.vocab_size = model.config.text.vocab_size
@@ -30,12 +49,19 @@ class ModelRunner:
                                  device=self.device, extra_attention_layers=plan.extra_attention_layers)
         self.sampler = Sampler()
         self.head_screen = model.enable_head_screen()
+        # a sharded head finds the argmax per rank (Qwen35Model.greedy_tokens), as the screen does
+        self.greedy_shortcut = self.head_screen or getattr(model, "tp", None) is not None
         self.vision_cache = VisionFeatureCache()
+        self.broadcast = broadcast
 
-    @torch.inference_mode()
-    def forward(self, work: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch]:
-        """Forward the scheduled tokens over the cache (the GDN layers write the states `work.snapshots` asks
-        for on the way): the final hidden states [N, H] of the flat batch, and the batch."""
+    def copy_slot(self, src: int, dst: int) -> None:
+        """The storage's copy_slot, on every rank."""
+        if self.broadcast is not None:
+            self.broadcast(("copy_slot", src, dst))
+        self.cache.copy_slot(src, dst)
+
+    def step_input(self, work: SchedulerOutput) -> StepInput:
+        """The scheduled tokens as plain data (no head rows yet)."""
         ids: list[int] = []
         ctx: list[int] = []
         for seq, n in zip(work.seqs, work.num_tokens, strict=True):
@@ -43,38 +69,69 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             ctx.append(start)
         flat = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        lens = list(work.num_tokens)
+        step = StepInput(token_ids=flat, query_lens=list(work.num_tokens), context_lens=ctx,
+                         slots=[s.slot for s in work.seqs], block_tables=[list(s.block_table) for s in work.seqs],
+                         snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
         if any(s.request.mm is not None for s in work.seqs):
-            positions, embeds = self._multimodal_inputs(work, flat, ctx)
-        else:
-            positions, embeds = text_positions(ctx, lens, self.device), None
-        batch = ForwardBatch(query_lens=lens, context_lens=ctx, positions=positions, cache=self.cache,
-                             slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs],
-                             snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
-        return self.model.forward_batch(flat, batch, inputs_embeds=embeds), batch
+            if self.broadcast is not None:
+                raise ValueError("images and videos under tensor parallelism are not supported yet")
+            step.positions, step.embeds = self._multimodal_inputs(work, flat, ctx)
+        return step
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor | None]:
+        """Run `step` over the cache (the GDN layers write the states `step.snapshots` asks for on the way):
+        (the final hidden states [N, H], the batch, and the head's result over `step.head_rows`: greedy
+        token ids, fp32 logits, or None)."""
+        positions = step.positions
+        if positions is None:
+            positions = text_positions(step.context_lens, step.query_lens, self.device)
+        batch = ForwardBatch(query_lens=step.query_lens, context_lens=step.context_lens, positions=positions,
+                             cache=self.cache, slots=step.slots, block_tables=step.block_tables,
+                             snapshots=step.snapshots)
+        hidden = self.model.forward_batch(step.token_ids, batch, inputs_embeds=step.embeds)
+        if step.head is None or not step.head_rows:
+            return hidden, batch, None
+        last = hidden[torch.as_tensor(step.head_rows, device=self.device)]
+        if step.head == "greedy":
+            return hidden, batch, self.model.greedy_tokens(last)
+        return hidden, batch, self.model.compute_logits(last, torch.float32)
+
+    def _run_step(self, step: StepInput):
+        if self.broadcast is not None:
+            self.broadcast(("step", step))
+        return self.execute(step)
+
+    @torch.inference_mode()
+    def forward(self, work: SchedulerOutput) -> tuple[torch.Tensor, ForwardBatch]:
+        """Forward the scheduled tokens over the cache: the final hidden states [N, H] of the flat batch, and
+        the batch."""
+        hidden, batch, _ = self._run_step(self.step_input(work))
+        return hidden, batch
 
     @torch.inference_mode()
     def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
             ) -> tuple[list[Sequence], SamplerOutput | None]:
-        """`forward`, then sample for the sequences whose chunk ends their known tokens (`sampler_row(seq)`
-        says how). Returns (the sequences that sampled, the sampler's result)."""
-        hidden, batch = self.forward(work)
-
-        sampling, last_rows = [], []
-        for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
+        """Forward, then sample for the sequences whose chunk ends their known tokens (`sampler_row(seq)` says
+        how). Returns (the sequences that sampled, the sampler's result)."""
+        step = self.step_input(work)
+        sampling, rows, at = [], [], 0
+        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+            at += n
             if seq.num_computed_tokens + n == seq.num_tokens:
                 sampling.append(seq)
-                last_rows.append(batch.starts[i + 1] - 1)
+                step.head_rows.append(at - 1)
         if not sampling:
+            self._run_step(step)
             return [], None
         rows = [sampler_row(s) for s in sampling]
-        last = hidden[torch.as_tensor(last_rows, device=self.device)]
-        if self.head_screen and all(r.argmax_only for r in rows):
-            # Greedy steps: the argmax without the full logits (exact; qwen35.ops.head_screen).
-            tokens = self.model.greedy_tokens(last).tolist()
-            tokens = [t if r.forced is None else r.forced for t, r in zip(tokens, rows, strict=True)]
+        # Greedy steps: the argmax without the full logits (exact; qwen35.ops.head_screen, or per rank)
+        step.head = "greedy" if self.greedy_shortcut and all(r.argmax_only for r in rows) else "logits"
+        _, _, out = self._run_step(step)
+        if step.head == "greedy":
+            tokens = [t if r.forced is None else r.forced for t, r in zip(out.tolist(), rows, strict=True)]
             return sampling, SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
-        return sampling, self.sampler(self.model.compute_logits(last, torch.float32), rows)
+        return sampling, self.sampler(out, rows)
 
     def _multimodal_inputs(self, work: SchedulerOutput, flat: torch.Tensor, ctx: list[int],
                            ) -> tuple[torch.Tensor, torch.Tensor]:
