@@ -136,3 +136,35 @@ def test_tensor_parallel_refusals(checkpoint):
         LLM(str(path), tensor_parallel_size=3, skip_tokenizer_init=True)
     with pytest.raises(ValueError, match="not a loaded model"):
         LLM(qwen35.load_model(path, progress=False), tensor_parallel_size=2, skip_tokenizer_init=True)
+
+
+def test_cli_generate_over_two_ranks(tmp_path, capsys):
+    from test_engine_support import write_config
+
+    from qwen35.cli import main
+
+    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    args = ["generate", str(folder), "Hello there", "--load-format", "dummy", "--max-tokens", "6", "--temperature",
+            "0", "--ignore-eos", "--dtype", "float32"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main([*args, "--tensor-parallel-size", "2"]) == 0
+    assert capsys.readouterr().out == one and one.strip()
+
+
+def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(checkpoint):
+    import time
+
+    from qwen35 import LLM, SamplingParams
+
+    _, path = checkpoint
+    llm = LLM(str(path), tensor_parallel_size=2, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 22)
+    try:
+        llm.workers.processes[0].kill()
+        llm.workers.processes[0].join(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="qwen35-tp-rank1 exited"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.monotonic() - t0 < 60
+    finally:
+        llm.close_workers()

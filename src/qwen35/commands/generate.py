@@ -33,6 +33,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="start requests from the cached KV blocks and GDN state of earlier ones with the same "
                         "first tokens (default: on; --no-enable-prefix-caching turns it off)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many processes on this host (gloo on CPU; default 1)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: MoE layers split by expert instead of inside every expert")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +67,8 @@ def build_llm(args: argparse.Namespace) -> Any:
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                max_num_seqs=8, seed=args.seed if args.seed is not None else 0, quantization=args.quantization,
-               enable_prefix_caching=args.enable_prefix_caching)
+               enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+               enable_expert_parallel=args.enable_expert_parallel)
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, default_max_tokens: int) -> Any:
