@@ -168,3 +168,48 @@ def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(checkpoint):
         assert time.monotonic() - t0 < 60
     finally:
         llm.close_workers()
+
+
+def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import openai
+    from test_engine_support import write_config
+    from test_server_support import call
+
+    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("QWEN35_API_KEY", None)
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(folder), "--load-format", "dummy",
+                             "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "1024",
+                             "--kv-cache-memory-bytes", str(1 << 25), "--dtype", "float32", "--log-level", "warning",
+                             "--tensor-parallel-size", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if call(port, "GET", "/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
+                   extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}})
+        whole = client.chat.completions.create(**ask)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                           if c.choices)
+        assert whole.usage.completion_tokens == 8
+        assert whole.choices[0].message.content and whole.choices[0].message.content == streamed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()
