@@ -170,13 +170,12 @@ def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(checkpoint):
         llm.close_workers()
 
 
-def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
+def _start_server(tmp_path, *extra):
     import os
     import subprocess
     import sys
     import time
 
-    import openai
     from test_engine_support import write_config
     from test_server_support import call
 
@@ -186,20 +185,34 @@ def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
     env.pop("QWEN35_API_KEY", None)
     log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(folder), "--load-format", "dummy",
-                             "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "1024",
+                             "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "4096",
                              "--kv-cache-memory-bytes", str(1 << 25), "--dtype", "float32", "--log-level", "warning",
-                             "--tensor-parallel-size", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--tensor-parallel-size", "2", *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()
+        try:
+            if call(port, "GET", "/health", timeout=5).status == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+    return proc, port, log
+
+
+def _stop_server(proc, log) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    log.close()
+
+
+def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
+    import openai
+
+    proc, port, log = _start_server(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if call(port, "GET", "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0,
                    extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}})
@@ -209,7 +222,37 @@ def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
         assert whole.usage.completion_tokens == 8
         assert whole.choices[0].message.content and whole.choices[0].message.content == streamed
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        log.close()
+        _stop_server(proc, log)
+
+
+def test_a_rank_killed_mid_generation_stops_the_server(tmp_path):
+    """The stream in flight ends with an error event, and the server exits with an error naming the rank within
+    60 s (requests that reach it meanwhile get 503: server/async_engine.py EngineUnavailable)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import openai
+
+    proc, port, log = _start_server(tmp_path)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ranks = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(ranks) == 1
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3000, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True})
+        got = 0
+        with pytest.raises(openai.APIError):  # the stream's error event
+            for _ in stream:
+                got += 1
+                if got == 3:
+                    os.kill(ranks[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        assert proc.wait(60) != 0
+        assert time.monotonic() - t0 < 60
+        assert "exited" in (tmp_path / "server.log").read_text()
+    finally:
+        _stop_server(proc, log)

@@ -225,8 +225,10 @@ class LLMEngine:
             work.snapshots = self.cache.plan_snapshots(work.seqs, work.num_tokens)
             try:
                 sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
-            except BaseException:
+            except BaseException as e:
                 self.cache.drop_snapshots(work.snapshots)  # the slots they took go back
+                if self.workers is not None and not isinstance(e, ValueError | KeyboardInterrupt):
+                    self.workers.failed(e)  # raises RankLost: the other ranks may be mid-step
                 raise
             return self._postprocess(work, sampled_seqs, sampled)
 

@@ -26,6 +26,12 @@ log = logging.getLogger("qwen35")
 TIMEOUT_S = float(os.environ.get("QWEN35_TP_TIMEOUT_S", "60"))
 
 
+class RankLost(RuntimeError):
+    """A rank exited or a collective failed: the ranks are out of step and the engine cannot go on."""
+
+    fatal = True  # the server stops on it (server/async_engine.py)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,15 +118,31 @@ class WorkerGroup:
         log.info("tensor parallel: %d ranks (gloo, one host)%s", size, ", expert parallel" if expert_parallel else "")
         return group
 
+    def check(self) -> None:
+        """Raise RankLost if a rank has exited."""
+        dead = [p for p in self.processes if not p.is_alive()]
+        if dead:
+            raise RankLost(f"tensor parallel: {', '.join(p.name for p in dead)} exited (code "
+                           f"{[p.exitcode for p in dead]}); the engine cannot go on")
+
     def broadcast(self, msg: tuple) -> None:
         """Send `msg` to every other rank (they run it in order)."""
         import torch.distributed as dist
 
-        dead = [p.name for p in self.processes if not p.is_alive()]
-        if dead:
-            raise RuntimeError(f"tensor parallel: {', '.join(dead)} exited (code "
-                               f"{[p.exitcode for p in self.processes if not p.is_alive()]}); the engine cannot go on")
-        dist.broadcast_object_list([msg], src=0)
+        self.check()
+        try:
+            dist.broadcast_object_list([msg], src=0)
+        except RuntimeError as e:
+            self.failed(e)
+
+    def failed(self, e: BaseException) -> None:
+        """A step failed under tensor parallelism: the ranks are out of step. Raise RankLost (naming the rank
+        that exited, if one did)."""
+        for p in self.processes:
+            p.join(timeout=0.5)  # a rank that just died: let its exit show
+        self.check()
+        raise RankLost(f"tensor parallel: a step failed on rank 0 ({type(e).__name__}: {e}); the ranks are out "
+                       "of step and the engine cannot go on") from e
 
     def close(self) -> None:
         if self.closed:

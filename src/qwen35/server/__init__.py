@@ -39,9 +39,17 @@ def serve(llm: Any, config: ServerConfig | None = None, *, host: str = "127.0.0.
     `config.drain_timeout_s` seconds to finish; what still runs then is aborted."""
     config = config or ServerConfig()
     uvicorn_kwargs.setdefault("graceful_timeout_s", config.drain_timeout_s)
-    server = make_uvicorn_server(build_app(llm, config), host=host, port=port, log_level=log_level,
-                                 **uvicorn_kwargs)
+    app = build_app(llm, config)
+    server = make_uvicorn_server(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs)
+    engine = app.state.serving.async_engine
+
+    def stop() -> None:  # the engine stopped for good (a tensor-parallel rank died): answer 503, then exit
+        server.should_exit = True
+
+    engine.on_fatal = stop
     server.run(sockets=[sock] if sock is not None else None)
+    if engine.last_error is not None and not engine.alive and engine.started:
+        raise SystemExit(f"qwen35 serve: the engine stopped: {engine.last_error}")
 
 
 __all__ = ["MediaPolicy", "ServerConfig", "build_app", "make_uvicorn_server", "serve"]

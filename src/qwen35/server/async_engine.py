@@ -32,6 +32,10 @@ class EngineError(RuntimeError):
     """The engine failed while running this request (reported to its client as a 500)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine has stopped for good (e.g. a tensor-parallel rank died): reported as a 503."""
+
+
 class RequestStream:
     """The outputs of one request, as an async iterator. Filled from the engine thread."""
 
@@ -77,6 +81,7 @@ class AsyncEngine:
         self.step_count = 0
         self.last_error: str | None = None
         self.started = False
+        self.on_fatal = None  # called (from the engine thread) when the engine stops for good: the server exits
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -123,7 +128,7 @@ class AsyncEngine:
         """Queue a request (already validated). Never blocks; an engine refusal arrives as a ValueError from
         the stream."""
         if self._loop is None or not self.alive:
-            raise EngineError("the engine is not running")
+            raise EngineUnavailable(f"the engine is not running ({self.last_error or 'stopped'})")
         stream = RequestStream(request_id, self._loop)
         self._submitted += 1
         self._inbox.put(("add", request_id, prompt, params, stream))
@@ -151,8 +156,10 @@ class AsyncEngine:
             self.last_error = f"{type(e).__name__}: {e}"
             log.exception("engine thread died")
             for s in list(self._streams.values()):
-                s._put(EngineError(f"the engine stopped: {self.last_error}"))
+                s._put(EngineUnavailable(f"the engine stopped: {self.last_error}"))
             self._streams.clear()
+            if self.on_fatal is not None:
+                self.on_fatal()
             raise
 
     def _loop_body(self) -> None:
@@ -176,6 +183,8 @@ class AsyncEngine:
                 try:
                     outs = eng.step()
                 except Exception as e:
+                    if getattr(e, "fatal", False):  # the engine cannot go on (parallel/workers.py RankLost)
+                        raise
                     self._fail_all(e)
                     continue
                 self.step_count += 1
@@ -234,4 +243,4 @@ class AsyncEngine:
             log.exception("could not abort after a failed step")
 
 
-__all__ = ["AsyncEngine", "EngineError", "RequestStream"]
+__all__ = ["AsyncEngine", "EngineError", "EngineUnavailable", "RequestStream"]

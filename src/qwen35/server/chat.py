@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from qwen35.chat import StreamParser, parse, prompt_opens_thinking, render
-from qwen35.server.async_engine import EngineError
+from qwen35.server.async_engine import EngineError, EngineUnavailable
 from qwen35.server.errors import APIError
 from qwen35.server.protocol import (
     AssistantMessage,
@@ -311,7 +311,8 @@ class ChatHandler:
             raise APIError(str(e), 400) from None
         except EngineError as e:
             timer.finish(["error"])
-            raise APIError(str(e), 500, code="engine_error") from None
+            status = 503 if isinstance(e, EngineUnavailable) else 500
+            raise APIError(str(e), status, code="engine_unavailable" if status == 503 else "engine_error") from None
         except asyncio.CancelledError:
             s.abort([rid])
             raise

@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from qwen35.server.async_engine import EngineError
+from qwen35.server.async_engine import EngineError, EngineUnavailable
 from qwen35.server.errors import APIError
 from qwen35.server.protocol import MAX_PROMPTS, CompletionRequest
 from qwen35.server.serving import (
@@ -143,7 +143,8 @@ class CompletionHandler:
         except EngineError as e:
             s.abort(ids)
             timer.finish(["error"])
-            raise APIError(str(e), 500, code="engine_error") from None
+            status = 503 if isinstance(e, EngineUnavailable) else 500
+            raise APIError(str(e), status, code="engine_unavailable" if status == 503 else "engine_error") from None
         except asyncio.CancelledError:
             s.abort(ids)
             raise
