@@ -256,3 +256,26 @@ def test_a_rank_killed_mid_generation_stops_the_server(tmp_path):
         assert "exited" in (tmp_path / "server.log").read_text()
     finally:
         _stop_server(proc, log)
+
+
+def test_torchrun_ranks_follow_rank_0(tmp_path):
+    """`torchrun --nproc-per-node 2 -m qwen35 generate ... --tensor-parallel-size 2`: the ranks come from the
+    environment, rank 0 prints, the other follows and exits; the text is one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_support import write_config
+
+    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    args = ["generate", str(folder), "Hello there", "--load-format", "dummy", "--max-tokens", "6", "--temperature",
+            "0", "--ignore-eos", "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "qwen35", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "qwen35", *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()

@@ -61,8 +61,10 @@ class LLM:
         generation_config.json; None: vLLM's neutral defaults. `quantization`: None, "int8" or "fp8" (weight-only,
         made at load; see `qwen35.ops.quant`; FP8 checkpoints need none). The cache arguments (and
         `enable_prefix_caching`, on by default as in vLLM) are `LLMEngine`'s. `tensor_parallel_size` N > 1: the
-        model is split over N processes on this host (this one and N-1 it starts; gloo on CPU), each holding its
-        share of every layer (qwen35.parallel.layout), `enable_expert_parallel`: MoE layers split by expert."""
+        model is split over N processes (this one and N-1 it starts on this host; or, under torchrun, the N it
+        started, on one host or several: on ranks other than 0 this call serves rank 0 and then exits the
+        process), each holding its share of every layer (qwen35.parallel.layout); gloo on CPU, NCCL on CUDA.
+        `enable_expert_parallel`: MoE layers split by expert."""
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.gguf import gguf_tokenizer, is_gguf
@@ -94,10 +96,18 @@ class LLM:
 
                 if quantization is not None:
                     raise ValueError(f"quantization={quantization!r} with tensor parallelism is not supported yet")
+                from qwen35.parallel.workers import rank_device, torchrun_env
+
                 check_shardable(_text_config(name, load_format), tensor_parallel_size, enable_expert_parallel)
-                self.workers = WorkerGroup.start(tensor_parallel_size, enable_expert_parallel, dict(
-                    path_or_id=name, dtype=dtype, device=device, load_format=load_format,
-                    seed=seed if seed is not None else 0), threads=torch.get_num_threads())
+                load = dict(path_or_id=name, dtype=dtype, device=device, load_format=load_format,
+                            seed=seed if seed is not None else 0)
+                launched = torchrun_env()
+                if launched is not None:  # ranks other than 0 follow and exit inside join_torchrun
+                    device = rank_device(device, launched[2])
+                    self.workers = WorkerGroup.join_torchrun(tensor_parallel_size, enable_expert_parallel, load)
+                else:
+                    self.workers = WorkerGroup.start(tensor_parallel_size, enable_expert_parallel, load,
+                                                     threads=torch.get_num_threads())
                 tp = self.workers.tp
             try:
                 net = load_model(name, dtype=dtype, device=device, load_format=load_format,

@@ -1,7 +1,13 @@
-"""The ranks of a tensor-parallel engine on one host: rank 0 is the calling process (scheduler, sampler,
-outputs); `WorkerGroup.start` spawns ranks 1..N-1, each loading its share of the model and then running what
-rank 0 broadcasts: every step's forward (`ModelRunner.execute` on a `StepInput`) and every cache copy, in the
-same order, so that all ranks hold the same cache and meet in the same collectives.
+"""The ranks of a tensor-parallel engine: rank 0 is the process that drives the engine (scheduler, sampler,
+outputs, the HTTP server); every other rank loads its share of the model and then runs what rank 0 broadcasts:
+every step's forward (`ModelRunner.execute` on a `StepInput`) and every cache copy, in the same order, so that
+all ranks hold the same cache and meet in the same collectives.
+
+Two ways to get the ranks:
+  * one host, by itself: `WorkerGroup.start` spawns ranks 1..N-1 as child processes;
+  * under torchrun (one or several hosts: RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment):
+    `WorkerGroup.join_torchrun` on every process; rank 0 returns and drives, the others follow until rank 0
+    stops, then exit the process (so `qwen35 serve` serves HTTP on rank 0 only).
 
 Faults: the process group has a timeout; a rank that dies makes the others' next collective fail (gloo sees
 the closed connection at once, a hung rank after the timeout), and `WorkerGroup` reports which rank is gone.
@@ -38,10 +44,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init(rank: int, size: int, address: str) -> None:
+def _init(rank: int, size: int, address: str, device: str | torch.device = "cpu") -> None:
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("QWEN35_TP_BACKEND") != "gloo" else "gloo"
+    backend = os.environ.get("QWEN35_TP_BACKEND") or ("nccl" if str(device).startswith("cuda") else "gloo")
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
@@ -55,33 +61,53 @@ def receive() -> Any:
     return box[0]
 
 
-def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load: dict, threads: int | None) -> None:
-    """Rank `rank` (> 0): load its share, then run what rank 0 sends until it says stop."""
-    import torch.distributed as dist
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when this process was started by torchrun (or another launcher that sets
+    torch.distributed's environment), else None."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
 
+
+def rank_device(device: str | torch.device, local_rank: int) -> str | torch.device:
+    """A bare "cuda" becomes this rank's GPU (one GPU per rank on each host)."""
+    return f"cuda:{local_rank}" if str(device) == "cuda" else device
+
+
+def _follow(rank: int, size: int, expert_parallel: bool, load: dict) -> None:
+    """Rank `rank` (> 0), its process group joined: load its share, then run what rank 0 sends until it says
+    stop."""
     from qwen35.engine.model_runner import ModelRunner
     from qwen35.weights import load_model
 
+    tp = TensorParallel(rank, size, expert_parallel=expert_parallel)
+    model = load_model(tensor_parallel=tp, progress=False, **load)
+    runner = None
+    while True:
+        msg = receive()
+        kind = msg[0]
+        if kind == "step":
+            runner.execute(msg[1])
+        elif kind == "copy_slot":
+            runner.cache.copy_slot(msg[1], msg[2])
+        elif kind == "setup":  # the cache plan rank 0 chose
+            runner = ModelRunner(model, msg[1])
+        elif kind == "stop":
+            return
+        else:
+            raise RuntimeError(f"rank {rank}: unknown message {kind!r}")
+
+
+def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load: dict, threads: int | None) -> None:
+    """A child process of rank 0 (one host): join the group, then follow."""
+    import torch.distributed as dist
+
     if threads:
         torch.set_num_threads(threads)
-    _init(rank, size, address)
+    _init(rank, size, address, load.get("device", "cpu"))
     try:
-        tp = TensorParallel(rank, size, expert_parallel=expert_parallel)
-        model = load_model(tensor_parallel=tp, progress=False, **load)
-        runner = None
-        while True:
-            msg = receive()
-            kind = msg[0]
-            if kind == "step":
-                runner.execute(msg[1])
-            elif kind == "copy_slot":
-                runner.cache.copy_slot(msg[1], msg[2])
-            elif kind == "setup":  # the cache plan rank 0 chose
-                runner = ModelRunner(model, msg[1])
-            elif kind == "stop":
-                break
-            else:
-                raise RuntimeError(f"rank {rank}: unknown message {kind!r}")
+        _follow(rank, size, expert_parallel, dict(load, device=rank_device(load.get("device", "cpu"), rank)))
     finally:
         dist.destroy_process_group()
 
@@ -109,14 +135,35 @@ class WorkerGroup:
             p.start()
             procs.append(p)
         try:
-            _init(0, size, address)
+            _init(0, size, address, load.get("device", "cpu"))
         except BaseException:
             for p in procs:
                 p.kill()
             raise
         group = cls(TensorParallel(0, size, expert_parallel=expert_parallel), procs)
-        log.info("tensor parallel: %d ranks (gloo, one host)%s", size, ", expert parallel" if expert_parallel else "")
+        log.info("tensor parallel: %d ranks (one host)%s", size, ", expert parallel" if expert_parallel else "")
         return group
+
+    @classmethod
+    def join_torchrun(cls, size: int, expert_parallel: bool, load: dict) -> WorkerGroup:
+        """Under torchrun: join the group from the environment. Rank 0 returns the group; every other rank
+        follows rank 0 and then exits the process."""
+        import torch.distributed as dist
+
+        rank, world, local_rank = torchrun_env()
+        if world != size:
+            raise ValueError(f"tensor_parallel_size={size} but torchrun started {world} processes (WORLD_SIZE): "
+                             "they must be equal")
+        _init(rank, size, "env://", load.get("device", "cpu"))
+        if rank != 0:
+            try:
+                _follow(rank, size, expert_parallel, dict(load, device=rank_device(load.get("device", "cpu"),
+                                                                                   local_rank)))
+            finally:
+                dist.destroy_process_group()
+            raise SystemExit(0)
+        log.info("tensor parallel: %d ranks under torchrun%s", size, ", expert parallel" if expert_parallel else "")
+        return cls(TensorParallel(0, size, expert_parallel=expert_parallel), [])
 
     def check(self) -> None:
         """Raise RankLost if a rank has exited."""
