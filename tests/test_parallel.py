@@ -279,3 +279,23 @@ def test_torchrun_ranks_follow_rank_0(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
+
+
+def test_info_shows_memory_per_rank(capsys):
+    from qwen35.cli import main
+    from qwen35.config import find_preset
+    from qwen35.model_info import model_info
+
+    cfg = find_preset("Qwen3.5-0.8B")
+    one = model_info(cfg, 4096)
+    two = model_info(cfg, 4096, tensor_parallel_size=2)
+    assert 2 * two.cache_bytes_per_rank == one.cache_bytes  # its KV heads and GDN heads only
+    vision = 2 * one.params_vision  # the vision tower is replicated (bf16)
+    # a half of the text model, and the replicated norms
+    assert 0.5 < (two.weight_bytes_per_rank - vision) / (one.weight_bytes - vision) < 0.51
+    moe = find_preset("Qwen3.5-397B-A17B")
+    ep = model_info(moe, 4096, tensor_parallel_size=8, expert_parallel=True)
+    assert 0.125 < ep.weight_bytes_per_rank / ep.weight_bytes < 0.13
+    assert main(["info", "Qwen3.5-0.8B", "--tensor-parallel-size", "2", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2: total" in out

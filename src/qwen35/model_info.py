@@ -41,6 +41,11 @@ class ModelInfo:
     quantization: str | None  # the format of `weight_bytes` (None: bf16)
     weight_bytes: int  # the weights (no MTP) as `quantization` holds them
     total_bytes: int  # weight_bytes + cache
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False
+    weight_bytes_per_rank: int = 0  # one rank's share of `weight_bytes` (replicated parts whole)
+    cache_bytes_per_rank: int = 0  # its cache: the KV and GDN state of its heads only
+    total_bytes_per_rank: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,8 +85,10 @@ def _weight_bytes(named: list[tuple[str, torch.Tensor]], fmt: str, tied: bool = 
 
 
 def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
-               quantization: str | None = None) -> ModelInfo:
-    """Figures for `config`; `quantization` (None, "int8", "fp8") picks the format of `weight_bytes`."""
+               quantization: str | None = None, tensor_parallel_size: int = 1,
+               expert_parallel: bool = False) -> ModelInfo:
+    """Figures for `config`; `quantization` (None, "int8", "fp8") picks the format of `weight_bytes`;
+    `tensor_parallel_size` N: also one rank's share of the weights and of the cache (qwen35.parallel.layout)."""
     if quantization not in (None, "int8", "fp8"):
         raise ValueError(f"quantization={quantization!r}: expected None, 'int8' or 'fp8'")
     if batch <= 0:
@@ -105,6 +112,19 @@ def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
                  "int8": _weight_bytes(main, "int8", tied=t.tie_word_embeddings),
                  "int4": _weight_bytes(main, "int4")}
     chosen = by_format[quantization or "bf16"]
+    per_rank = {"weight_bytes_per_rank": chosen, "cache_bytes_per_rank": cache, "total_bytes_per_rank": chosen + cache}
+    if tensor_parallel_size > 1:
+        from qwen35.parallel import TensorParallel
+
+        tp = TensorParallel(0, tensor_parallel_size, expert_parallel=expert_parallel)  # every rank's share is alike
+        share = Qwen35Model.on_meta(config, with_mtp=t.mtp_num_hidden_layers > 0,
+                                    with_vision=config.vision is not None, tp=tp)
+        share_main = [(n, p) for n, p in share.named_parameters() if not n.startswith("mtp.")]
+        w = _weight_bytes(share_main, quantization or "bf16", tied=t.tie_word_embeddings)
+        lay = CacheLayout.of(share.cache_config, torch.bfloat16, block_size=1)
+        c = batch * (context * lay.block_bytes + lay.slot_bytes)
+        per_rank = {"tensor_parallel_size": tensor_parallel_size, "expert_parallel": expert_parallel,
+                    "weight_bytes_per_rank": w, "cache_bytes_per_rank": c, "total_bytes_per_rank": w + c}
     return ModelInfo(
         params_total=sum(p.numel() for _, p in main), params_text=params_text, params_active=active,
         params_vision=sum(p.numel() for n, p in named if n.startswith("visual.")),
@@ -113,7 +133,7 @@ def model_info(config: ModelConfig, context: int | None = None, batch: int = 1,
         weight_bytes_int4=by_format["int4"],
         kv_bytes_per_token=kv, state_bytes_per_sequence=state, context=context, batch=batch,
         cache_bytes=cache, total_bytes_bf16=bf16 + cache, quantization=quantization, weight_bytes=chosen,
-        total_bytes=chosen + cache,
+        total_bytes=chosen + cache, **per_rank,
     )
 
 

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["int8", "fp8"],
                    help="weights as --quantization would hold them (default: as the checkpoint stores them: "
                         "FP8 for an FP8 folder, else bf16)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="also show one rank's memory with the model split over this many processes")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="with --tensor-parallel-size: MoE "
+                   "layers split by expert")
 
 
 def load_config(name: str) -> ModelConfig:
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     quant = args.quantization
     if quant is None and (cfg.quantization or {}).get("quant_method") == "fp8":
         quant = "fp8"
-    info = model_info(cfg, args.context, args.batch, quantization=quant)
+    info = model_info(cfg, args.context, args.batch, quantization=quant, tensor_parallel_size=args.tensor_parallel_size,
+                      expert_parallel=args.enable_expert_parallel)
     twin = model_info(full_attention_twin(cfg), args.context, args.batch, quantization=quant)
     by_type = gguf_bytes_by_type(args.model) if is_gguf(args.model) else None
     if args.json:
@@ -82,6 +87,12 @@ def run(args: argparse.Namespace) -> int:
         rows.insert(7, ("GGUF file (all tensors, MTP included)", _gib(total)))
         for i, (kind, r) in enumerate(by_type.items()):
             rows.insert(8 + i, (f"  {kind}", f"{r['tensors']} tensors, {r['elements']:,} weights, {_gib(r['bytes'])}"))
+    if info.tensor_parallel_size > 1:
+        n = info.tensor_parallel_size
+        how = ", expert parallel" if info.expert_parallel else ""
+        rows += [(f"per rank of {n}{how}: weights ({fmt})", _gib(info.weight_bytes_per_rank)),
+                 (f"per rank of {n}: cache", _gib(info.cache_bytes_per_rank)),
+                 (f"per rank of {n}: total", _gib(info.total_bytes_per_rank))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
