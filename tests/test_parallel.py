@@ -299,3 +299,42 @@ def test_info_shows_memory_per_rank(capsys):
     assert main(["info", "Qwen3.5-0.8B", "--tensor-parallel-size", "2", "--context", "4096"]) == 0
     out = capsys.readouterr().out
     assert "per rank of 2: total" in out
+
+
+def test_fused_expert_checkpoints_are_read_in_shares(checkpoint, tmp_path):
+    """The same MoE weights stored with fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I], as the
+    official MoE checkpoints do): every rank reads its rows or columns of them (never a whole tensor) and the
+    run is one process's."""
+    import re
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    kind, path = checkpoint
+    if kind != "moe":
+        pytest.skip("experts only")
+    tensors, experts = {}, {}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+            if m:
+                experts.setdefault(m[1], {})[(int(m[2]), m[3])] = f.get_tensor(name)
+            else:
+                tensors[name] = f.get_tensor(name)
+    for prefix, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]])
+                                                         for e in range(n)])
+        tensors[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(n)])
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(path / "config.json", fused / "config.json")
+    save_file(tensors, str(fused / "model.safetensors"))
+    alone = scripted_run(qwen35.load_model(path, progress=False))
+    for expert_parallel in (False, True):
+        out = tmp_path / f"rank0-{expert_parallel}.pt"
+        mp.spawn(_rank, args=(2, _free_port(), str(fused), expert_parallel, str(out)), nprocs=2, join=True)
+        sharded = torch.load(out)
+        assert sharded["tokens"] == alone["tokens"]
+        assert float((sharded["logprobs"] - alone["logprobs"]).abs().max()) <= 1e-5

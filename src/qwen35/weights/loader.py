@@ -412,20 +412,58 @@ def _widen_fp8_into(f: SafetensorsReader, name: str, scale_reader: SafetensorsRe
     dst.copy_(FP8.dequantize({"qweight": q, "scale": scale, "srow": scale_rows([q.shape[0]])}, dst.dtype))
 
 
+_SHARE_CHUNK_BYTES = 16 << 20  # column shares are read through row chunks of about this size
+
+
 def _read_share(f: SafetensorsReader, name: str, t: Target, shape: tuple[int, ...], dst: torch.Tensor,
                 sharder: Sharder) -> None:
-    """Read checkpoint tensor `name` (whole, into a temporary) and write this rank's share of it into `dst`,
-    the rank's parameter `t.param`."""
+    """Write this rank's share of checkpoint tensor `name` into `dst`, the rank's parameter `t.param`: row shares
+    (and whole experts) read as just those rows; column shares through row chunks of ~16 MiB (never the whole
+    tensor at once); one expert's tensor (per-expert checkpoints) whole, then cut."""
+    if t.expert is None:
+        _read_whole_share(f, name, t.param, shape, dst, sharder)
+        return
     whole = torch.empty(shape, dtype=dst.dtype)
     f.read_into(name, whole)
-    if t.expert is None:
-        dst.copy_(_share_of(sharder, t.param, whole))
-        return
     dst = dst[sharder.expert_index(t.param, t.expert)]
     if t.part is not None:
         half = dst.shape[0] // 2
         dst = dst[t.part * half:(t.part + 1) * half]
     dst.copy_(sharder.piece(t.param, whole, t.part))
+
+
+def _read_whole_share(f: SafetensorsReader, name: str, param: str, shape: tuple[int, ...], dst: torch.Tensor,
+                      sharder: Sharder) -> None:
+    fused = bool(_EXPERTS_GATE_UP.search(param) or _EXPERTS_DOWN.search(param))
+    if fused and sharder.tp.expert_parallel:  # this rank's experts: rows of the expert dimension
+        a, b = sharder.tp.part(shape[0])
+        dst.copy_(f.read_rows(name, a, b))
+        return
+    cut = sharder.cuts(param)
+    if cut is None:
+        f.read_into(name, dst)
+        return
+    dim, slices = cut
+    lead = 2 if fused else 1  # fused experts [E, X, Y]: each expert's share, X cut as rows of [E*X, Y]
+    X = shape[1] if fused else shape[0]
+    experts = shape[0] if fused else 1
+    if dim == 0:
+        at = 0
+        flat = dst.view(-1, *dst.shape[lead:])
+        for e in range(experts):
+            for s in slices:
+                n = s.stop - s.start
+                flat[at:at + n].copy_(f.read_rows(name, e * X + s.start, e * X + s.stop, lead))
+                at += n
+        return
+    # a column share (row-parallel input columns): whole rows in chunks, the columns kept
+    flat_dst = dst.view(-1, dst.shape[-1])
+    rows = experts * X
+    width = shape[-1]
+    step = max(1, _SHARE_CHUNK_BYTES // max(1, width * dst.element_size()))
+    for r in range(0, rows, step):
+        chunk = f.read_rows(name, r, min(rows, r + step), lead)
+        flat_dst[r:r + chunk.shape[0]].copy_(torch.cat([chunk[..., s] for s in slices], dim=-1))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -127,3 +127,31 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path.name}: tensor {name} is truncated ({got} of {nbytes} bytes)")
         if not direct:
             dst.copy_(buf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def read_rows(self, name: str, start: int, stop: int, lead_dims: int = 1):
+        """Rows [start, stop) of tensor `name` seen as [prod(shape[:lead_dims]), *shape[lead_dims:]], in the
+        file's dtype (only those bytes are read: a tensor-parallel rank's share)."""
+        torch = self._torch
+        e = self._entries[name]
+        dtype = getattr(torch, _DTYPES.get(e["dtype"], ""), None)
+        if dtype is None:
+            raise CheckpointError(f"{self.path.name}: tensor {name} has dtype {e['dtype']}, which is not supported")
+        shape = tuple(e["shape"])
+        rows = 1
+        for s in shape[:lead_dims]:
+            rows *= s
+        rest = shape[lead_dims:]
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.path.name}: rows [{start}, {stop}) of {name} ({rows} rows)")
+        buf = torch.empty((stop - start, *rest), dtype=dtype)
+        row_bytes = buf[0].numel() * buf.element_size() if stop > start else 0
+        nbytes = (stop - start) * row_bytes
+        self._f.seek(self._base + e["data_offsets"][0] + start * row_bytes)
+        if nbytes:
+            got = self._f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy()))
+            if got != nbytes:
+                raise CheckpointError(f"{self.path.name}: tensor {name} is truncated")
+        return buf
