@@ -92,15 +92,11 @@ class LLM:
             tp = None
             if tensor_parallel_size > 1:
                 from qwen35.parallel.layout import check_shardable
-                from qwen35.parallel.workers import WorkerGroup
-
-                if quantization is not None:
-                    raise ValueError(f"quantization={quantization!r} with tensor parallelism is not supported yet")
-                from qwen35.parallel.workers import rank_device, torchrun_env
+                from qwen35.parallel.workers import WorkerGroup, rank_device, torchrun_env
 
                 check_shardable(_text_config(name, load_format), tensor_parallel_size, enable_expert_parallel)
                 load = dict(path_or_id=name, dtype=dtype, device=device, load_format=load_format,
-                            seed=seed if seed is not None else 0)
+                            seed=seed if seed is not None else 0, quantization=quantization)
                 launched = torchrun_env()
                 if launched is not None:  # ranks other than 0 follow and exit inside join_torchrun
                     device = rank_device(device, launched[2])

@@ -115,5 +115,5 @@ class GatedAttention(nn.Module):
                     keys, values = kc[where].to(q.dtype), vc[where].to(q.dtype)
             out[s:e] = attend(q[s:e], keys, values, ctx, self.scale)
         out = out.reshape(N, -1)
-        out = self.o_proj(out * torch.sigmoid(gate))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        out = out * torch.sigmoid(gate)
+        return self.o_proj(out) if self.tp is None else self.tp.row_parallel(self.o_proj, out)

@@ -129,5 +129,5 @@ class GatedDeltaNet(nn.Module):
             del conv_out, q, k, v  # a prompt's conv output is not held through the norm and out_proj
 
         o = self.norm(out, z.view(N, self.Hv, self.dv))  # fp32 out: the norm rounds it to x's dtype
-        out = self.out_proj(o.reshape(N, self.value_dim))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        o = o.reshape(N, self.value_dim)
+        return self.out_proj(o) if self.tp is None else self.tp.row_parallel(self.out_proj, o)

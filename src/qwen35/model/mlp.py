@@ -33,8 +33,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = run_projections(self, x, self.projection_parts())
         # in place on the projection's own output: a prompt's [T, inner] activations exist once, not three times
-        out = self.down_proj(F.silu(gate, inplace=True).mul_(up))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        h = F.silu(gate, inplace=True).mul_(up)
+        return self.down_proj(h) if self.tp is None else self.tp.row_parallel(self.down_proj, h)
 
 
 class Router(nn.Module):

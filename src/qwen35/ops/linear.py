@@ -87,8 +87,8 @@ class Linear(nn.Linear):
             raise ValueError("qwen35.ops.linear.Linear has no bias")
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return linear(x, self.weight, out_dtype)
 
 
 class FusedLinears:

@@ -32,6 +32,15 @@ class TensorParallel:
         return self.rank * share, (self.rank + 1) * share
 
     # ------------------------------------------------------------------ collectives
+    def row_parallel(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection (its input columns split over the ranks): each rank's partial product kept
+        in fp32 where the layer can give it (plain bf16 / fp32 weights), summed over the ranks in fp32 and
+        rounded once to x's dtype, as one process rounds its one product."""
+        from qwen35.ops.linear import Linear
+
+        part = module(x, out_dtype=torch.float32) if type(module) is Linear else module(x)
+        return self.all_reduce(part).to(x.dtype)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of `x`, added in fp32 and rounded once to `x`'s dtype."""
         import torch.distributed as dist

@@ -105,8 +105,6 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype | str = torch.float32,
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
     tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.size > 1 else None
-    if tp is not None and quantization is not None:
-        raise ValueError(f"quantization={quantization!r} with tensor parallelism is not supported yet")
     model = _load(path_or_id, dtype, device, load_format, seed, progress, quantization, tp)
     stored = getattr(model, "quantization", None)
     if quantization is not None and stored is None:
