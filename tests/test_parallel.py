@@ -360,3 +360,35 @@ def test_int8_and_bf16_shares_stay_close_to_one_process(checkpoint, load, tmp_pa
         pairs = [(a, b) for s, t in zip(sharded["tokens"], alone["tokens"], strict=True)
                  for a, b in zip(s, t, strict=True)]
         assert sum(a == b for a, b in pairs) >= 0.8 * len(pairs)
+
+
+def test_images_over_two_ranks(tmp_path):
+    """An image prompt (chunked, so a chunk ends inside the image) over 2 ranks: rank 0 encodes the picture, every
+    rank embeds its vocabulary rows and places the features; the tokens and logprobs are one process's."""
+    import transformers as tf
+    from test_llm_vision import REAL_IDS, picture
+
+    from conftest import TINY_TEXT, make_weights_bite
+
+    torch.manual_seed(0)
+    tc = dict(TINY_TEXT, vocab_size=248320, intermediate_size=40)
+    vc = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=16, temporal_patch_size=2,
+              spatial_merge_size=2, num_position_embeddings=16, out_hidden_size=32)
+    ref = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=tc, vision_config=vc, **REAL_IDS)).eval()
+    make_weights_bite(ref, seed=1)
+    ref.save_pretrained(tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture(0, (120, 90))},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    params = qwen35.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    kw = dict(dtype="float32", max_num_batched_tokens=32, kv_cache_memory_bytes=1 << 24)
+    alone = qwen35.LLM(str(tmp_path), **kw).chat(messages, params, use_tqdm=False)[0]
+    llm = qwen35.LLM(str(tmp_path), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.chat(messages, params, use_tqdm=False)[0]
+    finally:
+        llm.close_workers()
+    assert got.prompt_token_ids.count(REAL_IDS["image_token_id"]) > 32  # the image spans chunks
+    assert got.outputs[0].token_ids == alone.outputs[0].token_ids
+    lg = [lp.logprob for d in got.outputs[0].logprobs for lp in d.values()]
+    la = [lp.logprob for d in alone.outputs[0].logprobs for lp in d.values()]
+    assert max(abs(x - y) for x, y in zip(lg, la, strict=True)) <= 1e-5

@@ -148,8 +148,6 @@ class LLMEngine:
             text, ids, mm = prompt.text, prompt.ids, prompt.mm
         else:
             text, ids, mm = self.prepare_prompt(prompt)
-        if mm is not None and self.workers is not None:
-            raise ValueError("images and videos under tensor parallelism are not supported yet")
         if prompt_text is not None:
             text = prompt_text
         self._check_request(ids, params)

@@ -32,7 +32,10 @@ class StepInput:
     block_tables: list[list[int]]
     snapshots: dict[int, list[tuple[int, int]]]  # see ForwardBatch.snapshots
     positions: torch.Tensor | None = None  # [3, N]; None: text positions
-    embeds: torch.Tensor | None = None  # [N, H] with vision features placed; None: the token embeddings
+    # images / videos: the rows of the flat batch that take vision features, and those features (computed by
+    # rank 0 alone; every rank embeds the tokens and places them: the embedding is vocab-parallel)
+    vision_rows: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
     head_rows: list[int] = field(default_factory=list)  # rows whose next token is wanted
     head: str | None = None  # over those rows: "greedy" (the argmax only) or "logits" (fp32, for the sampler)
 
@@ -73,9 +76,7 @@ class ModelRunner:
                          slots=[s.slot for s in work.seqs], block_tables=[list(s.block_table) for s in work.seqs],
                          snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
         if any(s.request.mm is not None for s in work.seqs):
-            if self.broadcast is not None:
-                raise ValueError("images and videos under tensor parallelism are not supported yet")
-            step.positions, step.embeds = self._multimodal_inputs(work, flat, ctx)
+            step.positions, step.vision_rows, step.vision_features = self._multimodal_inputs(work, ctx)
         return step
 
     @torch.inference_mode()
@@ -89,7 +90,11 @@ class ModelRunner:
         batch = ForwardBatch(query_lens=step.query_lens, context_lens=step.context_lens, positions=positions,
                              cache=self.cache, slots=step.slots, block_tables=step.block_tables,
                              snapshots=step.snapshots)
-        hidden = self.model.forward_batch(step.token_ids, batch, inputs_embeds=step.embeds)
+        embeds = None
+        if step.vision_rows is not None:
+            embeds = self.model.model.embed_tokens(step.token_ids)
+            embeds[step.vision_rows] = step.vision_features.to(embeds.dtype)
+        hidden = self.model.forward_batch(step.token_ids, batch, inputs_embeds=embeds)
         if step.head is None or not step.head_rows:
             return hidden, batch, None
         last = hidden[torch.as_tensor(step.head_rows, device=self.device)]
@@ -133,12 +138,11 @@ class ModelRunner:
             return sampling, SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
         return sampling, self.sampler(out, rows)
 
-    def _multimodal_inputs(self, work: SchedulerOutput, flat: torch.Tensor, ctx: list[int],
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE positions and embeddings with vision features for a step that holds image / video prompts.
-        A chunk may start or end inside an image: each token takes its own feature row."""
-        embeds = self.model.model.embed_tokens(flat)
-        positions, at = [], 0
+    def _multimodal_inputs(self, work: SchedulerOutput, ctx: list[int],
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M-RoPE positions, and the flat rows that take vision features with those features, for a step that
+        holds image / video prompts. A chunk may start or end inside an image: each token takes its own row."""
+        positions, rows_all, feats, at = [], [], [], 0
         for seq, start, n in zip(work.seqs, ctx, work.num_tokens, strict=True):
             mm = seq.request.mm
             if mm is None:
@@ -150,6 +154,10 @@ class ModelRunner:
                 if len(rows):
                     if seq.request.mm_features is None:  # encoded once per request, on first need
                         seq.request.mm_features = self.vision_cache.for_prompt(self.model, mm)
-                    embeds[at + rows.to(self.device)] = seq.request.mm_features[index[rows]].to(embeds.dtype)
+                    rows_all.append(at + rows.to(self.device))
+                    feats.append(seq.request.mm_features[index[rows]])
             at += n
-        return torch.cat(positions, dim=1), embeds
+        hidden = self.model.config.text.hidden_size
+        rows = torch.cat(rows_all) if rows_all else torch.zeros(0, dtype=torch.long, device=self.device)
+        features = torch.cat(feats) if feats else torch.zeros(0, hidden, dtype=self.dtype, device=self.device)
+        return torch.cat(positions, dim=1), rows, features
