@@ -3,10 +3,27 @@ on CUDA)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+#: time this process spent in the forward's collectives (all-reduces and gathers) and how many it ran, for
+#: benchmarks (`collective_stats`)
+_COLLECTIVES = {"calls": 0, "seconds": 0.0}
+
+
+def collective_stats() -> dict:
+    """{"calls": n, "seconds": s}: the forward's collectives of this process so far."""
+    return dict(_COLLECTIVES)
+
+
+def _timed(fn, *args, **kw) -> None:
+    t0 = time.perf_counter()
+    fn(*args, **kw)
+    _COLLECTIVES["seconds"] += time.perf_counter() - t0
+    _COLLECTIVES["calls"] += 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class TensorParallel:
         import torch.distributed as dist
 
         total = x.float() if x.dtype != torch.float32 else x.clone()
-        dist.all_reduce(total, group=self.group)
+        _timed(dist.all_reduce, total, group=self.group)
         return total if x.dtype == torch.float32 else total.to(x.dtype)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +71,7 @@ class TensorParallel:
         import torch.distributed as dist
 
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        _timed(dist.all_gather, parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
     def all_gather_rows(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -62,5 +79,5 @@ class TensorParallel:
         import torch.distributed as dist
 
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        _timed(dist.all_gather, parts, x.contiguous(), group=self.group)
         return parts
