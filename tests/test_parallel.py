@@ -392,3 +392,51 @@ def test_images_over_two_ranks(tmp_path):
     lg = [lp.logprob for d in got.outputs[0].logprobs for lp in d.values()]
     la = [lp.logprob for d in alone.outputs[0].logprobs for lp in d.values()]
     assert max(abs(x - y) for x, y in zip(lg, la, strict=True)) <= 1e-5
+
+
+def test_a_rank_that_stops_answering_fails_the_engine_within_the_timeout(checkpoint, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from qwen35 import LLM, SamplingParams
+    from qwen35.parallel.workers import RankLost
+
+    _, path = checkpoint
+    monkeypatch.setenv("QWEN35_TP_TIMEOUT_S", "5")
+    llm = LLM(str(path), tensor_parallel_size=2, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 22)
+    worker = llm.workers.processes[0]
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)  # alive, but silent
+        t0 = time.monotonic()
+        with pytest.raises(RankLost, match="out of step"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        llm.close_workers()
+
+
+def test_preemption_over_two_ranks(checkpoint):
+    """A cache that holds the longest request but not all at once: requests are preempted and recomputed on
+    every rank alike; the tokens are one process's."""
+    from qwen35 import LLM, SamplingParams
+    from qwen35.model.cache import CacheLayout
+    from qwen35.parallel.layout import local_text_config
+
+    kind, path = checkpoint
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, TEXT_IDS, (n,), generator=gen).tolist() for n in (150, 120, 170, 90)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = LLM(str(path), skip_tokenizer_init=True).generate(prompts, params, use_tqdm=False)
+    share = local_text_config(qwen35.config.ModelConfig.from_file(path).text, TensorParallel(0, 2, kind == "moe"))
+    lay = CacheLayout.of(share, torch.float32)
+    per_seq = 1 + -(-256 // (16 * lay.blocks_per_region))  # a state and the blocks of 256 tokens
+    llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=kind == "moe", skip_tokenizer_init=True,
+              max_model_len=256, kv_cache_memory_bytes=(per_seq + 2) * lay.region_bytes, max_num_batched_tokens=64)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+    finally:
+        llm.close_workers()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in alone]

@@ -28,8 +28,9 @@ from qwen35.parallel.state import TensorParallel
 
 log = logging.getLogger("qwen35")
 
-#: how long a collective waits for a rank that does not answer
-TIMEOUT_S = float(os.environ.get("QWEN35_TP_TIMEOUT_S", "60"))
+def timeout_s() -> float:
+    """How long a collective waits for a rank that does not answer (QWEN35_TP_TIMEOUT_S, default 60 s)."""
+    return float(os.environ.get("QWEN35_TP_TIMEOUT_S", "60"))
 
 
 class RankLost(RuntimeError):
@@ -49,7 +50,7 @@ def _init(rank: int, size: int, address: str, device: str | torch.device = "cpu"
 
     backend = os.environ.get("QWEN35_TP_BACKEND") or ("nccl" if str(device).startswith("cuda") else "gloo")
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=timeout_s()))
 
 
 def receive() -> Any:
