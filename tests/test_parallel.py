@@ -37,7 +37,7 @@ def scripted_run(model) -> dict:
     prompts = [torch.randint(0, TEXT_IDS, (n,), generator=gen).tolist() for n in (150, 37, 70)]
     run = DirectRun(model, num_seqs=3, max_len=256)
     steps = [{0: prompts[0][:100], 1: prompts[1][:20]}, {0: prompts[0][100:], 1: prompts[1][20:], 2: prompts[2]}]
-    tokens, logprobs = [], []
+    tokens, logprobs, argmax = [], [], []
     for _ in range(6):
         for chunk in steps:
             hidden, batch = run.forward(chunk)
@@ -45,9 +45,11 @@ def scripted_run(model) -> dict:
         picked = model.greedy_tokens(last)
         lp = torch.log_softmax(model.compute_logits(last, torch.float32), dim=-1)
         tokens.append(picked.tolist())
+        argmax.append(lp.argmax(dim=-1).tolist())  # the whole logits' pick, next to greedy_tokens' (head screen)
         logprobs.append(lp.topk(5, dim=-1).values)
         steps = [{i: [t] for i, t in enumerate(picked.tolist())}] if len(picked) == 3 else []
-    return {"tokens": tokens, "logprobs": torch.stack(logprobs)}
+    return {"tokens": tokens, "logprobs": torch.stack(logprobs), "argmax": argmax,
+            "screen": getattr(model, "_head_screen", None) is not None}
 
 
 def _rank(rank: int, size: int, port: int, path: str, expert_parallel: bool, out: str, load: dict | None = None,
@@ -355,6 +357,11 @@ def test_int8_and_bf16_shares_stay_close_to_one_process(checkpoint, load, tmp_pa
     own = float((alone["logprobs"].float() - exact["logprobs"].float()).abs().max())
     ours = float((sharded["logprobs"].float() - exact["logprobs"].float()).abs().max())
     assert ours <= 1.5 * own + 0.05, (ours, own)
+    if load.get("dtype") == "bfloat16":  # each rank's int8 screen of its head rows picks what the logits pick
+        from qwen35.ops import cpu_kernels
+
+        assert sharded["screen"] == (cpu_kernels.kernels() is not None)
+        assert sharded["tokens"] == sharded["argmax"]
     if load.get("dtype") == "bfloat16":  # rounded once: much nearer to the one-process bf16 run than to fp32
         assert float((sharded["logprobs"].float() - alone["logprobs"].float()).abs().max()) <= 0.5 * own
         pairs = [(a, b) for s, t in zip(sharded["tokens"], alone["tokens"], strict=True)

@@ -96,7 +96,7 @@ class Qwen35Model(nn.Module):
         whose head is the embedding). Returns whether the screen is on."""
         from qwen35.ops.head_screen import HeadScreen, head_screen_enabled
 
-        if not head_screen_enabled() or self.tp is not None:  # a sharded head picks per rank instead
+        if not head_screen_enabled():
             self._head_screen = None
             return False
         if self._usable_head_screen() is not None:
@@ -133,8 +133,11 @@ class Qwen35Model(nn.Module):
     def _sharded_greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each rank's best of its vocabulary rows, then the best of those (the lowest id on ties, as argmax
         over the whole logits): two small gathers instead of the whole logits."""
-        local = self._local_logits(hidden, torch.float32)
-        best, idx = local.max(dim=-1)  # the first index of the max within the rank's rows
+        screen = self._usable_head_screen()  # over the rank's rows of the head
+        if screen is not None:
+            best, idx = screen.best(hidden)
+        else:
+            best, idx = self._local_logits(hidden, torch.float32).max(dim=-1)  # the first index of the max
         idx = idx + self.model.embed_tokens.vocab_range[0]
         bests = torch.stack(self.tp.all_gather_rows(best))  # [N, M]
         ids = torch.stack(self.tp.all_gather_rows(idx))

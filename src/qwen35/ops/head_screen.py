@@ -130,17 +130,22 @@ class HeadScreen:
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (M <= GEMV_MAX_ROWS) -> [M] token ids, equal to `full_argmax(x, weight)`."""
+        return self.best(x)[1]
+
+    def best(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> ([M] the largest fp32 logit, [M] its row: the first on ties), both exactly what the full
+        logits give (a tensor-parallel rank compares its best with the others')."""
         M = x.shape[0]
-        if not (0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all()):
-            return full_argmax(x, self.weight)  # NaN/inf: the full logits say what argmax makes of them
-        rows = self.candidates_fused(x)  # sorted ascending: the first maximum below is the lowest token id
-        self.candidates_last = len(rows)
-        if len(rows) > MAX_CANDIDATES:
-            return full_argmax(x, self.weight)
+        if (not (0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all())
+                or len(rows := self.candidates_fused(x)) > MAX_CANDIDATES):
+            # NaN/inf (the full logits say what argmax makes of them), or too many candidates
+            return linear(x, self.weight, out_dtype=torch.float32).max(dim=-1)
+        self.candidates_last = len(rows)  # sorted ascending: the first maximum below is the lowest token id
         # The same GEMV call (all M rows of x) as the full head, so each candidate's logit is bit-identical.
         # (A row that is a candidate only for another batch row is strictly below this row's maximum.)
         exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
-        return rows[exact.argmax(dim=-1)]
+        value, at = exact.max(dim=-1)
+        return value, rows[at]
 
 
 __all__ = ["HeadScreen", "full_argmax", "head_screen_enabled", "MAX_CANDIDATES"]
