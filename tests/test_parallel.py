@@ -241,7 +241,7 @@ def test_a_rank_killed_mid_generation_stops_the_server(tmp_path):
     proc, port, log = _start_server(tmp_path)
     try:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        ranks = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        ranks = [int(c) for c in children if b"qwen35.parallel.workers" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert len(ranks) == 1
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
@@ -447,3 +447,27 @@ def test_preemption_over_two_ranks(checkpoint):
     finally:
         llm.close_workers()
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in alone]
+
+
+def test_a_script_without_a_main_guard_can_start_ranks(tmp_path):
+    """The ranks are fresh interpreters (python -m qwen35.parallel.workers), not multiprocessing children that
+    re-import the caller's script: an LLM made at a script's top level works, and the script exits cleanly."""
+    import os
+    import subprocess
+    import sys
+
+    from test_engine_support import write_config
+
+    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    script = tmp_path / "top_level.py"
+    script.write_text(
+        "import qwen35\n"
+        f"llm = qwen35.LLM({str(folder)!r}, load_format='dummy', tensor_parallel_size=2, skip_tokenizer_init=True,\n"
+        "                 kv_cache_memory_bytes=1 << 22)\n"
+        "out = llm.generate([[1, 2, 3]], qwen35.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),\n"
+        "                   use_tqdm=False)\n"
+        "print('tokens', list(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("tokens [") and len(eval(done.stdout.split(" ", 1)[1])) == 3

@@ -4,7 +4,9 @@ every step's forward (`ModelRunner.execute` on a `StepInput`) and every cache co
 all ranks hold the same cache and meet in the same collectives.
 
 Two ways to get the ranks:
-  * one host, by itself: `WorkerGroup.start` spawns ranks 1..N-1 as child processes;
+  * one host, by itself: `WorkerGroup.start` starts ranks 1..N-1 as child processes (`python -m
+    qwen35.parallel.workers ...`: fresh interpreters that never import the caller's script, so a script that
+    makes an LLM at top level, without an `if __name__ == "__main__":` guard, works);
   * under torchrun (one or several hosts: RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment):
     `WorkerGroup.join_torchrun` on every process; rank 0 returns and drives, the others follow until rank 0
     stops, then exit the process (so `qwen35 serve` serves HTTP on rank 0 only).
@@ -16,9 +18,12 @@ the closed connection at once, a hung rank after the timeout), and `WorkerGroup`
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +106,7 @@ def _follow(rank: int, size: int, expert_parallel: bool, load: dict) -> None:
 
 
 def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load: dict, threads: int | None) -> None:
-    """A child process of rank 0 (one host): join the group, then follow."""
+    """A child process of rank 0 (one host): join the group, then follow (`python -m qwen35.parallel.workers`)."""
     import torch.distributed as dist
 
     if threads:
@@ -111,6 +116,35 @@ def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load:
         _follow(rank, size, expert_parallel, dict(load, device=rank_device(load.get("device", "cpu"), rank)))
     finally:
         dist.destroy_process_group()
+
+
+class Rank:
+    """A child process running one rank (the interface of multiprocessing.Process that WorkerGroup uses)."""
+
+    def __init__(self, rank: int, popen: subprocess.Popen):
+        self.name, self.popen = f"qwen35-tp-rank{rank}", popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+            self.popen.wait(10)
 
 
 @dataclass
@@ -125,16 +159,15 @@ class WorkerGroup:
     def start(cls, size: int, expert_parallel: bool, load: dict, threads: int | None = None) -> WorkerGroup:
         """Spawn ranks 1..size-1 with the load arguments of `load_model` (`path_or_id`, `dtype`, `device`,
         `load_format`, `seed`), and join the process group as rank 0."""
-        import torch.multiprocessing as mp
-
         address = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = mp.get_context("spawn")
+        plain = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype | torch.device) else v)
+                 for k, v in load.items()}
         procs = []
         for rank in range(1, size):
-            p = ctx.Process(target=worker_main, args=(rank, size, address, expert_parallel, load, threads),
-                            name=f"qwen35-tp-rank{rank}", daemon=True)
-            p.start()
-            procs.append(p)
+            cmd = [sys.executable, "-m", "qwen35.parallel.workers", json.dumps(
+                {"rank": rank, "size": size, "address": address, "expert_parallel": expert_parallel, "load": plain,
+                 "threads": threads})]
+            procs.append(Rank(rank, subprocess.Popen(cmd)))
         try:
             _init(0, size, address, load.get("device", "cpu"))
         except BaseException:
@@ -209,3 +242,8 @@ class WorkerGroup:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # a rank started by WorkerGroup.start
+    spec = json.loads(sys.argv[1])
+    worker_main(spec["rank"], spec["size"], spec["address"], spec["expert_parallel"], spec["load"], spec["threads"])
