@@ -24,6 +24,18 @@ void rms_rows(const T* x, const W* w, T* y, int64_t rows, int64_t D, float eps) 
   });
 }
 
+// v * v rounded to fp32 on its own, as the twin's x.pow(2) is, before it is summed. Written as `ss += v * v`, GCC
+// (GNU C++ defaults to -ffp-contract=fast) fuses the scalar loop into an FMA (one rounding) but not its vectorised
+// copy (vmulps, then in-order vaddss), and in gated_rows it picked between the two per row at run time, by alias
+// checks of the scratch vectors against the gate row: a scratch vector that malloc placed within 64 bytes of the
+// gate copy's first or last row sent that row down the FMA path, 1 ulp off in the whole row, so identical inputs
+// gave different rows from one engine run to the next. The empty asm makes the product opaque: it cannot be fused.
+inline float square_rounded(float v) {
+  float s = v * v;
+  asm("" : "+v"(s));
+  return s;
+}
+
 template <typename T, typename W>
 void gated_rows(const float* x, const T* gate, const W* w, T* y, int64_t rows, int64_t D, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -32,12 +44,12 @@ void gated_rows(const float* x, const T* gate, const W* w, T* y, int64_t rows, i
       const float* xr = x + r * D;
       const T* gr = gate + r * D;
       T* yr = y + r * D;
-      float ss = 0.f;
       for (int64_t d = 0; d < D; ++d) {
         xs[d] = static_cast<float>(static_cast<T>(xr[d]));  // the twin takes x in the model dtype
-        ss += xs[d] * xs[d];
         g[d] = static_cast<float>(gr[d]);
       }
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) ss += square_rounded(xs[d]);
       int64_t d = 0;
 #if defined(__AVX512F__)
       for (; d + 16 <= D; d += 16) _mm512_storeu_ps(g.data() + d, qwen35_simd::silu(_mm512_loadu_ps(g.data() + d)));
