@@ -471,3 +471,50 @@ def test_a_script_without_a_main_guard_can_start_ranks(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("tokens [") and len(eval(done.stdout.split(" ", 1)[1])) == 3
+
+
+# Every share of this shape is whole 128 x 128 FP8 tiles at 2 ranks (as the official FP8 releases' shapes are at 8).
+FP8_SHAPE = dict(vocab_size=132, hidden_size=128, head_dim=128, num_attention_heads=4, num_key_value_heads=2,
+                 linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=2,
+                 linear_num_value_heads=4, intermediate_size=256,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                      mrope_section=[16, 8, 8], mrope_interleaved=True))
+FP8_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fp8_checkpoints_over_two_ranks(moe, tmp_path):
+    """An FP8 checkpoint (block-128 e4m3 with tile scales, written as the official releases are): each rank reads
+    its whole tiles and their scales. Widened to fp32 the run is one process's (1e-5); kept in 8 bits (bf16) it
+    is as near to the fp32 run as one process is."""
+    from fp8_checkpoints import write_fp8_checkpoint
+
+    ref = make_hf_model("causal", moe=moe, seed=5, **FP8_SHAPE, **(FP8_MOE if moe else {}))
+    src = save_hf(ref, tmp_path / "bf16")
+    path = write_fp8_checkpoint(src, tmp_path / "fp8")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        alone = scripted_run(qwen35.load_model(path, dtype=dtype, progress=False))
+        out = tmp_path / f"rank0-{dtype}.pt"
+        mp.spawn(_rank, args=(2, _free_port(), str(path), moe, str(out), {"dtype": dtype}), nprocs=2, join=True)
+        results[dtype] = alone, torch.load(out)
+    alone, sharded = results["float32"]
+    assert sharded["tokens"] == alone["tokens"]
+    assert float((sharded["logprobs"] - alone["logprobs"]).abs().max()) <= 1e-5
+    exact = alone["logprobs"]
+    alone8, sharded8 = results["bfloat16"]
+    own = float((alone8["logprobs"].float() - exact).abs().max())
+    assert float((sharded8["logprobs"].float() - exact).abs().max()) <= 1.5 * own + 0.05
+
+
+def test_fp8_shares_must_be_whole_tiles():
+    from qwen35.config import find_preset
+    from qwen35.parallel.layout import Sharder
+
+    cfg = find_preset("Qwen3.5-0.8B").text  # 2 KV heads of 256 over 4 ranks: ranks 2 and 3 use head 1
+    sharder = Sharder(cfg, TensorParallel(2, 4))
+    assert sharder.block_cuts("model.layers.3.self_attn.k_proj.scale", 128) == (0, [slice(2, 4)])
+    small = dict(vars(cfg))
+    tiny = type(cfg)(**{**small, "head_dim": 64, "num_key_value_heads": 4})
+    with pytest.raises(ValueError, match="k_proj.weight: tensor parallelism over 128x128-block weights needs"):
+        Sharder(tiny, TensorParallel(1, 4)).block_cuts("model.layers.3.self_attn.k_proj.scale", 128)

@@ -87,6 +87,18 @@ _REPLICATED = re.compile(r"(norm\.weight|_norm\.weight|layernorm\.weight|mlp\.ga
                          r"|mtp\.fc\.weight)$")
 
 
+def _weight_name(name: str) -> str:
+    """The weight a quantised module's stored tensor belongs to: `x.qweight` / `x.scale` -> `x.weight`,
+    `experts.gate_up_proj_qweight` -> `experts.gate_up_proj`."""
+    for suffix in (".qweight", ".scale"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight"
+    for suffix in ("_qweight", "_scale"):
+        if name.endswith(suffix) and "experts." in name:
+            return name[: -len(suffix)]
+    return name
+
+
 class Sharder:
     """Cuts a full (checkpoint) tensor of one of our parameters into this rank's share."""
 
@@ -153,6 +165,22 @@ class Sharder:
             return None if self.tp.expert_parallel else (1, [self._heads(cfg.moe_intermediate_size, 1)])
         raise ValueError(f"no sharding rule for parameter {name!r}")
 
+    def block_cuts(self, name: str, block: int = 1) -> tuple[int, list[slice]] | None:
+        """`cuts` of the weight behind `name`, counted in `block`-wide blocks (a block-scaled format's scale
+        tensor: each 128 x 128 tile has one scale, so a share must be whole tiles). Names of quantised storage
+        (`q_proj.qweight`, `q_proj.scale`, `experts.gate_up_proj_qweight`) are cut as their weight."""
+        base = _weight_name(name)
+        cut = self.cuts(base)
+        if cut is None or block == 1:
+            return cut
+        dim, slices = cut
+        bad = [s for s in slices if s.start % block or s.stop % block]
+        if bad:
+            raise ValueError(f"{base}: tensor parallelism over {block}x{block}-block weights needs shares of whole "
+                             f"blocks, but rank {self.tp.rank} of {self.tp.size} holds "
+                             f"{', '.join(f'[{s.start}, {s.stop})' for s in bad)} along dimension {dim}")
+        return dim, [slice(s.start // block, s.stop // block) for s in slices]
+
     def expert_index(self, name: str, expert: int) -> int | None:
         """Where global expert `expert` of fused-experts parameter `name` goes on this rank (None: not here)."""
         if not self.tp.expert_parallel:
@@ -160,15 +188,15 @@ class Sharder:
         a, b = self.tp.part(self.cfg.num_experts)
         return expert - a if a <= expert < b else None
 
-    def piece(self, name: str, full: torch.Tensor, part: int | None = None) -> torch.Tensor:
+    def piece(self, name: str, full: torch.Tensor, part: int | None = None, block: int = 1) -> torch.Tensor:
         """This rank's share of `full`, the whole of parameter `name` (one expert's, for fused experts; only
-        its gate or up half when `part` is 0 or 1)."""
-        cut = self.cuts(name)
+        its gate or up half when `part` is 0 or 1); `block`: `full` is a block-scaled weight's scales."""
+        cut = self.block_cuts(name, block)
         if cut is None:
             return full
         dim, slices = cut
-        if part is not None and name.endswith("experts.gate_up_proj"):  # a per-expert gate or up tensor
-            inner = self.cfg.moe_intermediate_size
+        if part is not None and _weight_name(name).endswith("experts.gate_up_proj"):  # a per-expert gate or up
+            inner = -(-self.cfg.moe_intermediate_size // block)
             slices = [slice(s.start - part * inner, s.stop - part * inner) for s in slices
                       if part * inner <= s.start < (part + 1) * inner]
         pieces = [full.narrow(dim, s.start, s.stop - s.start) for s in slices]

@@ -17,7 +17,7 @@ from qwen35.model.mlp import Experts
 from qwen35.ops.hugepages import advise_hugepages, place_on_hugepages, release_free_memory
 from qwen35.ops.linear import Linear, fuse_projections
 from qwen35.ops.quant import FP8, QuantExperts, QuantLinear
-from qwen35.ops.quant.fp8 import scale_rows
+from qwen35.ops.quant.fp8 import BLOCK, scale_rows
 from qwen35.parallel import TensorParallel
 from qwen35.parallel.layout import Sharder
 from qwen35.weights.dummy import init_dummy_weights
@@ -181,8 +181,6 @@ def _load(path_or_id, dtype, device, load_format, seed, progress, quantization, 
     if spec is not None and quantization not in (None, "fp8"):
         raise ValueError(f"{folder} is an FP8 checkpoint: quantization={quantization!r} cannot be applied to it "
                          "(leave quantization unset, or 'fp8')")
-    if spec is not None and tp is not None:
-        raise ValueError(f"{folder} is an FP8 checkpoint: tensor parallelism over FP8 weights is not supported yet")
     files = checkpoint_files(folder)
     keep_fp8 = dtype != torch.float32 or quantization == "fp8"
     return load_weights(config, files, dtype, device, progress=progress, fp8=spec, keep_fp8=keep_fp8, tp=tp)
@@ -281,8 +279,12 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
     # parameters and the FP8 modules' stored buffers (not the derived ones: rotary tables, scale rows)
     params = dict(model.state_dict(keep_vars=True))
     # the whole model's shapes (what the checkpoint holds) when this process holds a share
-    whole = params if tp is None else dict(Qwen35Model.on_meta(config, with_mtp=has_mtp, with_vision=has_vision)
-                                           .state_dict(keep_vars=True))
+    whole = params
+    if tp is not None:
+        whole_model = Qwen35Model.on_meta(config, with_mtp=has_mtp, with_vision=has_vision)
+        if kept_fp8:
+            _swap_fp8_modules(whole_model, fp8_plan)
+        whole = dict(whole_model.state_dict(keep_vars=True))
     sharder = Sharder(config.text, tp) if tp is not None else None
     scale_names = {v: k for k, v in fp8_plan.scale_of.items()}
 
@@ -364,7 +366,12 @@ def load_weights(config: ModelConfig, files: dict[str, Path], dtype: torch.dtype
                 for n in tensor_names:
                     t = plan[n]
                     if sharder is not None:
-                        _read_share(f, n, t, shapes[n][0], params[t.param].data, sharder)
+                        if n in fp8_plan.scale_of and not kept_fp8:  # widened: its share times its scales' share
+                            scale = fp8_plan.scale_of[n]
+                            _widen_fp8_share(f, n, readers.setdefault(files[scale], SafetensorsReader(files[scale])),
+                                             scale, t, params[t.param].data, sharder)
+                        else:
+                            _read_share(f, n, t, shapes[n][0], params[t.param].data, sharder)
                         bar.update(_numel(shapes[n][0]) * params[t.param].element_size())
                         continue
                     dst = params[t.param].data
@@ -427,7 +434,30 @@ def _read_share(f: SafetensorsReader, name: str, t: Target, shape: tuple[int, ..
     if t.part is not None:
         half = dst.shape[0] // 2
         dst = dst[t.part * half:(t.part + 1) * half]
-    dst.copy_(sharder.piece(t.param, whole, t.part))
+    dst.copy_(sharder.piece(t.param, whole, t.part, _block_of(t.param)))
+
+
+def _block_of(param: str) -> int:
+    """The block a stored tensor's entries stand for: a block-FP8 weight's scales hold one per 128 x 128 tile."""
+    return BLOCK if param.endswith((".scale", "_scale")) else 1
+
+
+def _widen_fp8_share(f: SafetensorsReader, name: str, scale_reader: SafetensorsReader, scale_name: str, t: Target,
+                     dst: torch.Tensor, sharder: Sharder) -> None:
+    """FP8 weight `name` widened into this rank's parameter: the share of its e4m3 values times the share of its
+    tile scales (whole tiles: Sharder.block_cuts)."""
+    q = torch.empty(f.shape(name), dtype=torch.float8_e4m3fn)
+    f.read_into(name, q)
+    scale = torch.empty(scale_reader.shape(scale_name), dtype=torch.float32)
+    scale_reader.read_into(scale_name, scale)
+    if t.expert is not None:
+        dst = dst[sharder.expert_index(t.param, t.expert)]
+        if t.part is not None:
+            half = dst.shape[0] // 2
+            dst = dst[t.part * half:(t.part + 1) * half]
+    q = sharder.piece(t.param, q, t.part)
+    scale = sharder.piece(t.param, scale, t.part, BLOCK)
+    dst.copy_(FP8.dequantize({"qweight": q, "scale": scale, "srow": scale_rows([q.shape[0]])}, dst.dtype))
 
 
 def _read_whole_share(f: SafetensorsReader, name: str, param: str, shape: tuple[int, ...], dst: torch.Tensor,
@@ -437,7 +467,7 @@ def _read_whole_share(f: SafetensorsReader, name: str, param: str, shape: tuple[
         a, b = sharder.tp.part(shape[0])
         dst.copy_(f.read_rows(name, a, b))
         return
-    cut = sharder.cuts(param)
+    cut = sharder.block_cuts(param, _block_of(param))
     if cut is None:
         f.read_into(name, dst)
         return
