@@ -17,6 +17,7 @@ the closed connection at once, a hung rank after the timeout), and `WorkerGroup`
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -175,6 +176,7 @@ class WorkerGroup:
                 p.kill()
             raise
         group = cls(TensorParallel(0, size, expert_parallel=expert_parallel), procs)
+        atexit.register(group.close)  # stop the ranks and leave the group while the interpreter still runs
         log.info("tensor parallel: %d ranks (one host)%s", size, ", expert parallel" if expert_parallel else "")
         return group
 
@@ -197,7 +199,9 @@ class WorkerGroup:
                 dist.destroy_process_group()
             raise SystemExit(0)
         log.info("tensor parallel: %d ranks under torchrun%s", size, ", expert parallel" if expert_parallel else "")
-        return cls(TensorParallel(0, size, expert_parallel=expert_parallel), [])
+        group = cls(TensorParallel(0, size, expert_parallel=expert_parallel), [])
+        atexit.register(group.close)
+        return group
 
     def check(self) -> None:
         """Raise RankLost if a rank has exited."""
