@@ -82,13 +82,17 @@ def rank_device(device: str | torch.device, local_rank: int) -> str | torch.devi
     return f"cuda:{local_rank}" if str(device) == "cuda" else device
 
 
-def _follow(rank: int, size: int, expert_parallel: bool, load: dict) -> None:
+def _follow(rank: int, size: int, expert_parallel: bool, load: dict, shm: dict | None = None) -> None:
     """Rank `rank` (> 0), its process group joined: load its share, then run what rank 0 sends until it says
-    stop."""
+    stop. `shm`: the shared-memory file of one host's ranks (parallel/shm.py), or None (gloo only)."""
     from qwen35.engine.model_runner import ModelRunner
     from qwen35.weights import load_model
 
-    tp = TensorParallel(rank, size, expert_parallel=expert_parallel)
+    tp = TensorParallel(rank, size, expert_parallel=expert_parallel, shm=_shm_comm(shm, rank, size))
+    if shm is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has mapped the file: rank 0 removes its name
     model = load_model(tensor_parallel=tp, progress=False, **load)
     runner = None
     while True:
@@ -106,7 +110,19 @@ def _follow(rank: int, size: int, expert_parallel: bool, load: dict) -> None:
             raise RuntimeError(f"rank {rank}: unknown message {kind!r}")
 
 
-def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load: dict, threads: int | None) -> None:
+def _shm_comm(shm: dict | None, rank: int, size: int, peers_alive=None):
+    if shm is None:
+        return None
+    from qwen35.parallel.shm import SharedMemoryComm
+
+    if peers_alive is None:  # a follower: rank 0 is its parent, gone when the parent id changes
+        parent = os.getppid()
+        peers_alive = lambda: os.getppid() == parent  # noqa: E731
+    return SharedMemoryComm(shm["path"], rank, size, shm["slot_bytes"], timeout_s(), peers_alive)
+
+
+def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load: dict, threads: int | None,
+                shm: dict | None = None) -> None:
     """A child process of rank 0 (one host): join the group, then follow (`python -m qwen35.parallel.workers`)."""
     import torch.distributed as dist
 
@@ -114,7 +130,7 @@ def worker_main(rank: int, size: int, address: str, expert_parallel: bool, load:
         torch.set_num_threads(threads)
     _init(rank, size, address, load.get("device", "cpu"))
     try:
-        _follow(rank, size, expert_parallel, dict(load, device=rank_device(load.get("device", "cpu"), rank)))
+        _follow(rank, size, expert_parallel, dict(load, device=rank_device(load.get("device", "cpu"), rank)), shm)
     finally:
         dist.destroy_process_group()
 
@@ -160,22 +176,37 @@ class WorkerGroup:
     def start(cls, size: int, expert_parallel: bool, load: dict, threads: int | None = None) -> WorkerGroup:
         """Spawn ranks 1..size-1 with the load arguments of `load_model` (`path_or_id`, `dtype`, `device`,
         `load_format`, `seed`), and join the process group as rank 0."""
-        address = f"tcp://127.0.0.1:{_free_port()}"
+        from qwen35.parallel import shm as shm_mod
+
+        port = _free_port()
+        address = f"tcp://127.0.0.1:{port}"
         plain = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype | torch.device) else v)
                  for k, v in load.items()}
+        shm = None
+        if shm_mod.supported() and not str(load.get("device", "cpu")).startswith("cuda"):
+            shm = {"path": f"/dev/shm/qwen35-tp-{os.getpid()}-{port}", "slot_bytes": shm_mod.slot_bytes_default()}
+            shm_mod.create_file(shm["path"], size, shm["slot_bytes"])
         procs = []
         for rank in range(1, size):
             cmd = [sys.executable, "-m", "qwen35.parallel.workers", json.dumps(
                 {"rank": rank, "size": size, "address": address, "expert_parallel": expert_parallel, "load": plain,
-                 "threads": threads})]
+                 "threads": threads, "shm": shm})]
             procs.append(Rank(rank, subprocess.Popen(cmd)))
         try:
             _init(0, size, address, load.get("device", "cpu"))
         except BaseException:
             for p in procs:
                 p.kill()
+            if shm is not None:
+                os.unlink(shm["path"])
             raise
-        group = cls(TensorParallel(0, size, expert_parallel=expert_parallel), procs)
+        comm = _shm_comm(shm, 0, size, peers_alive=lambda: all(p.is_alive() for p in procs))
+        if shm is not None:  # once every rank mapped it, the file needs no name: nothing is left behind
+            import torch.distributed as dist
+
+            dist.barrier()
+            os.unlink(shm["path"])
+        group = cls(TensorParallel(0, size, expert_parallel=expert_parallel, shm=comm), procs)
         atexit.register(group.close)  # stop the ranks and leave the group while the interpreter still runs
         log.info("tensor parallel: %d ranks (one host)%s", size, ", expert parallel" if expert_parallel else "")
         return group
@@ -244,10 +275,12 @@ class WorkerGroup:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # a rank started by WorkerGroup.start
     spec = json.loads(sys.argv[1])
-    worker_main(spec["rank"], spec["size"], spec["address"], spec["expert_parallel"], spec["load"], spec["threads"])
+    worker_main(spec["rank"], spec["size"], spec["address"], spec["expert_parallel"], spec["load"], spec["threads"],
+                spec.get("shm"))

@@ -389,6 +389,10 @@ int64_t flush_denormals_all_threads() {
   return n;
 }
 
+// A full memory fence: stores before it (memcpy's non-temporal ones included, which x86 does not keep in order)
+// are visible to other processes before any store after it (parallel/shm.py posts its counter after it).
+void memory_fence() { _mm_mfence(); }
+
 std::string isa() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
@@ -441,6 +445,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_uses_int16_activations", &int8_uses_int16_activations, "gemv_int8 rounds x to int16 per row");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
+  m.def("memory_fence", &memory_fence, "mfence: earlier stores visible before later ones");
   m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm, one pass per row");
   m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
