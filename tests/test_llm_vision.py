@@ -14,8 +14,8 @@ REAL_IDS = dict(vision_start_token_id=248053, vision_end_token_id=248054, image_
                 video_token_id=248057)
 
 
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory):
+def make_tiny_vl(path):
+    """A tiny transformers Qwen3.5 with a vision tower and the real vocabulary, saved in `path`; returns it."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -24,9 +24,14 @@ def tiny_vl(tmp_path_factory):
               spatial_merge_size=2, num_position_embeddings=16, out_hidden_size=32)
     ref = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=tc, vision_config=vc, **REAL_IDS)).eval()
     make_weights_bite(ref, seed=1)
-    path = tmp_path_factory.mktemp("tiny_vl")
     ref.save_pretrained(path)
-    return ref, path
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vl")
+    return make_tiny_vl(path), path
 
 
 def picture(seed: int, size=(70, 50)) -> Image.Image:

@@ -173,42 +173,16 @@ def test_a_rank_that_dies_fails_the_engine_with_a_clear_error(checkpoint):
         llm.close_workers()
 
 
-def _start_server(tmp_path, *extra):
-    import os
-    import subprocess
-    import sys
-    import time
+def _start_server(tmp_path):
+    from test_server_support import start_serve_process
 
-    from test_engine_support import write_config
-    from test_server_support import call
-
-    folder = write_config(tmp_path / "tiny", vocab_size=248320)
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("QWEN35_API_KEY", None)
-    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(folder), "--load-format", "dummy",
-                             "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "4096",
-                             "--kv-cache-memory-bytes", str(1 << 25), "--dtype", "float32", "--log-level", "warning",
-                             "--tensor-parallel-size", "2", *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()
-        try:
-            if call(port, "GET", "/health", timeout=5).status == 200:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
-    return proc, port, log
+    return start_serve_process(tmp_path, "--max-model-len", "4096", "--dtype", "float32", "--tensor-parallel-size", "2")
 
 
 def _stop_server(proc, log) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
-    log.close()
+    from test_server_support import stop_serve_process
+
+    stop_serve_process(proc, log)
 
 
 def test_serve_over_two_ranks_answers_the_openai_client(tmp_path):
@@ -372,18 +346,9 @@ def test_int8_and_bf16_shares_stay_close_to_one_process(checkpoint, load, tmp_pa
 def test_images_over_two_ranks(tmp_path):
     """An image prompt (chunked, so a chunk ends inside the image) over 2 ranks: rank 0 encodes the picture, every
     rank embeds its vocabulary rows and places the features; the tokens and logprobs are one process's."""
-    import transformers as tf
-    from test_llm_vision import REAL_IDS, picture
+    from test_llm_vision import REAL_IDS, make_tiny_vl, picture
 
-    from conftest import TINY_TEXT, make_weights_bite
-
-    torch.manual_seed(0)
-    tc = dict(TINY_TEXT, vocab_size=248320, intermediate_size=40)
-    vc = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=16, temporal_patch_size=2,
-              spatial_merge_size=2, num_position_embeddings=16, out_hidden_size=32)
-    ref = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=tc, vision_config=vc, **REAL_IDS)).eval()
-    make_weights_bite(ref, seed=1)
-    ref.save_pretrained(tmp_path)
+    make_tiny_vl(tmp_path)
     messages = [{"role": "user", "content": [{"type": "image", "image": picture(0, (120, 90))},
                                              {"type": "text", "text": "What is in the picture?"}]}]
     params = qwen35.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)

@@ -5,54 +5,21 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import openai
 import pytest
 import test_engine_support  # noqa: F401
-from test_engine_support import write_config
-from test_server_support import call, sse_events
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_server_support import call, sse_events, start_serve_process, stop_serve_process
 
 
 @pytest.fixture
 def served(tmp_path):
-    folder = write_config(tmp_path / "tiny", vocab_size=248320)
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("QWEN35_API_KEY", None)
-    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(folder), "--load-format", "dummy",
-                             "--port", str(port), "--api-key", "s3cret", "--served-model-name", "tiny",
-                             "--max-model-len", "1024", "--kv-cache-memory-bytes", str(1 << 25),
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc, port, log = start_serve_process(tmp_path, "--api-key", "s3cret", "--max-model-len", "1024")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if call(port, "GET", "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         yield proc, port
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        log.close()
+        stop_serve_process(proc, log)
 
 
 def test_serve_auth_and_graceful_shutdown(served):

@@ -185,3 +185,49 @@ def get_metrics(port: int, headers: dict[str, str] | None = None) -> str:
     r = call(port, "GET", "/metrics", headers=headers)
     assert r.status == 200, r.body
     return r.body.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve_process(tmp_path: Path, *flags: str):
+    """`qwen35 serve` on a tiny dummy model (real vocabulary) as a real process with `flags`; returns
+    (process, port, log file) once /health answers 200. `stop_serve_process` ends it."""
+    import os
+    import subprocess
+    import sys
+
+    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("QWEN35_API_KEY", None)
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 (closed by stop_serve_process)
+    proc = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", str(folder), "--load-format", "dummy",
+                             "--port", str(port), "--served-model-name", "tiny", "--kv-cache-memory-bytes",
+                             str(1 << 25), "--log-level", "warning", *flags],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if call(port, "GET", "/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+    except BaseException:
+        stop_serve_process(proc, log)
+        raise
+    return proc, port, log
+
+
+def stop_serve_process(proc, log) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    log.close()

@@ -73,7 +73,7 @@ class ModelRunner:
             ctx.append(start)
         flat = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         step = StepInput(token_ids=flat, query_lens=list(work.num_tokens), context_lens=ctx,
-                         slots=[s.slot for s in work.seqs], block_tables=[list(s.block_table) for s in work.seqs],
+                         slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs],
                          snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
         if any(s.request.mm is not None for s in work.seqs):
             step.positions, step.vision_rows, step.vision_features = self._multimodal_inputs(work, ctx)
