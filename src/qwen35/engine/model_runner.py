@@ -19,6 +19,12 @@ from qwen35.engine.scheduler import SchedulerOutput
 from qwen35.engine.sequence import Sequence
 from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
 from qwen35.multimodal.inputs import VisionFeatureCache
+from qwen35.ops.hugepages import release_free_memory
+
+# A step of this many tokens or more hands the heap's free pages back afterwards (malloc_trim: ~0.1 ms against a
+# prefill chunk's seconds). glibc keeps a prompt's freed activations as holes in its heap, and the next prompt's
+# peak stacks on top of them: on the 0.8B Q4_K_M, a 1K-token prefill's peak RSS 30 MB lower with it.
+RELEASE_AFTER_TOKENS = 256
 
 
 @dataclass
@@ -95,6 +101,8 @@ class ModelRunner:
             embeds = self.model.model.embed_tokens(step.token_ids)
             embeds[step.vision_rows] = step.vision_features.to(embeds.dtype)
         hidden = self.model.forward_batch(step.token_ids, batch, inputs_embeds=embeds)
+        if step.token_ids.numel() >= RELEASE_AFTER_TOKENS:
+            release_free_memory()
         if step.head is None or not step.head_rows:
             return hidden, batch, None
         last = hidden[torch.as_tensor(step.head_rows, device=self.device)]

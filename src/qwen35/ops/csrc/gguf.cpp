@@ -55,7 +55,7 @@
 // Input rows multiplied per fp32 GEMM of a tile: x is widened to fp32 (and the product held) for this many rows at
 // a time, not for the whole prompt (a 1K-token prompt's MLP input alone is 14 MB in fp32 on the 0.8B).
 #ifndef QWEN35_GGUF_BLOCK_M
-#define QWEN35_GGUF_BLOCK_M 1024
+#define QWEN35_GGUF_BLOCK_M 512
 #endif
 // Few rows (a MoE expert's share of a prompt, a batch of decode rows) take tiles that stay in L2 instead: measured on
 // 2 threads, Q4_K [1024, 2048] at M = 8 / 16 / 32: 1 MB tiles 0.29 / 0.75 / 0.97 ms, 16 MB 0.69 / 0.80 / 1.00; at
@@ -903,7 +903,11 @@ torch::Tensor moe_experts_gguf(torch::Tensor x, torch::Tensor gu_q, int64_t gu_t
 
 namespace {
 
-constexpr int kGroupRows = 4;  // weight rows widened (and inputs taken) together by micro_dots
+constexpr int kGroupRows = 4;  // weight rows widened together by micro_dots
+// Inputs taken together: 6 x 4 accumulators + 4 rows + 1 input of the 32 registers. Measured on the MoE bench
+// shape's Q4_K experts (512 tokens, 2 threads), ms per layer: 4 inputs 206-231, 5 175-185, 6 174-190; 8 rows x 3
+// inputs 259-280.
+constexpr int kGroupInputs = 6;
 
 // acc[s][r][0..16) += the 16 lanes of sum_k xs[s][k] * w[r * KC + k], k < KC (a multiple of 16), for MS inputs and
 // NR widened weight rows: every 16-wide load of a row or an input feeds several FMAs, the partial sums stay in 16
@@ -961,18 +965,18 @@ inline void lanes_sums16(const float* a, int n, float* out) {
 #endif
 }
 
-// Weights widened kGroupRows rows x up to kChunk values at a time (32 KB: in L1 while every input of the expert
-// streams past). Whole rows where they fit: widening a block at a time costs more per block than it saves (MoE
-// bench shape, 2 threads: 256-value chunks made the kernel ~10% slower than whole rows of 2048).
-constexpr int64_t kChunk = 1024;
+// Weights widened kGroupRows rows x up to kChunk values at a time (8 KB, and the inputs' matching pieces stay in L1
+// while the groups of inputs pass). Measured with 6 inputs a group (MoE bench shape, 2 threads, ms per layer):
+// 256-value chunks 192-203, 512 166-186, 1024 (whole rows of the down projection) 190-230.
+constexpr int64_t kChunk = 512;
 
 // out[s * kGroupRows + i] = sum_k xs[s][k] * row_i[k] for inputs s < ns and the kGroupRows weight rows starting at
 // `rows` (row stride m.row_bytes), widened kChunk values at a time. wbuf holds kGroupRows * kChunk floats, acc
 // (ns + kGroupRows) * kGroupRows * 16. (Every weight here has a multiple of 32 rows: K of the other projection.)
 void group_dots(const Matrix& m, const uint8_t* rows, int64_t ns, const float* const* xs, float* wbuf, float* acc,
                 float* out) {
-  // inputs in groups as even as possible of at most kGroupRows (13 = 4 + 3 + 3 + 3, not 4 + 4 + 4 + 1)
-  const int64_t ng = (ns + kGroupRows - 1) / kGroupRows;
+  // inputs in groups as even as possible of at most kGroupInputs (13 = 5 + 4 + 4, not 6 + 6 + 1)
+  const int64_t ng = (ns + kGroupInputs - 1) / kGroupInputs;
   for (int64_t k0 = 0; k0 < m.K; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, m.K - k0);  // a multiple of the block, so of 16
     const int64_t b0 = k0 / m.k->elems, nbc = kc / m.k->elems;
@@ -981,6 +985,8 @@ void group_dots(const Matrix& m, const uint8_t* rows, int64_t ns, const float* c
       const int64_t s0 = g * ns / ng, ms = (g + 1) * ns / ng - s0;
       float* a = acc + s0 * kGroupRows * 16;
       switch (ms) {
+        case 6: micro_dots<6, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
+        case 5: micro_dots<5, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
         case 4: micro_dots<4, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
         case 3: micro_dots<3, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
         case 2: micro_dots<2, kGroupRows>(xs + s0, k0, wbuf, kc, a); break;
@@ -988,11 +994,10 @@ void group_dots(const Matrix& m, const uint8_t* rows, int64_t ns, const float* c
       }
     }
   }
-  // the partial sums of kGroupRows inputs x kGroupRows rows lie in 16 consecutive vectors
-  static_assert(kGroupRows * kGroupRows == 16, "lanes_sums16 takes 16 partial sums");
-  for (int64_t s0 = 0; s0 < ns; s0 += kGroupRows)
-    lanes_sums16(acc + s0 * kGroupRows * 16, static_cast<int>(std::min<int64_t>(kGroupRows, ns - s0)) * kGroupRows,
-                 out + s0 * kGroupRows);
+  // the partial sums (input s, row r) are vectors s * kGroupRows + r: reduced 16 at a time
+  const int64_t nv = ns * kGroupRows;
+  for (int64_t v0 = 0; v0 < nv; v0 += 16)
+    lanes_sums16(acc + v0 * 16, static_cast<int>(std::min<int64_t>(16, nv - v0)), out + v0);
 }
 
 }  // namespace
