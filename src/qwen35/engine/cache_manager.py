@@ -311,9 +311,40 @@ class CacheManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
         if seq.slot is not None:
-            self.num_live_slots -= 1
-            self._free_region(seq.slot)
+            self._release_slot(seq.slot)
             seq.slot = None
+        for region in seq.draft_slots:
+            self._release_slot(region)
+        seq.draft_slots = []
+
+    # ---------------------------------------------------------------- speculative verification
+    def take_draft_slots(self, n: int, reserve_blocks: int = 0) -> list[int]:
+        """Up to `n` regions for the GDN states after a verify step's drafts (ForwardBatch.chains), each taken only
+        while `reserve_blocks` blocks stay free besides (drafts never cost another sequence its room)."""
+        got: list[int] = []
+        while len(got) < n and self.num_free_slots >= 1 and \
+                self.blocks_per_region + reserve_blocks <= self.num_free_blocks:
+            region = self._take_state_region(SLOT)
+            if region is None:
+                break
+            got.append(region)
+        return got
+
+    def settle_draft_slots(self, seq, kept: int) -> None:
+        """After a verify step that kept `kept` of its rows (the first row and kept - 1 drafts): the state after
+        the last kept row becomes the sequence's slot; its other draft slots are free again."""
+        regions, seq.draft_slots = seq.draft_slots, []
+        keep = regions[kept - 2] if kept >= 2 else None
+        for region in regions:
+            if region != keep:
+                self._release_slot(region)
+        if keep is not None:
+            self._release_slot(seq.slot)
+            seq.slot = keep
+
+    def _release_slot(self, region: int) -> None:
+        self.num_live_slots -= 1
+        self._free_region(region)
 
     # ---------------------------------------------------------------- snapshots inside a chunk
     def plan_snapshots(self, seqs, num_tokens) -> dict[int, list[tuple[int, int, BlockKey]]]:
@@ -327,7 +358,7 @@ class CacheManager:
         plans: dict[int, list[tuple[int, int, BlockKey]]] = {}
         for i, (seq, n) in enumerate(zip(seqs, num_tokens, strict=True)):
             start = seq.num_computed_tokens
-            if n < 2:
+            if n < 2 or seq.draft_slots:  # a verify step's rows are decodes: their states go to draft slots
                 continue
             keys = self._keys(seq)
             points = range((start // prefix.grid + 1) * prefix.grid, start + n, prefix.grid)

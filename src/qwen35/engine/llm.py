@@ -51,7 +51,8 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  generation_config: str | None = "auto", skip_tokenizer_init: bool = False,
                  quantization: str | None = None, enable_prefix_caching: bool = True,
-                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 speculative_config: dict | str | None = None):
         """`model`: a checkpoint folder, a hub id, with `load_format="dummy"` a preset name or a folder holding
         only config.json, or an already loaded `Qwen35Model`. `dtype` "auto": bfloat16 on a GPU and for FP8
         (checkpoints or `quantization="fp8"`: kept in 8 bits), else float32 on CPU. `tokenizer`: None (the
@@ -64,7 +65,10 @@ class LLM:
         model is split over N processes (this one and N-1 it starts on this host; or, under torchrun, the N it
         started, on one host or several: on ranks other than 0 this call serves rank 0 and then exits the
         process), each holding its share of every layer (qwen35.parallel.layout); gloo on CPU, NCCL on CUDA.
-        `enable_expert_parallel`: MoE layers split by expert."""
+        `enable_expert_parallel`: MoE layers split by expert. `speculative_config`: vLLM's
+        `{"method": "mtp", "num_speculative_tokens": k}`, k = 1..4: MTP speculative decoding with the checkpoint's
+        own MTP layer (lossless: the same tokens as without it; `LLM.speculative_stats()` says how it went)."""
+        from qwen35.engine.speculative import SpeculativeConfig
         from qwen35.tokenizer import load_tokenizer
         from qwen35.weights import load_model
         from qwen35.weights.gguf import gguf_tokenizer, is_gguf
@@ -78,6 +82,10 @@ class LLM:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if not isinstance(enable_expert_parallel, bool):
             raise ValueError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
+        spec = SpeculativeConfig.parse(speculative_config)  # a bad one fails before anything loads
+        if spec is not None and tensor_parallel_size > 1:
+            raise ValueError("speculative_config with tensor_parallel_size > 1 is not supported yet: run MTP "
+                             "speculative decoding in one process")
         if tensor_parallel_size > 1 and isinstance(model, torch.nn.Module):
             raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or a preset name (every rank loads "
                              "its own share), not a loaded model")
@@ -142,8 +150,15 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes, block_size=block_size, seed=seed,
                                 eos_token_ids=eos, default_sampling_params=self.default_sampling_params,
-                                enable_prefix_caching=enable_prefix_caching, workers=self.workers)
+                                enable_prefix_caching=enable_prefix_caching, workers=self.workers,
+                                speculative_config=spec)
         self.engine.model_folder = folder
+
+    def speculative_stats(self) -> dict | None:
+        """MTP speculative decoding so far: drafts, drafted and accepted tokens, acceptance (overall and by draft
+        position), mean tokens per verify step; None when it is off."""
+        stats = self.engine.spec_stats
+        return stats.as_dict() if stats is not None else None
 
     def close_workers(self) -> None:
         """Stop the other ranks of a tensor-parallel LLM (also at exit); the LLM cannot generate after."""

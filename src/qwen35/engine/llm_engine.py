@@ -36,11 +36,13 @@ from qwen35.engine.detokenize import OutputText
 from qwen35.engine.model_runner import ModelRunner
 from qwen35.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen35.engine.prefix_cache import SNAPSHOT_GRID
-from qwen35.engine.sampler import SamplerOutput, SamplerRow
+from qwen35.engine.sampler import SamplerOutput, SamplerRow, draw_noise
 from qwen35.engine.sampling import RequestOutputKind, SamplingParams
 from qwen35.engine.scheduler import Scheduler, SchedulerOutput
 from qwen35.engine.sequence import Request, SequenceStatus
 from qwen35.engine.sequence import Sequence as Seq
+from qwen35.engine.speculative import DraftWork, MTPDrafter, SpecDecodeStats, SpeculativeConfig, accepted_prefix
+from qwen35.model.cache import text_positions
 
 log = logging.getLogger("qwen35")
 
@@ -66,7 +68,7 @@ class LLMEngine:
                  kv_cache_memory_bytes: int | None = None, block_size: int = 16, seed: int | None = 0,
                  eos_token_ids: Iterable[int] | None = None,
                  default_sampling_params: SamplingParams | None = None, enable_prefix_caching: bool = True,
-                 workers: Any = None):
+                 workers: Any = None, speculative_config: Any = None):
         """`model`: a `Qwen35Model`. `tokenizer`: a `qwen35.tokenizer.Tokenizer` (None: token ids in, no text
         out). `max_model_len`: prompt + output tokens of one sequence (default: the model's
         `max_position_embeddings`, lowered to what the cache holds). `kv_cache_memory_bytes`: the cache budget
@@ -75,7 +77,9 @@ class LLMEngine:
         prefilled in chunks). `seed`: where the random streams of unseeded requests come from.
         `enable_prefix_caching`: requests that begin with the tokens of an earlier one start from its cached KV
         blocks and GDN state snapshot (see engine/cache_manager.py); the state slots no running sequence holds
-        keep the snapshots."""
+        keep the snapshots. `speculative_config`: vLLM's `{"method": "mtp", "num_speculative_tokens": k}` (k = 1..4):
+        the checkpoint's MTP layer drafts k tokens that the model verifies in one step (engine/speculative.py;
+        lossless: the same tokens as without it)."""
         cfg = model.cache_config  # this process's share of the model under tensor parallelism
         self.model = model
         self.tokenizer = tokenizer
@@ -106,9 +110,16 @@ class LLMEngine:
         if enable_prefix_caching and SNAPSHOT_GRID % block_size:
             raise ValueError(f"block_size={block_size}: with prefix caching it must divide the snapshot grid of "
                              f"{SNAPSHOT_GRID} tokens (e.g. 16, the default)")
-        # one pool: KV blocks, the running sequences' states and the prefix cache's snapshots
+        self.spec = SpeculativeConfig.parse(speculative_config)
+        if self.spec is not None and workers is not None:
+            raise ValueError("speculative_config with tensor_parallel_size > 1 is not supported yet: run MTP "
+                             "speculative decoding in one process")
+        if self.spec is not None and getattr(model, "mtp", None) is None:
+            MTPDrafter(model, None, self.spec.num_speculative_tokens)  # raises: the message says why
+        # one pool: KV blocks, the running sequences' states and the prefix cache's snapshots (and with MTP its
+        # layer's KV, as one more attention layer)
         self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len,
-                                          block_size)
+                                          block_size, extra_attention_layers=1 if self.spec is not None else 0)
         if max_model_len is None and self.plan.max_model_len < cfg.max_position_embeddings:
             log.info("max_model_len lowered to %d tokens: what the %s cache budget holds next to one state slot",
                      self.plan.max_model_len, "given" if budget_given else "default")
@@ -120,6 +131,16 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.plan, broadcast=workers.broadcast if workers is not None else None)
         self.cache = CacheManager.for_plan(self.plan, enable_prefix_caching, copy_slot=self.runner.copy_slot)
         self.scheduler = Scheduler(self.cache, self.max_num_seqs, max_num_batched_tokens)
+        self.drafter: MTPDrafter | None = None
+        self.spec_stats: SpecDecodeStats | None = None
+        if self.spec is not None:
+            self.drafter = MTPDrafter(model, self.runner.cache, self.spec.num_speculative_tokens)
+            self.spec_stats = SpecDecodeStats(self.spec.num_speculative_tokens)
+            self.runner.keep_hidden = True
+        # draft_override(seq, drafts) -> the drafts to verify instead (tests and benchmarks: known continuations at
+        # a chosen acceptance, with the MTP layer still run, so that its cost stays in the step)
+        self.draft_override: Any = None
+        self._deferred: list[tuple[Seq, str, Any]] | None = None  # finishes held back while a step settles
         self._hit_log_time = time.monotonic()
         self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
         self._mm_processor = None
@@ -230,40 +251,72 @@ class LLMEngine:
                 raise
             return self._postprocess(work, sampled_seqs, sampled)
 
-    def _sampler_row(self, seq: Seq) -> SamplerRow:
+    def _sampler_row(self, seq: Seq, before: Sequence[int] = ()) -> SamplerRow:
+        """How to sample `seq`'s next token; `before`: drafts a verify step puts ahead of this position (they
+        count as its history: penalties, min_tokens). A sampling row takes the sequence's next noise row:
+        one a verify step left (`pending_noise`), or drawn now for a verify step's rows."""
         p = seq.params
+        n_out = seq.num_output_tokens + len(before)
         masked: tuple[int, ...] = ()
-        if seq.num_output_tokens < p.min_tokens:
+        if n_out < p.min_tokens:
             masked = (*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids)
         # Token lists are copied only for the penalties that read them (long contexts make copies costly).
         penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        noise = None
+        if not p.greedy and (seq.pending_noise or seq.draft_slots):
+            while len(seq.pending_noise) <= len(before):
+                seq.pending_noise.append(draw_noise(self.runner.vocab_size, seq.generator, self.runner.device))
+            noise = seq.pending_noise[len(before)]
         return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
-                          output_ids=seq.output_token_ids if penalised else (), generator=seq.generator,
-                          masked_ids=masked)
+                          output_ids=[*seq.output_token_ids, *before] if penalised else (), generator=seq.generator,
+                          masked_ids=masked, noise=noise)
 
     def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
                      ) -> list[RequestOutput]:
-        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.cache.cache_computed(seq)
-        if work.snapshots:
-            self.cache.commit_snapshots(work.snapshots)
-        self._log_hit_rate()
+        drafts_of = {id(work.seqs[i]): d for i, d in work.drafts.items()}
+        kept: dict[int, int] = {}  # a verify step's sequences: how many of their rows stay in the cache
         moved: dict[str, Request] = {}
         now = time.monotonic()
-        for i, seq in enumerate(seqs):
-            assert sampled is not None
-            tok = sampled.token_ids[i]
-            self._append_token(seq, tok, sampled.logprobs[i], sampled.top_logprobs[i])
-            budget = seq.thinking_budget
-            if budget is not None and not seq.is_finished:
-                for forced in budget.step(tok) or ():
-                    if seq.is_finished:
-                        break
-                    self._append_token(seq, forced, None, None, forced=True)
-            if seq.request.first_token_time is None:
-                seq.request.first_token_time = now
-            moved[seq.request.request_id] = seq.request
+        self._deferred = []  # finishes wait until the cache has counted what this step computed
+        try:
+            at = 0
+            for i, seq in enumerate(seqs):
+                assert sampled is not None
+                r = sampled.rows[i] if sampled.rows is not None else 1
+                drafts = drafts_of.get(id(seq), ())
+                targets = sampled.token_ids[at:at + r]
+                # the target's token at each position; a draft stays while the target agrees with it
+                n_ok = accepted_prefix(targets, list(drafts)) if drafts else 0
+                used = 0
+                for j in range(n_ok + 1):
+                    used = j + 1
+                    if self._append_sampled(seq, targets[j], sampled.logprobs[at + j], sampled.top_logprobs[at + j]):
+                        break  # it finished, or the engine put tokens of its own after this one
+                if seq.pending_noise and not seq.params.greedy:
+                    del seq.pending_noise[:used]  # the noise rows of the positions kept; the rest wait
+                if drafts:
+                    kept[id(seq)] = used
+                    self.spec_stats.record(len(drafts), n_ok)
+                at += r
+                if seq.request.first_token_time is None:
+                    seq.request.first_token_time = now
+                moved[seq.request.request_id] = seq.request
+            for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+                if id(seq) in kept:
+                    if seq.finish_reason is None:
+                        self.cache.settle_draft_slots(seq, kept[id(seq)])
+                    n = kept[id(seq)]
+                seq.num_computed_tokens += n
+                self.cache.cache_computed(seq)
+            if work.snapshots:
+                self.cache.commit_snapshots(work.snapshots)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            for seq, _, _ in deferred:
+                self.scheduler.finish(seq)
+        if self.drafter is not None:
+            self._propose(work, kept)
+        self._log_hit_rate()
         for req in self._to_report:
             moved[req.request_id] = req
         self._to_report = []
@@ -277,6 +330,51 @@ class LLMEngine:
                 req.finished_time = now
                 self._requests.pop(req.request_id, None)
         return outputs
+
+    def _append_sampled(self, seq: Seq, tok: int, logprob: float | None, top: dict[int, Logprob] | None) -> bool:
+        """Append a sampled token and what the thinking budget adds after it; True when the sequence finished or
+        the budget added tokens (later drafts of a verify step no longer follow)."""
+        self._append_token(seq, tok, logprob, top)
+        budget = seq.thinking_budget
+        added = False
+        if budget is not None and seq.finish_reason is None:
+            for forced in budget.step(tok) or ():
+                if seq.finish_reason is not None:
+                    break
+                self._append_token(seq, forced, None, None, forced=True)
+                added = True
+        return added or seq.finish_reason is not None
+
+    def _propose(self, work: SchedulerOutput, kept: dict[int, int]) -> None:
+        """The MTP layer over every row this step committed, then drafts for the sequences that decode next."""
+        step = self.runner.last_step
+        positions = step.positions if step.positions is not None else \
+            text_positions(step.context_lens, step.query_lens, self.runner.device)
+        items, row = [], 0
+        reserve = len(self.scheduler.running)
+        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+            if seq.finish_reason is None and seq.status == SequenceStatus.RUNNING:
+                k = kept.get(id(seq), n)
+                nd = 0
+                if seq.num_uncomputed_tokens == 1:
+                    # no drafts past max_tokens or max_model_len: a verify step makes at most drafts + 1 tokens
+                    k_max = self.spec.num_speculative_tokens
+                    p = seq.params
+                    left = p.max_tokens - seq.num_output_tokens if p.max_tokens is not None else k_max + 1
+                    nd = max(0, min(k_max, left - 1, self.max_model_len - seq.num_tokens))
+                    # the chain's own positions need KV room (the MTP layer's), without squeezing anyone
+                    while nd > 1 and not self.cache.can_allocate(seq, seq.num_tokens + nd - 2, reserve_blocks=reserve):
+                        nd -= 1
+                    if nd > 1:
+                        self.cache.allocate(seq, seq.num_tokens + nd - 2)
+                items.append(DraftWork(seq, row, seq.num_computed_tokens - k, k, nd))
+            row += n
+        drafts = self.drafter.propose(self.runner.last_hidden, positions, items)
+        for item, d in zip(items, drafts, strict=True):
+            if self.draft_override is not None and item.num_drafts:
+                d = list(self.draft_override(item.seq, d))[:item.num_drafts]
+            item.seq.draft_ids = d
+        self.runner.last_hidden = self.runner.last_step = None
 
     def _log_hit_rate(self) -> None:
         prefix = self.cache.prefix
@@ -335,7 +433,10 @@ class LLMEngine:
     def _finish(self, seq: Seq, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.text.finish()
-        self.scheduler.finish(seq)
+        if self._deferred is not None:  # inside a step's bookkeeping: freed once the cache has counted the step
+            self._deferred.append((seq, reason, stop_reason))
+        else:
+            self.scheduler.finish(seq)
 
     # ------------------------------------------------------------------------------------------ outputs
     def _report(self, req: Request) -> RequestOutput | None:

@@ -38,6 +38,7 @@ class StepInput:
     block_tables: list[list[int]]
     snapshots: dict[int, list[tuple[int, int]]]  # see ForwardBatch.snapshots
     positions: torch.Tensor | None = None  # [3, N]; None: text positions
+    chains: dict[int, list[int]] = field(default_factory=dict)  # see ForwardBatch.chains (verify steps)
     # images / videos: the rows of the flat batch that take vision features, and those features (computed by
     # rank 0 alone; every rank embeds the tokens and places them: the embedding is vocab-parallel)
     vision_rows: torch.Tensor | None = None
@@ -62,6 +63,10 @@ class ModelRunner:
         self.greedy_shortcut = self.head_screen or getattr(model, "tp", None) is not None
         self.vision_cache = VisionFeatureCache()
         self.broadcast = broadcast
+        # the latest step's final hidden states and input, kept for the drafter (speculative decoding) only
+        self.keep_hidden = False
+        self.last_hidden: torch.Tensor | None = None
+        self.last_step: StepInput | None = None
 
     def copy_slot(self, src: int, dst: int) -> None:
         """The storage's copy_slot, on every rank."""
@@ -73,14 +78,17 @@ class ModelRunner:
         """The scheduled tokens as plain data (no head rows yet)."""
         ids: list[int] = []
         ctx: list[int] = []
-        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+        for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            drafts = work.drafts.get(i, ())
+            ids.extend(seq.token_ids[start:start + n - len(drafts)])
+            ids.extend(drafts)  # a verify step: its last token, then the drafts after it
             ctx.append(start)
         flat = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         step = StepInput(token_ids=flat, query_lens=list(work.num_tokens), context_lens=ctx,
                          slots=[s.slot for s in work.seqs], block_tables=[s.block_table for s in work.seqs],
-                         snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()})
+                         snapshots={i: [(o, slot) for o, slot, _ in plan] for i, plan in work.snapshots.items()},
+                         chains={i: list(work.seqs[i].draft_slots) for i in work.drafts})
         if any(s.request.mm is not None for s in work.seqs):
             step.positions, step.vision_rows, step.vision_features = self._multimodal_inputs(work, ctx)
         return step
@@ -95,7 +103,7 @@ class ModelRunner:
             positions = text_positions(step.context_lens, step.query_lens, self.device)
         batch = ForwardBatch(query_lens=step.query_lens, context_lens=step.context_lens, positions=positions,
                              cache=self.cache, slots=step.slots, block_tables=step.block_tables,
-                             snapshots=step.snapshots)
+                             snapshots=step.snapshots, chains=step.chains or None)
         embeds = None
         if step.vision_rows is not None:
             embeds = self.model.model.embed_tokens(step.token_ids)
@@ -123,28 +131,39 @@ class ModelRunner:
         return hidden, batch
 
     @torch.inference_mode()
-    def run(self, work: SchedulerOutput, sampler_row: Callable[[Sequence], SamplerRow],
+    def run(self, work: SchedulerOutput, sampler_row: Callable[..., SamplerRow],
             ) -> tuple[list[Sequence], SamplerOutput | None]:
         """Forward, then sample for the sequences whose chunk ends their known tokens (`sampler_row(seq)` says
-        how). Returns (the sequences that sampled, the sampler's result)."""
+        how; for a verify step's sequence, one row per position: `sampler_row(seq, drafts before it)`). Returns
+        (the sequences that sampled, the sampler's result: one token per row, `rows` per sequence when a step
+        verified drafts). The final hidden states stay in `last_hidden` for the drafter."""
         step = self.step_input(work)
-        sampling, rows, at = [], [], 0
-        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+        sampling, rows, per_seq, at = [], [], [], 0
+        for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
             at += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            drafts = work.drafts.get(i, ())
+            if seq.num_computed_tokens + n - len(drafts) == seq.num_tokens:
                 sampling.append(seq)
-                step.head_rows.append(at - 1)
+                step.head_rows.extend(range(at - 1 - len(drafts), at))
+                rows.extend(sampler_row(seq, drafts[:j]) if drafts else sampler_row(seq)
+                            for j in range(len(drafts) + 1))
+                per_seq.append(len(drafts) + 1)
+        verified = any(n > 1 for n in per_seq)
+        if sampling:  # greedy steps: the argmax without the full logits (exact; ops/head_screen.py, or per rank)
+            step.head = "greedy" if self.greedy_shortcut and all(r.argmax_only for r in rows) else "logits"
+        hidden, _, out = self._run_step(step)
+        if self.keep_hidden:
+            self.last_hidden, self.last_step = hidden, step
         if not sampling:
-            self._run_step(step)
             return [], None
-        rows = [sampler_row(s) for s in sampling]
-        # Greedy steps: the argmax without the full logits (exact; qwen35.ops.head_screen, or per rank)
-        step.head = "greedy" if self.greedy_shortcut and all(r.argmax_only for r in rows) else "logits"
-        _, _, out = self._run_step(step)
         if step.head == "greedy":
             tokens = [t if r.forced is None else r.forced for t, r in zip(out.tolist(), rows, strict=True)]
-            return sampling, SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
-        return sampling, self.sampler(out, rows)
+            result = SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
+        else:
+            result = self.sampler(out, rows)
+        if verified:
+            result.rows = per_seq
+        return sampling, result
 
     def _multimodal_inputs(self, work: SchedulerOutput, ctx: list[int],
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -72,11 +72,22 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def sample_from_probs(probs: torch.Tensor, generators: Seq[torch.Generator | None]) -> torch.Tensor:
-    """[n, V] probabilities -> [n] token ids, row i drawn with generators[i] (exponential race)."""
+def draw_noise(vocab_size: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """One step's noise of a sequence: V exponential variates from its generator (what sample_from_probs draws
+    for its row)."""
+    return torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def sample_from_probs(probs: torch.Tensor, generators: Seq[torch.Generator | None],
+                      noises: Seq[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """[n, V] probabilities -> [n] token ids, row i drawn with generators[i] (exponential race), or with the
+    noise row noises[i] drawn before (draw_noise) where one is given."""
     noise = torch.empty_like(probs)
     for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
+        if noises is not None and noises[i] is not None:
+            noise[i] = noises[i]
+        else:
+            noise[i].exponential_(generator=g)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -91,6 +102,7 @@ class SamplerRow:
     generator: torch.Generator | None
     masked_ids: Seq[int] = ()  # token ids that may not be sampled now (EOS/stop ids before min_tokens)
     forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
+    noise: torch.Tensor | None = None  # this step's noise row, drawn before (speculative verification)
 
     @property
     def argmax_only(self) -> bool:
@@ -108,6 +120,8 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float | None]  # raw logprob of each chosen token (None when not asked)
     top_logprobs: list[dict[int, Logprob] | None]
+    # rows per sampling sequence, in order (a verify step's sequence has one per position); None: one each
+    rows: list[int] | None = None
 
 
 class Sampler:
@@ -144,7 +158,8 @@ class Sampler:
             if any(p.top_p < 1.0 for p in ps):
                 sub = apply_top_p(sub, torch.tensor([p.top_p for p in ps], device=logits.device))
             probs = torch.softmax(sub, dim=-1)
-            chosen[idx] = sample_from_probs(probs, [rows[i].generator for i in random_rows])
+            chosen[idx] = sample_from_probs(probs, [rows[i].generator for i in random_rows],
+                                            [rows[i].noise for i in random_rows])
         token_ids = chosen.tolist()
         for i, r in enumerate(rows):
             if r.forced is not None:
@@ -173,4 +188,4 @@ class Sampler:
 
 
 __all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_penalties", "apply_min_p", "apply_top_k",
-           "apply_top_p", "sample_from_probs", "SAMPLING_EPS"]
+           "apply_top_p", "sample_from_probs", "draw_noise", "SAMPLING_EPS"]

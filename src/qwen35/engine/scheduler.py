@@ -38,6 +38,9 @@ class SchedulerOutput:
     # prefix-cache snapshots to take inside the chunks: {index in seqs: [(offset, slot, key)]}
     # (CacheManager.plan_snapshots, set by the engine once the step is scheduled)
     snapshots: dict = field(default_factory=dict)
+    # speculative decoding: {index in seqs: the drafts it verifies} (their slots: the sequence's draft_slots);
+    # its num_tokens counts its last token and those drafts
+    drafts: dict = field(default_factory=dict)
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -84,13 +87,31 @@ class Scheduler:
             if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, out):
                 continue  # it preempted itself
             self.cache.allocate(seq, seq.num_computed_tokens + n)
-            out.add(seq, n)
+            drafts = self._draft_room(seq, budget - n) if seq.draft_ids and n == 1 else []
+            if drafts:
+                out.drafts[len(out.seqs)] = drafts
+            out.add(seq, n + len(drafts))
             scheduled.add(id(seq))
-            budget -= n
+            budget -= n + len(drafts)
 
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _draft_room(self, seq: Sequence, budget: int) -> list[int]:
+        """As many of a decoding sequence's drafts as the token budget and the spare memory allow (a block per
+        running sequence stays free besides: drafts never make anyone wait or be preempted); their slots go to
+        `seq.draft_slots`."""
+        drafts = seq.draft_ids[:budget]
+        reserve = len(self.running)
+        while drafts and not self.cache.can_allocate(seq, seq.num_tokens + len(drafts), reserve_blocks=reserve):
+            drafts = drafts[:-1]
+        slots = self.cache.take_draft_slots(len(drafts), reserve) if drafts else []
+        drafts = drafts[:len(slots)]
+        if drafts:
+            self.cache.allocate(seq, seq.num_tokens + len(drafts))
+        seq.draft_slots = slots
+        return drafts
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:
         """Preempt until `seq` can hold `num_tokens`; False when `seq` had to be preempted itself."""
@@ -135,6 +156,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.cache.free(seq)
+        seq.draft_ids = []
         seq.num_computed_tokens = 0  # recompute: prompt + generated tokens are prefilled again from zero state
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

@@ -49,6 +49,11 @@ class Sequence:
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None
     decode_snapshot: Any = None
+    # speculative decoding: the drafts proposed for the tokens after the last one, and noise rows of the
+    # sampler drawn for positions a verify step did not keep (used first by the next steps: engine/speculative.py)
+    draft_ids: list[int] = field(default_factory=list)
+    draft_slots: list[int] = field(default_factory=list)  # regions for the states after the drafts, during a step
+    pending_noise: list = field(default_factory=list)
     # sampling state
     thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
     cumulative_logprob: float = 0.0

@@ -133,6 +133,10 @@ class ForwardBatch:
     # prefix-cache snapshots: {sequence index: [(offset o in its new tokens, slot)]}: every GDN layer writes its
     # state after the first o new tokens (conv window and recurrent state) into that slot of the cache
     snapshots: dict[int, list[tuple[int, int]]] | None = None
+    # speculative verification: {sequence index: [slot for the state after new token 1, after 2, ...]}: its n new
+    # tokens run as n chained decodes (each one a decode over the cache and the ones before it, computed exactly as
+    # a decode step would), the GDN state after token 0 in its own slot and after token j in chains[i][j - 1]
+    chains: dict[int, list[int]] | None = None
     starts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +151,10 @@ class ForwardBatch:
                     [o for o, _ in cuts] != sorted({o for o, _ in cuts}):
                 raise ValueError(f"snapshots of sequence {i}: offsets must rise strictly inside its "
                                  f"{self.query_lens[i]} new tokens, over a cache")
+        for i, regions in (self.chains or {}).items():
+            if self.cache is None or len(regions) != self.query_lens[i] - 1 or i in (self.snapshots or {}):
+                raise ValueError(f"chains of sequence {i}: one slot per new token after the first, over a cache, "
+                                 f"without snapshots")
         self.starts = [0]
         for n in self.query_lens:
             self.starts.append(self.starts[-1] + n)
@@ -170,33 +178,54 @@ class ForwardBatch:
 
 @dataclass
 class DecodePlan:
+    """The decode rows of a forward: every one-token sequence, and every token of a chained sequence
+    (`ForwardBatch.chains`), each a decode over the cache. A chain's row j reads the GDN state its row j - 1
+    wrote (`src_slots`) and writes its own (`slots`); rows run in rounds by `chain_pos` (round 0 holds every
+    plain decode and each chain's first row, in place in its slot)."""
+
     seqs: list[int]  # indices into the batch
     rows: torch.Tensor  # their token rows in the flat batch (long)
-    slots: torch.Tensor  # their state slots (long)
+    slots: torch.Tensor  # the state slot each row writes (long)
     fresh: torch.Tensor  # bool: starting at position 0 (zero state whatever the slot holds)
     kv_index: tuple  # where each new token's key goes: `cache.k[layer][kv_index]` (HybridCache.kv_index)
     block_tables: torch.Tensor  # int32 [n, max_blocks], zero-padded
-    context_lens: torch.Tensor  # int32: keys per sequence, the new one included
+    context_lens: torch.Tensor  # int32: keys per row, its own included
+    src_slots: torch.Tensor | None = None  # the slot each row reads (None: its own, in place: no chains)
+    rounds: list[torch.Tensor] | None = None  # positions in `rows` of each round (None: one round of all)
 
     @classmethod
     def build(cls, batch: ForwardBatch) -> DecodePlan | None:
-        seqs = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        chains = batch.chains or {}
+        seqs = [i for i, n in enumerate(batch.query_lens) if n == 1 or i in chains]
         if not seqs:
             return None
         bs = batch.cache.block_size
-        ctx = [batch.context_lens[i] for i in seqs]
-        tables = [batch.block_tables[i] for i in seqs]
+        rows, ctx, tables, slots, src, pos = [], [], [], [], [], []
+        for i in seqs:
+            own = batch.slots[i]
+            for j in range(batch.query_lens[i]):
+                rows.append(batch.starts[i] + j)
+                ctx.append(batch.context_lens[i] + j)
+                tables.append(batch.block_tables[i])
+                slots.append(own if j == 0 else chains[i][j - 1])
+                src.append(own if j == 0 else slots[-2])
+                pos.append(j)
         width = max(len(t) for t in tables)
-        padded = torch.zeros(len(seqs), width, dtype=torch.int32)
+        padded = torch.zeros(len(rows), width, dtype=torch.int32)
         for j, t in enumerate(tables):
             padded[j, :len(t)] = torch.as_tensor(t, dtype=torch.int32)
-        return cls(seqs=seqs, rows=torch.as_tensor([batch.starts[i] for i in seqs], dtype=torch.long),
-                   slots=torch.as_tensor([batch.slots[i] for i in seqs], dtype=torch.long),
+        rounds = None
+        if chains:
+            chain_pos = torch.as_tensor(pos)
+            rounds = [(chain_pos == r).nonzero().flatten() for r in range(int(chain_pos.max()) + 1)]
+        return cls(seqs=seqs, rows=torch.as_tensor(rows, dtype=torch.long),
+                   slots=torch.as_tensor(slots, dtype=torch.long),
                    fresh=torch.as_tensor([c == 0 for c in ctx]),
                    kv_index=batch.cache.kv_index(
                        torch.as_tensor([t[c // bs] for t, c in zip(tables, ctx, strict=True)], dtype=torch.long),
                        torch.as_tensor([c % bs for c in ctx], dtype=torch.long)),
-                   block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32))
+                   block_tables=padded, context_lens=torch.as_tensor([c + 1 for c in ctx], dtype=torch.int32),
+                   src_slots=torch.as_tensor(src, dtype=torch.long) if chains else None, rounds=rounds)
 
 
 def text_positions(context_lens: list[int], query_lens: list[int], device=None) -> torch.Tensor:

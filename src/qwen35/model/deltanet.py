@@ -61,6 +61,27 @@ class GatedDeltaNet(nn.Module):
         before = window[0] if window is not None else inputs.new_zeros(inputs.shape[1], keep)
         return torch.cat([before[:, o:], inputs[:o].transpose(0, 1)], dim=1)
 
+    def _decode_rows(self, k_ops, mixed, a_lin, b_lin, g, beta, weight, conv_pool, state_pool, rows, slots,
+                     fresh) -> torch.Tensor:
+        """One recurrent step for the decode `rows` (one per slot), in place on their slots: the fused kernel,
+        or its torch twin (what tests hold the kernel to)."""
+        if k_ops is not None:
+            return k_ops.gdn_decode_step(mixed[rows].contiguous(), weight, conv_pool, state_pool, slots, fresh,
+                                         a_lin[rows].contiguous(), b_lin[rows].contiguous(), self.A_log.float(),
+                                         self.dt_bias.float(), self.Hk, self.dk)
+        device = mixed.device
+        rows, slots, fresh = rows.to(device), slots.to(device), fresh.to(device)
+        window, state = conv_pool[slots], state_pool[slots]
+        if bool(fresh.any()):  # a sequence at position 0 starts from zero state, whatever its slot held
+            window[fresh] = 0
+            state[fresh] = 0
+        conv_out = causal_conv1d_step(mixed[rows], weight, window)
+        q, k, v = self._qkv_heads(conv_out)
+        o = gated_delta_step(q, k, v.float(), g[rows], beta[rows], state)
+        conv_pool[slots] = window
+        state_pool[slots] = state
+        return o
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         N = x.shape[0]
         mixed, z, b_lin, a_lin = run_projections(self, x, self.projection_parts())
@@ -77,25 +98,20 @@ class GatedDeltaNet(nn.Module):
         out = torch.empty(N, self.Hv, self.dv, dtype=torch.float32, device=x.device)
 
         # Sequences bringing one token over a cache (decodes) share one batched recurrent step; the others
-        # (prefill chunks) run the chunked form one by one.
-        if plan is not None and k_ops is not None:
-            # fused kernel, in place on the pools; the torch twin below is what tests hold it to
-            out[plan.rows] = k_ops.gdn_decode_step(
-                mixed[plan.rows].contiguous(), weight, conv_pool, state_pool, plan.slots, plan.fresh,
-                a_lin[plan.rows].contiguous(), b_lin[plan.rows].contiguous(), self.A_log.float(),
-                self.dt_bias.float(), self.Hk, self.dk)
-        elif plan is not None:
-            rows, slots = plan.rows.to(x.device), plan.slots.to(x.device)
-            window, state = conv_pool[slots], state_pool[slots]
-            fresh = plan.fresh.to(x.device)
-            if bool(fresh.any()):  # a sequence at position 0 starts from zero state, whatever its slot held
-                window[fresh] = 0
-                state[fresh] = 0
-            conv_out = causal_conv1d_step(mixed[rows], weight, window)
-            q, k, v = self._qkv_heads(conv_out)
-            out[rows] = gated_delta_step(q, k, v.float(), g[rows], beta[rows], state)
-            conv_pool[slots] = window
-            state_pool[slots] = state
+        # (prefill chunks) run the chunked form one by one. Chained decodes (speculative verification) run in
+        # rounds: row j of every chain after row j - 1, from the state that row left in its own slot.
+        if plan is not None:
+            for sel in plan.rounds or [None]:
+                if sel is None:
+                    rows, slots, fresh = plan.rows, plan.slots, plan.fresh
+                else:
+                    rows, slots, fresh, src = plan.rows[sel], plan.slots[sel], plan.fresh[sel], plan.src_slots[sel]
+                    moved = src != slots
+                    if bool(moved.any()):  # the state this row continues from, into the slot it writes
+                        conv_pool[slots[moved]] = conv_pool[src[moved]]
+                        state_pool[slots[moved]] = state_pool[src[moved]]
+                out[rows] = self._decode_rows(k_ops, mixed, a_lin, b_lin, g, beta, weight, conv_pool, state_pool,
+                                              rows, slots, fresh)
         # Prompts (prefill chunks): every conv first, so that the projection's output is let go before the
         # recurrences (on a 1K-token prompt of the 0.8B that is 12.6 MB less at the layer's peak).
         done = set(plan.seqs) if plan is not None else set()
