@@ -193,14 +193,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve_process(tmp_path: Path, *flags: str):
-    """`qwen35 serve` on a tiny dummy model (real vocabulary) as a real process with `flags`; returns
-    (process, port, log file) once /health answers 200. `stop_serve_process` ends it."""
+def start_serve_process(tmp_path: Path, *flags: str, config: dict | None = None):
+    """`qwen35 serve` on a tiny dummy model (real vocabulary; `config`: changes to its config.json) as a real
+    process with `flags`; returns (process, port, log file) once /health answers 200. `stop_serve_process` ends
+    it."""
     import os
     import subprocess
     import sys
 
-    folder = write_config(tmp_path / "tiny", vocab_size=248320)
+    folder = write_config(tmp_path / "tiny", **{"vocab_size": 248320, **(config or {})})
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("QWEN35_API_KEY", None)

@@ -214,3 +214,53 @@ def test_speculative_config_errors(model, tmp_path):
         engine_llm(no_mtp, speculative_config=spec(2))
     with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported"):
         qwen35.LLM(str(tmp_path / "plain"), load_format="dummy", tensor_parallel_size=2, speculative_config=spec(1))
+
+
+def test_server_streams_with_mtp_and_reports_it(tmp_path):
+    """`qwen35 serve --speculative-config ...` as a real process, driven by the openai client: streamed and
+    whole completions alike, and the speculation counters on /metrics."""
+    import openai
+    from test_server_support import call, start_serve_process, stop_serve_process
+
+    proc, port, log = start_serve_process(tmp_path, "--speculative-config", json.dumps(spec(2)), "--dtype",
+                                          "float32", config={"mtp_num_hidden_layers": 1})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        kw = dict(model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0)
+        whole = client.completions.create(**kw).choices[0].text
+        pieces = [c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices]
+        assert "".join(pieces) == whole
+        metrics = call(port, "GET", "/metrics").body.decode()
+        drafted = [line for line in metrics.splitlines() if line.startswith("qwen35_spec_decode_num_draft_tokens")]
+        assert drafted and float(drafted[0].split()[-1]) > 0
+        assert 'qwen35_spec_decode_num_accepted_tokens_per_pos_total{position="1"}' in metrics
+    finally:
+        stop_serve_process(proc, log)
+
+
+def test_stop_strings_and_thinking_budget_with_the_real_vocabulary(tmp_path):
+    folder = write_config(tmp_path / "big", vocab_size=248320, mtp_num_hidden_layers=1)
+    model = make_model(folder)
+    tok = qwen35.load_tokenizer(folder)
+    off = qwen35.LLM(model, tokenizer=tok, kv_cache_memory_bytes=1 << 23)
+    on = qwen35.LLM(model, tokenizer=tok, kv_cache_memory_bytes=1 << 23, speculative_config=spec(3))
+    conv = [{"role": "user", "content": "Think briefly."}]
+    for budget in (0, 2, 5):
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, thinking_budget=budget)
+        first = off.chat(conv, sp)[0]
+        want = first.outputs[0]
+        # every draft right: the budget's forced end of the reasoning comes inside accepted runs
+        oracle(on, {tuple(first.prompt_token_ids): want.token_ids}, 1.0)
+        got = on.chat(conv, sp)[0].outputs[0]
+        assert (got.token_ids, got.text) == (want.token_ids, want.text), budget
+    plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt = "Once upon a time"
+    base = off.generate([prompt], plain, use_tqdm=False)[0].outputs[0]
+    oracle(on, {tuple(off.engine.prepare_prompt(prompt).ids): base.token_ids}, 1.0)
+    at = next(i for i in range(len(base.text) // 2, len(base.text)) if base.text[i].strip())
+    sp = plain.clone(stop=[base.text[at:at + 2]])  # a stop string in the middle of the text
+    want = off.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    got = on.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert want.finish_reason == "stop" and len(want.text) < len(base.text)
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+    check_books(on)

@@ -37,6 +37,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many processes on this host (gloo on CPU; default 1)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: MoE layers split by expert instead of inside every expert")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="MTP speculative decoding with the checkpoint's own MTP layer, vLLM's form: "
+                        "'{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (1-4 drafts a step; the same "
+                        "tokens as without it)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +72,7 @@ def build_llm(args: argparse.Namespace) -> Any:
                max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                max_num_seqs=8, seed=args.seed if args.seed is not None else 0, quantization=args.quantization,
                enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
-               enable_expert_parallel=args.enable_expert_parallel)
+               enable_expert_parallel=args.enable_expert_parallel, speculative_config=args.speculative_config)
 
 
 def sampling_params(llm: Any, args: argparse.Namespace, default_max_tokens: int) -> Any:

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
               max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
               quantization=args.quantization, enable_prefix_caching=args.enable_prefix_caching,
-              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+              speculative_config=args.speculative_config)
     name = args.served_model_name or args.model
     aliases = tuple(dict.fromkeys(a for a in (args.model, str(Path(args.model).expanduser())) if a != name))
     config = ServerConfig(served_model_name=name, model_aliases=aliases, api_key=api_key,

@@ -12,6 +12,8 @@
     qwen35_inter_token_latency_seconds                  between generated tokens of a request (histogram)
     qwen35_e2e_request_latency_seconds                  request received -> finished (histogram)
     qwen35_engine_steps_total, qwen35_engine_alive
+    qwen35_spec_decode_num_drafts_total, _num_draft_tokens_total, _num_accepted_tokens_total,
+    qwen35_spec_decode_num_accepted_tokens_per_pos_total{position}   MTP speculative decoding (when it is on)
 """
 
 from __future__ import annotations
@@ -101,6 +103,20 @@ class CallbackCounter(Gauge):
     kind = "counter"
 
 
+class CallbackCounterByLabel(_Metric):
+    """Counters kept elsewhere, one per value of one label: `read()` gives [(label value, count)]."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, label: str, read: Callable[[], list[tuple[str, float]]]):
+        super().__init__(name, help_text, (label,))
+        self.read = read
+
+    def render(self) -> list[str]:
+        label = self.label_names[0]
+        return self.header() + [f'{self.name}{{{label}="{v}"}} {_num(float(n))}' for v, n in self.read()]
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -180,6 +196,19 @@ class ServerMetrics:
                             lambda: self._prefix()["hit_tokens"]),
             Gauge("qwen35_engine_alive", "1 while the engine thread runs.", lambda: 1 if engine.alive else 0),
         ]
+        if engine.engine.spec_stats is not None:
+            stats = engine.engine.spec_stats
+            self.gauges += [
+                CallbackCounter("qwen35_spec_decode_num_drafts_total", "Sequence-steps that verified drafts.",
+                                lambda: stats.num_drafts),
+                CallbackCounter("qwen35_spec_decode_num_draft_tokens_total", "Draft tokens verified.",
+                                lambda: stats.num_draft_tokens),
+                CallbackCounter("qwen35_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.",
+                                lambda: stats.num_accepted_tokens),
+                CallbackCounterByLabel("qwen35_spec_decode_num_accepted_tokens_per_pos_total",
+                                       "Draft tokens accepted, by draft position (0: the first draft).", "position",
+                                       lambda: [(str(j), n) for j, n in enumerate(stats.accepted_per_position)]),
+            ]
 
     def _usage(self) -> dict[str, int]:
         return self.engine.engine.cache_usage()
