@@ -122,3 +122,35 @@ def _tiny_config_dir(tmp_path):
     d = {"model_type": "qwen3_5_text", **text_config(), "mtp_num_hidden_layers": 1}
     (tmp_path / "config.json").write_text(json.dumps(d))
     return tmp_path
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_chained_decodes_equal_one_token_steps(pair, kernels):
+    """A verify step (speculative decoding): n tokens as chained decodes in one forward (next to a prompt
+    chunk) give each token what a decode step gives it, and the state after each one, kept in its draft slot,
+    is the state after that many decode steps: keeping any number of them continues exactly."""
+    from qwen35.ops import cpu_kernels
+
+    _, model = pair
+    gen = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, TEXT_IDS, (37,), generator=gen).tolist()
+    more = torch.randint(0, TEXT_IDS, (6,), generator=gen).tolist()
+    previous = cpu_kernels.set_enabled(kernels)
+    try:
+        steps = DirectRun(model, num_seqs=1, max_len=64)
+        steps.forward({0: prompt})
+        want = torch.cat([model.compute_logits(steps.forward({0: [t]})[0]) for t in more])
+        run = DirectRun(model, num_seqs=8, max_len=64)
+        for kept in (1, 2, 4):
+            run.forward({0: prompt})
+            hidden, _ = run.forward({0: more[:4], 1: prompt[:5]}, chained=[0])
+            assert_logits_close(model.compute_logits(hidden[:4]), want[:4], rel=1e-5)
+            run.keep(0, kept)
+            assert run.seqs[0].token_ids == prompt + more[:kept]
+            nxt = model.compute_logits(run.forward({0: [more[kept]]})[0])
+            assert_logits_close(nxt, want[kept:kept + 1], rel=1e-5)
+            run.restart(0)
+            run.restart(1)
+            run.manager.check()
+    finally:
+        cpu_kernels.set_enabled(previous)

@@ -39,9 +39,12 @@ class DirectRun:
         self._ids = iter(range(1 << 62))
         self.seqs = [bare_sequence([], next(self._ids)) for _ in range(num_seqs)]
 
-    def forward(self, chunks: Mapping[int, Sequence[int]]) -> tuple[torch.Tensor, ForwardBatch]:
+    def forward(self, chunks: Mapping[int, Sequence[int]], chained: Sequence[int] = ()) -> tuple[torch.Tensor,
+                                                                                                  ForwardBatch]:
         """Append `chunks[i]` to sequence i and compute them all in one forward: the final hidden states
-        [N, H] (sequence by sequence, in the order of `chunks`) and the batch."""
+        [N, H] (sequence by sequence, in the order of `chunks`) and the batch. Sequences in `chained` run their
+        tokens as chained decodes (a verify step: ForwardBatch.chains), the state after each token in a draft
+        slot of its own (`seqs[i].draft_slots`) until `keep(i, n)`; the pool must hold those slots too."""
         work = SchedulerOutput()
         for i, toks in chunks.items():
             seq = self.seqs[i]
@@ -50,11 +53,28 @@ class DirectRun:
                 raise ValueError(f"sequence {i} would hold {seq.num_tokens} tokens, more than the "
                                  f"{self.plan.max_model_len} this DirectRun was made for")
             self.manager.allocate(seq, seq.num_tokens)
+            if i in chained and len(toks) > 1:
+                seq.draft_slots = self.manager.take_draft_slots(len(toks) - 1)
+                if len(seq.draft_slots) != len(toks) - 1:
+                    raise ValueError(f"no room for {len(toks) - 1} draft slots of sequence {i}")
+                work.drafts[len(work.seqs)] = [int(t) for t in toks[1:]]
+                seq.token_ids[-(len(toks) - 1):] = []  # the drafts are not the sequence's tokens yet
             work.add(seq, len(toks))
         hidden, batch = self.runner.forward(work)
-        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+        for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
+            if i in work.drafts:
+                seq.token_ids.extend(work.drafts[i])
             seq.num_computed_tokens += n
         return hidden, batch
+
+    def keep(self, i: int, n: int) -> None:
+        """After a chained forward: sequence i keeps its first `n` chained tokens (the state after the n-th
+        becomes its slot); the others are dropped."""
+        seq = self.seqs[i]
+        ran = len(seq.draft_slots) + 1
+        self.manager.settle_draft_slots(seq, n)
+        del seq.token_ids[seq.num_tokens - (ran - n):]
+        seq.num_computed_tokens -= ran - n
 
     def hold(self, i: int, num_tokens: int) -> None:
         """Make sequence i hold `num_tokens` tokens (id 0) whose KV and state are whatever the memory holds

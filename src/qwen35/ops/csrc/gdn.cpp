@@ -97,7 +97,7 @@ void delta_step(float* S, const float* q, const float* k, const float* v, float 
 }
 
 template <typename T>
-void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const int64_t* slots,
+void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const int64_t* slots, const int64_t* src,
          const bool* fresh, const T* a, const T* b, const float* A_log, const float* dt_bias, float* out,
          int64_t B, int64_t C, int64_t K, int64_t Hk, int64_t Hv, int64_t dk, int64_t dv, int64_t conv_slot,
          int64_t state_slot) {
@@ -112,7 +112,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t bi = i / Hv, h = i % Hv, kh = h / rep;
       const T* x = mixed + bi * C;
-      const T* win = conv_pool + slots[bi] * conv_slot;
+      const T* win = conv_pool + src[bi] * conv_slot;
       conv_silu(x, win, fresh[bi], conv_w, K, kh * dk, dk, q.data());
       conv_silu(x, win, fresh[bi], conv_w, K, key_dim + kh * dk, dk, k.data());
       conv_silu(x, win, fresh[bi], conv_w, K, 2 * key_dim + h * dv, dv, v.data());
@@ -125,17 +125,21 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
       const float sp_in = f32(a[bi * Hv + h]) + dt_bias[h];
       const float softplus = sp_in > 20.f ? sp_in : std::log1p(std::exp(sp_in));
       const float decay = std::exp(-std::exp(A_log[h]) * softplus);
-      delta_step(state_pool + slots[bi] * state_slot + h * dk * dv, q.data(), k.data(), v.data(), beta, decay,
-                 fresh[bi], dk, dv, out + (bi * Hv + h) * dv);
+      float* S = state_pool + slots[bi] * state_slot + h * dk * dv;
+      if (src[bi] != slots[bi] && !fresh[bi])  // a chained row: continue from the state the row before left
+        std::copy_n(state_pool + src[bi] * state_slot + h * dk * dv, dk * dv, S);
+      delta_step(S, q.data(), k.data(), v.data(), beta, decay, fresh[bi], dk, dv, out + (bi * Hv + h) * dv);
     }
   });
   // move every window on by one token (the oldest input drops out, the new one enters)
   for (int64_t bi = 0; bi < B; ++bi) {
     T* win = conv_pool + slots[bi] * conv_slot;
+    const T* from = conv_pool + src[bi] * conv_slot;  // the same window, or the one the row before left
     const T* x = mixed + bi * C;
     for (int64_t c = 0; c < C && W > 0; ++c) {
       T* wc = win + c * W;
-      for (int64_t j = 0; j + 1 < W; ++j) wc[j] = fresh[bi] ? static_cast<T>(0) : wc[j + 1];
+      const T* fc = from + c * W;
+      for (int64_t j = 0; j + 1 < W; ++j) wc[j] = fresh[bi] ? static_cast<T>(0) : fc[j + 1];
       wc[W - 1] = x[c];
     }
   }
@@ -149,7 +153,7 @@ void run(const T* mixed, const T* conv_w, T* conv_pool, float* state_pool, const
 torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::Tensor conv_pool,
                               torch::Tensor state_pool, torch::Tensor slots, torch::Tensor fresh, torch::Tensor a,
                               torch::Tensor b, torch::Tensor A_log, torch::Tensor dt_bias, int64_t num_k_heads,
-                              int64_t head_k_dim) {
+                              int64_t head_k_dim, c10::optional<torch::Tensor> src_slots) {
   TORCH_CHECK(mixed.dim() == 2 && conv_w.dim() == 2 && conv_pool.dim() == 3 && state_pool.dim() == 4,
               "gdn_decode_step: shapes");
   TORCH_CHECK(mixed.is_contiguous() && conv_w.is_contiguous() && conv_pool[0].is_contiguous() &&
@@ -167,18 +171,26 @@ torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::
   for (int64_t i = 0; i < B; ++i)
     TORCH_CHECK(s64.data_ptr<int64_t>()[i] >= 0 && s64.data_ptr<int64_t>()[i] < state_pool.size(0),
                 "gdn_decode_step: slot ", s64.data_ptr<int64_t>()[i], " is not in the pool");
+  // src_slots: where each row's window and state are read (a chained decode's row continues from the slot the row
+  // before wrote; its own slot gets the result); by default its own slot, in place
+  auto src64 = src_slots.has_value() ? src_slots->to(at::kLong).contiguous() : s64;
+  TORCH_CHECK(src64.numel() == B, "gdn_decode_step: one source slot per row");
+  for (int64_t i = 0; i < B; ++i)
+    TORCH_CHECK(src64.data_ptr<int64_t>()[i] >= 0 && src64.data_ptr<int64_t>()[i] < state_pool.size(0),
+                "gdn_decode_step: source slot ", src64.data_ptr<int64_t>()[i], " is not in the pool");
   auto fr = fresh.to(at::kBool).contiguous();
   auto al = A_log.to(at::kFloat).contiguous(), dt = dt_bias.to(at::kFloat).contiguous();
   auto out = torch::empty({B, Hv, dv}, mixed.options().dtype(at::kFloat));
   if (mixed.scalar_type() == at::kBFloat16) {
     run(mixed.data_ptr<at::BFloat16>(), conv_w.data_ptr<at::BFloat16>(), conv_pool.data_ptr<at::BFloat16>(),
-        state_pool.data_ptr<float>(), s64.data_ptr<int64_t>(), fr.data_ptr<bool>(), a.data_ptr<at::BFloat16>(),
+        state_pool.data_ptr<float>(), s64.data_ptr<int64_t>(), src64.data_ptr<int64_t>(), fr.data_ptr<bool>(),
+        a.data_ptr<at::BFloat16>(),
         b.data_ptr<at::BFloat16>(), al.data_ptr<float>(), dt.data_ptr<float>(), out.data_ptr<float>(), B, C, K,
         num_k_heads, Hv, dk, dv, conv_pool.stride(0), state_pool.stride(0));
   } else {
     TORCH_CHECK(mixed.scalar_type() == at::kFloat, "gdn_decode_step: fp32 or bf16");
     run(mixed.data_ptr<float>(), conv_w.data_ptr<float>(), conv_pool.data_ptr<float>(), state_pool.data_ptr<float>(),
-        s64.data_ptr<int64_t>(), fr.data_ptr<bool>(), a.data_ptr<float>(), b.data_ptr<float>(), al.data_ptr<float>(),
+        s64.data_ptr<int64_t>(), src64.data_ptr<int64_t>(), fr.data_ptr<bool>(), a.data_ptr<float>(), b.data_ptr<float>(), al.data_ptr<float>(),
         dt.data_ptr<float>(), out.data_ptr<float>(), B, C, K, num_k_heads, Hv, dk, dv, conv_pool.stride(0),
         state_pool.stride(0));
   }

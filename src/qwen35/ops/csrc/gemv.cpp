@@ -409,7 +409,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torc
 torch::Tensor gdn_decode_step(torch::Tensor mixed, torch::Tensor conv_w, torch::Tensor conv_pool,
                               torch::Tensor state_pool, torch::Tensor slots, torch::Tensor fresh, torch::Tensor a,
                               torch::Tensor b, torch::Tensor A_log, torch::Tensor dt_bias, int64_t num_k_heads,
-                              int64_t head_k_dim);
+                              int64_t head_k_dim, c10::optional<torch::Tensor> src_slots);
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor causal_conv1d_silu(torch::Tensor x, torch::Tensor weight, torch::Tensor window);
@@ -446,7 +446,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
   m.def("memory_fence", &memory_fence, "mfence: earlier stores visible before later ones");
-  m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools");
+  m.def("gdn_decode_step", &gdn_decode_step, "fused Gated DeltaNet decode step, in place on the pools",
+        py::arg("mixed"), py::arg("conv_w"), py::arg("conv_pool"), py::arg("state_pool"), py::arg("slots"),
+        py::arg("fresh"), py::arg("a"), py::arg("b"), py::arg("A_log"), py::arg("dt_bias"), py::arg("num_k_heads"),
+        py::arg("head_k_dim"), py::arg("src_slots") = py::none());
   m.def("rms_norm", &rms_norm, "zero-centred RMSNorm, one pass per row");
   m.def("rms_norm_gated", &rms_norm_gated, "the GDN output norm: w * rmsnorm(x) * silu(gate)");
   m.def("causal_conv1d_silu", &causal_conv1d_silu, "prefill causal depthwise conv + SiLU, one sequence");
