@@ -395,3 +395,20 @@ def test_a_quantised_head_is_kept_in_8_bits(tmp_path):
     got = kept.compute_logits(hidden.bfloat16(), torch.float32).double()
     assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
     assert torch.equal(kept.greedy_tokens(hidden.bfloat16()), got.argmax(-1))
+
+
+def test_mtp_speculative_decoding_on_an_fp8_checkpoint(fp8_pair):
+    """The checkpoint's MTP layer in FP8 drafts; the tokens equal MTP off (bf16, kept in 8 bits)."""
+    from test_speculative import oracle
+
+    _, folder = fp8_pair
+    prompts = [IDS[0, :9].tolist(), IDS[0, :30].tolist()]
+    sp = qwen35.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    off = qwen35.LLM(str(folder), dtype="bfloat16", kv_cache_memory_bytes=1 << 25, skip_tokenizer_init=True)
+    assert off.model.mtp is not None
+    ref = [o.outputs[0].token_ids for o in off.generate(prompts, sp, use_tqdm=False)]
+    on = oracle(qwen35.LLM(off.model, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 25,
+                           speculative_config={"method": "mtp", "num_speculative_tokens": 3}),
+                {tuple(p): r for p, r in zip(prompts, ref, strict=True)}, 0.7)
+    assert [o.outputs[0].token_ids for o in on.generate(prompts, sp, use_tqdm=False)] == ref
+    assert on.speculative_stats()["num_accepted_tokens"] > 0

@@ -268,3 +268,20 @@ def test_info_gives_the_weights_as_loaded(mixed, capsys):
         seen.add(t.untyped_storage().data_ptr())
         held += t.untyped_storage().nbytes()
     assert abs(held - expected) <= 0.01 * expected, (held, expected)
+
+
+def test_mtp_speculative_decoding_on_a_quantized_gguf(mixed):
+    """The GGUF's own MTP layer (kept in its blocks) drafts; the tokens equal MTP off (bf16, blocks kept)."""
+    from test_speculative import oracle
+
+    path, _ = mixed
+    prompts = [[5, 17, 99, 3, 250, 31], list(range(40, 110))]
+    sp = qwen35.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    off = qwen35.LLM(str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 25, skip_tokenizer_init=True)
+    ref = [o.outputs[0].token_ids for o in off.generate(prompts, sp, use_tqdm=False)]
+    on = qwen35.LLM(off.model, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 25,
+                    speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    assert [o.outputs[0].token_ids for o in on.generate(prompts, sp, use_tqdm=False)] == ref
+    oracle(on, {tuple(p): r for p, r in zip(prompts, ref, strict=True)}, 0.7)
+    assert [o.outputs[0].token_ids for o in on.generate(prompts, sp, use_tqdm=False)] == ref
+    assert on.speculative_stats()["num_accepted_tokens"] > 0
