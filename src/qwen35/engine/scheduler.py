@@ -87,12 +87,20 @@ class Scheduler:
             if not self._make_room(seq, seq.num_computed_tokens + n, scheduled, out):
                 continue  # it preempted itself
             self.cache.allocate(seq, seq.num_computed_tokens + n)
-            drafts = self._draft_room(seq, budget - n) if seq.draft_ids and n == 1 else []
-            if drafts:
-                out.drafts[len(out.seqs)] = drafts
-            out.add(seq, n + len(drafts))
+            out.add(seq, n)
             scheduled.add(id(seq))
-            budget -= n + len(drafts)
+            budget -= n
+        # Drafts last, from what is left of the budget and the memory: they never cost a running sequence its
+        # chunk or its room.
+        for i, seq in enumerate(out.seqs):
+            if budget == 0:
+                break
+            if seq.draft_ids and out.num_tokens[i] == 1 and seq.num_uncomputed_tokens == 1:
+                drafts = self._draft_room(seq, budget)
+                if drafts:
+                    out.drafts[i] = drafts
+                    out.num_tokens[i] += len(drafts)
+                    budget -= len(drafts)
 
         if not out.preempted:
             self._admit(out, budget)
