@@ -35,13 +35,15 @@ def model(tmp_path_factory):
 
 
 def oracle(llm, refs: dict, acceptance: float, seed: int = 0):
-    """Drafts = the known continuation of each prompt, each one replaced by a wrong token with probability
-    1 - acceptance."""
+    """Drafts = the known continuation of each prompt (`refs`: prompt ids -> output ids), each one replaced by a
+    wrong token with probability 1 - acceptance."""
     rng = random.Random(seed)
     vocab = llm.engine.vocab_size
 
     def drafts(seq, mtp_drafts):
-        ref = refs[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+        ref = refs.get(tuple(seq.token_ids[:seq.num_prompt_tokens]))
+        if ref is None:  # a prompt without a known continuation: the MTP layer's own drafts
+            return mtp_drafts
         o = seq.num_output_tokens
         out = []
         for j in range(len(mtp_drafts)):
@@ -264,3 +266,24 @@ def test_stop_strings_and_thinking_budget_with_the_real_vocabulary(tmp_path):
     assert want.finish_reason == "stop" and len(want.text) < len(base.text)
     assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
     check_books(on)
+
+
+def test_decode_snapshots_on_the_grid_inside_verify_runs(model):
+    """While decoding, a sequence keeps a GDN snapshot at its latest 64-token grid point; with drafts a verify
+    step's run often steps over it (the state there is a draft slot's, kept as the snapshot): a follow-up
+    prompt hits as deep as without MTP, and its tokens are the same."""
+    prompt = random_prompts([20], seed=9)[0]
+    sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    off = engine_llm(model, kv_cache_memory_bytes=1 << 24)
+    out = generate(off, [prompt], sp)[0]
+    follow = prompt + out[:140] + [1, 2, 3]
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = off.generate([follow], short, use_tqdm=False)[0]
+    assert want.num_cached_tokens == 128
+    for k in (3, 4):
+        on = oracle(engine_llm(model, kv_cache_memory_bytes=1 << 24, speculative_config=spec(k)),
+                    {tuple(prompt): out}, 1.0)
+        assert generate(on, [prompt], sp)[0] == out
+        got = on.generate([follow], short, use_tqdm=False)[0]
+        assert got.num_cached_tokens == 128 and got.outputs[0].token_ids == want.outputs[0].token_ids
+        check_books(on)

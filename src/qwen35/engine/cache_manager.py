@@ -331,16 +331,21 @@ class CacheManager:
         return got
 
     def settle_draft_slots(self, seq, kept: int) -> None:
-        """After a verify step that kept `kept` of its rows (the first row and kept - 1 drafts): the state after
-        the last kept row becomes the sequence's slot; its other draft slots are free again."""
+        """After a verify step that kept `kept` of its rows (the first row and kept - 1 drafts; not yet counted in
+        `seq.num_computed_tokens`): the state after the last kept row becomes the sequence's slot; the others
+        are free again, but for the state on a snapshot grid point strictly inside the kept run, which
+        `cache_computed` files as the sequence's decode snapshot."""
         regions, seq.draft_slots = seq.draft_slots, []
-        keep = regions[kept - 2] if kept >= 2 else None
-        for region in regions:
-            if region != keep:
+        after_row = [seq.slot, *regions]  # the region holding the state after each row
+        start = seq.num_computed_tokens
+        for j, region in enumerate(after_row):
+            if j == kept - 1:
+                continue
+            if self.prefix is not None and j < kept - 1 and (start + j + 1) % self.grid == 0:
+                seq.grid_state = (start + j + 1, region)
+            else:
                 self._release_slot(region)
-        if keep is not None:
-            self._release_slot(seq.slot)
-            seq.slot = keep
+        seq.slot = after_row[kept - 1]
 
     def _release_slot(self, region: int) -> None:
         self.num_live_slots -= 1
@@ -392,35 +397,50 @@ class CacheManager:
 
     # ---------------------------------------------------------------- after a step
     def cache_computed(self, seq) -> None:
-        """Remember `seq`'s newly full blocks, and snapshot its state if its computed tokens end on the grid."""
+        """Remember `seq`'s newly full blocks, and snapshot its state if its computed tokens end on the grid (or
+        a verify step left the state of a grid point inside its run: `settle_draft_slots`)."""
         prefix = self.prefix
+        grid_state, seq.grid_state = seq.grid_state, None
         if prefix is None or seq.slot is None:
+            if grid_state is not None:
+                self._release_slot(grid_state[1])
             return
         done = seq.num_computed_tokens
         keys = self._keys(seq)
         for b in range(seq.num_registered_blocks, min(done // self.block_size, len(seq.block_table))):
             prefix.register_block(keys[b], seq.block_table[b])
         seq.num_registered_blocks = max(seq.num_registered_blocks, done // self.block_size)
+        if grid_state is not None:
+            self._decode_snapshot(seq, grid_state[0], grid_state[1])
         if done == 0 or done % prefix.grid:
             return
-        key = keys[done // self.block_size - 1]
-        if prefix.block_of.get(key) is None:
-            return  # a snapshot is only of use with its prefix's blocks
-        if key in prefix.snapshots:
-            prefix.touch_snapshot(key)
+        self._decode_snapshot(seq, done, None)
+
+    def _decode_snapshot(self, seq, point: int, region: int | None) -> None:
+        """Snapshot `seq`'s state at grid point `point`: the one its slot holds (region None: copied into a region),
+        or the one already in `region` (a live-slot region, taken over). A sequence keeps only its latest while it
+        decodes; a snapshot is kept only with its prefix's blocks."""
+        prefix = self.prefix
+        key = self._keys(seq)[point // self.block_size - 1]
+        if prefix.block_of.get(key) is None or key in prefix.snapshots:
+            if key in prefix.snapshots:
+                prefix.touch_snapshot(key)
+            if region is not None:
+                self._release_slot(region)
             return
-        decoding = done > seq.num_prompt_tokens
-        region = None
-        if decoding and seq.decode_snapshot is not None:  # a sequence keeps only its latest while it decodes
-            region = prefix.pop_snapshot(seq.decode_snapshot)
-        if region is None:
-            region = self._take_state_region(SNAPSHOT)
-        else:
-            self.kind[region] = SNAPSHOT
+        decoding = point > seq.num_prompt_tokens
+        old = prefix.pop_snapshot(seq.decode_snapshot) if decoding and seq.decode_snapshot is not None else None
         seq.decode_snapshot = key if decoding else None
-        if region is None:
-            return
-        self.copy_slot(seq.slot, region)
+        if region is not None:  # a verify step's draft slot holds the state already: it becomes the snapshot
+            self.num_live_slots -= 1
+            if old is not None:
+                self._free_region(old)
+        else:
+            region = old if old is not None else self._take_state_region(SNAPSHOT)
+            if region is None:
+                return
+            self.copy_slot(seq.slot, region)
+        self.kind[region] = SNAPSHOT
         prefix.add_snapshot(key, region)
 
     def reset_prefix_cache(self) -> None:

@@ -53,6 +53,7 @@ class Sequence:
     # sampler drawn for positions a verify step did not keep (used first by the next steps: engine/speculative.py)
     draft_ids: list[int] = field(default_factory=list)
     draft_slots: list[int] = field(default_factory=list)  # regions for the states after the drafts, during a step
+    grid_state: Any = None  # (grid point, region): a verify step's state on the snapshot grid, for cache_computed
     pending_noise: list = field(default_factory=list)
     # sampling state
     thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
