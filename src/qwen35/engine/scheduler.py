@@ -114,12 +114,11 @@ class Scheduler:
         reserve = len(self.running)
         while drafts and not self.cache.can_allocate(seq, seq.num_tokens + len(drafts), reserve_blocks=reserve):
             drafts = drafts[:-1]
-        slots = self.cache.take_draft_slots(len(drafts), reserve) if drafts else []
-        drafts = drafts[:len(slots)]
-        if drafts:
-            self.cache.allocate(seq, seq.num_tokens + len(drafts))
-        seq.draft_slots = slots
-        return drafts
+        if not drafts:
+            return []
+        self.cache.allocate(seq, seq.num_tokens + len(drafts))  # the blocks first: a slot takes a whole region
+        seq.draft_slots = self.cache.take_draft_slots(len(drafts), reserve)
+        return drafts[:len(seq.draft_slots)]
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:
         """Preempt until `seq` can hold `num_tokens`; False when `seq` had to be preempted itself."""
