@@ -13,6 +13,11 @@ preempted itself. The oldest work always proceeds, so everything finishes as lon
 `max_model_len` tokens fits in the cache (checked when the engine starts). No new sequence is admitted in a
 step that preempted.
 
+With MTP speculative decoding a decoding sequence also brings its drafts (k + 1 rows: its last token and the
+drafts after it, verified in one forward), once every running sequence has its chunk: from what is left of the
+budget, and only while a block per running sequence stays free besides (each draft takes a region for the GDN
+state after it). Fewer drafts, or none, when room is short: drafts never preempt.
+
 A prefill chunk that stops inside the known tokens ends on the snapshot grid (absolute positions, multiples of
 64; unless the budget does not reach the next grid point), with or without prefix caching, so that a run that
 starts from a cached prefix computes the same GDN chunks as one that does not. With prefix caching a waiting
