@@ -109,7 +109,9 @@ def test_degenerate_inputs_fall_back_to_the_full_logits():
     nan = hidden(1, K, seed=9)
     nan[0, 3] = float("nan")
     assert torch.equal(screen.argmax(nan), full_argmax(nan, w))
-    big = hidden(9, K, seed=10)  # more rows than the GEMV takes
+    big = hidden(33, K, seed=10)  # more rows than the GEMV takes
+    assert torch.equal(screen.argmax(big), full_argmax(big, w))
+    big = hidden(19, K, seed=10)  # more rows than one screen call takes: in groups
     assert torch.equal(screen.argmax(big), full_argmax(big, w))
 
 

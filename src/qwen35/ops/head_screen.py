@@ -31,6 +31,8 @@ from qwen35.ops import cpu_kernels as _ck
 from qwen35.ops.linear import GEMV_MAX_ROWS, linear
 from qwen35.ops.quant.int8 import INT8_GEMV_MAX_ROWS, quantize_rows
 
+SCREEN_MAX_ROWS = 8  # rows of one head_screen_candidates call (csrc/gemv.cpp kMaxM)
+
 U32 = 2.0 ** -24  # fp32 unit roundoff
 # More candidates than this (x all zero, a degenerate head): compute the full logits instead.
 MAX_CANDIDATES = 4096
@@ -136,7 +138,10 @@ class HeadScreen:
         """x [M, K] -> ([M] the largest fp32 logit, [M] its row: the first on ties), both exactly what the full
         logits give (a tensor-parallel rank compares its best with the others')."""
         M = x.shape[0]
-        if (not (0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all())
+        if SCREEN_MAX_ROWS < M <= GEMV_MAX_ROWS:  # in groups: each row's logits do not depend on the others
+            parts = [self.best(x[i:i + SCREEN_MAX_ROWS]) for i in range(0, M, SCREEN_MAX_ROWS)]
+            return torch.cat([v for v, _ in parts]), torch.cat([r for _, r in parts])
+        if (not (0 < M <= min(SCREEN_MAX_ROWS, INT8_GEMV_MAX_ROWS)) or not bool(torch.isfinite(x).all())
                 or len(rows := self.candidates_fused(x)) > MAX_CANDIDATES):
             # NaN/inf (the full logits say what argmax makes of them), or too many candidates
             return linear(x, self.weight, out_dtype=torch.float32).max(dim=-1)
