@@ -23,18 +23,27 @@ constexpr int kMaxRows = 32;  // rows per call: larger groups re-read each weigh
 
 #if defined(__AVX512BF16__)
 // One weight row against MM input rows, MM a compile-time count so that every accumulator stays in a register.
+// Each input's sums in row_bf16_m1's order (two chains over alternate 32-value halves of every 64, the last 32
+// on the first chain, the chains added, then the tail), so a row's result does not depend on how many rows come
+// with it (speculative decoding's verify rows equal decode rows).
 template <int MM>
 inline void row_bf16_mm(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, float* out) {
-  __m512 acc[MM];
-  for (int m = 0; m < MM; ++m) acc[m] = _mm512_setzero_ps();
+  __m512 a[MM], b[MM];
+  for (int m = 0; m < MM; ++m) a[m] = b[m] = _mm512_setzero_ps();
   int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (int m = 0; m < MM; ++m) {
+      a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
+      b[m] = _mm512_dpbf16_ps(b[m], w1, (__m512bh)_mm512_loadu_si512(x + m * ldx + k + 32));
+    }
+  }
   for (; k + 32 <= K; k += 32) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-    for (int m = 0; m < MM; ++m)
-      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
+    for (int m = 0; m < MM; ++m) a[m] = _mm512_dpbf16_ps(a[m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
   }
   for (int m = 0; m < MM; ++m) {
-    float r = _mm512_reduce_add_ps(acc[m]);
+    float r = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
     for (int64_t kk = k; kk < K; ++kk) r += bf16_to_float(w[kk]) * bf16_to_float(x[m * ldx + kk]);
     out[m] = r;
   }
