@@ -208,7 +208,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool out_bf16) {
   // One weight row after the other: a single sequential stream, which the hardware prefetcher follows at
   // full speed (interleaving 4 rows measured 2.4x slower: 10 vs 25 GB/s on one core).
 #if defined(__AVX512F__) && !defined(__AVX512BF16__)
-  if (M > 1) {  // x widened to fp32 once, not again for every weight row (bit-identical: the widening is exact)
+  if (M >= 1) {  // x widened to fp32 once, not again for every weight row (bit-identical: the widening is exact)
     std::vector<float> xf(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * ldx + k]);
