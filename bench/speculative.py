@@ -9,9 +9,11 @@ the cost of speculating for nothing, and oracle drafts show the mechanism: the k
 with MTP off), each draft kept right with probability p (0.5 ... 0.9) and otherwise replaced by a wrong token;
 the MTP layer still runs every step (`LLMEngine.draft_override` replaces its drafts), so its cost stays in.
 Output is checked equal to MTP off in every run. Decode tok/s = sequences x (tokens - 1) / (generate time -
-time to first token), medians over rounds; the configurations take turns round by round (this host's memory
-bandwidth drifts). llama.cpp: the same shape's bf16 GGUF (the bench's checkpoint, converted by llama.cpp's
-converter), decode steps of the same batch after a prompt of the same length, in a process of its own.
+time to first token), medians over rounds; each configuration runs right after an MTP-off run of the same
+batch and *vs MTP off* is the median of those pairs' ratios (this host's memory bandwidth drifts by up to 2x
+within minutes, so absolute figures of different moments do not compare). llama.cpp: the same shape's bf16
+GGUF (the bench's checkpoint, converted by llama.cpp's converter), decode steps of the same batch after a
+prompt of the same length, in a process of its own.
 """
 
 from __future__ import annotations
@@ -73,42 +75,45 @@ def _ours(args) -> list[dict]:
     for b, ps in prompts.items():  # warm-up and the reference continuations
         _, ref = timed(engines[0], ps, full)
         refs[b] = {tuple(p): r for p, r in zip(ps, ref, strict=True)}
-    configs = [(b, 0, None) for b in args.batches]
-    configs += [(b, k, p) for b in args.batches for k in args.ks for p in (*ACCEPTANCES, "mtp")]
+    configs = [(b, k, p) for b in args.batches for k in args.ks for p in (*ACCEPTANCES, "mtp")
+               if p != "mtp" or k == args.ks[len(args.ks) // 2]]
     times: dict[tuple, list[float]] = {c: [] for c in configs}
+    ratios: dict[tuple, list[float]] = {c: [] for c in configs}
+    off_times: dict[int, list[float]] = {b: [] for b in args.batches}
     ttft: dict[int, list[float]] = {b: [] for b in args.batches}
     stats: dict[tuple, dict] = {}
     for r in range(args.rounds):
-        for b in args.batches:
-            ttft[b].append(timed(engines[0], prompts[b], first)[0])
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
             b, k, p = c
+            # MTP off right before each configuration: the ratio of the pair (this host's bandwidth drifts)
+            first_s = timed(engines[0], prompts[b], first)[0]
+            off_s = timed(engines[0], prompts[b], full)[0] - first_s
+            ttft[b].append(first_s)
+            off_times[b].append(off_s)
             llm = engines[k]
-            if k:
-                llm.engine.draft_override = None if p == "mtp" else _oracle(refs[b], p, vocab, seed=r)
-                before = llm.speculative_stats()
+            llm.engine.draft_override = None if p == "mtp" else _oracle(refs[b], p, vocab, seed=r)
+            before = llm.speculative_stats()
             t, got = timed(llm, prompts[b], full)
             assert got == [refs[b][tuple(q)] for q in prompts[b]], f"output differs from MTP off: {c}"
-            times[c].append(t)
-            if k:
-                after = llm.speculative_stats()
-                s = stats.setdefault(c, {"drafted": 0, "accepted": 0, "steps": 0})
-                s["drafted"] += after["num_draft_tokens"] - before["num_draft_tokens"]
-                s["accepted"] += after["num_accepted_tokens"] - before["num_accepted_tokens"]
-                s["steps"] += after["num_drafts"] - before["num_drafts"]
+            times[c].append(t - first_s)
+            ratios[c].append(off_s / (t - first_s))
+            after = llm.speculative_stats()
+            s = stats.setdefault(c, {"drafted": 0, "accepted": 0, "steps": 0})
+            s["drafted"] += after["num_draft_tokens"] - before["num_draft_tokens"]
+            s["accepted"] += after["num_accepted_tokens"] - before["num_accepted_tokens"]
+            s["steps"] += after["num_drafts"] - before["num_drafts"]
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    rows = []
+    rows = [{"batch": b, "k": 0, "drafts": "off", "vs_off": 1.0,
+             "decode_tok_s": b * (args.tokens - 1) / statistics.median(off_times[b])} for b in args.batches]
     for c in configs:
         b, k, p = c
-        decode_s = statistics.median(times[c]) - statistics.median(ttft[b])
-        row = {"batch": b, "k": k, "drafts": "off" if not k else ("MTP layer" if p == "mtp" else f"oracle p={p}"),
-               "decode_tok_s": b * (args.tokens - 1) / decode_s}
-        if k:
-            s = stats[c]
-            row["acceptance"] = s["accepted"] / max(1, s["drafted"])
-            row["tokens_per_step"] = 1 + s["accepted"] / max(1, s["steps"])
-        rows.append(row)
+        s = stats[c]
+        rows.append({"batch": b, "k": k, "drafts": "MTP layer" if p == "mtp" else f"oracle p={p}",
+                     "decode_tok_s": b * (args.tokens - 1) / statistics.median(times[c]),
+                     "vs_off": statistics.median(ratios[c]), "vs_off_range": (min(ratios[c]), max(ratios[c])),
+                     "acceptance": s["accepted"] / max(1, s["drafted"]),
+                     "tokens_per_step": 1 + s["accepted"] / max(1, s["steps"])})
     return rows
 
 
@@ -159,15 +164,15 @@ def main(argv: list[str] | None = None) -> int:
              "rounds. *p*: the chance that each oracle draft is right; *acceptance*: accepted / drafted tokens as "
              "measured (later drafts of a step count as drafted after an earlier one failed, as vLLM and llama.cpp "
              "count); *tokens / step*: tokens a verify step commits (accepted drafts + the target's own).", "",
-             "| batch | k | drafts | acceptance | tokens / step | decode tok/s | vs MTP off | vs llama.cpp |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | k | drafts | acceptance | tokens / step | decode tok/s | vs MTP off (paired; range) | "
+             "vs llama.cpp |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lc = llama.get(r["batch"])
         acc = f"{r['acceptance']:.2f}" if "acceptance" in r else "-"
         tps = f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else "1"
+        rng = " ({:.2f}-{:.2f})".format(*r["vs_off_range"]) if "vs_off_range" in r else ""
         lines.append(f"| {r['batch']} | {r['k'] or '-'} | {r['drafts']} | {acc} | {tps} | {r['decode_tok_s']:.2f} | "
-                     f"{r['decode_tok_s'] / off[r['batch']]:.2f}x | "
-                     f"{'%.2fx' % (r['decode_tok_s'] / lc) if lc else '-'} |")
+                     f"{r['vs_off']:.2f}x{rng} | {'%.2fx' % (r['decode_tok_s'] / lc) if lc else '-'} |")
     for b, v in llama.items():
         lines.append(f"| {b} | - | llama.cpp (no drafts) | - | 1 | {v:.2f} | {v / off[b]:.2f}x | 1.00x |")
     Path(args.out).write_text("\n".join(lines) + "\n")

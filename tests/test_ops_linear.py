@@ -28,6 +28,20 @@ def test_gemv_bf16_equals_fp32_matmul(rows, n, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("k", [7, 100, 1030, 3584])
+def test_gemv_bf16_rows_do_not_depend_on_the_batch(k):
+    """Each row's result is bit for bit what that row gives alone, for any number of rows up to the GEMV's
+    limit (speculative decoding's verify rows must equal decode rows), through `linear` too."""
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(300, k, generator=gen).bfloat16()
+    x = torch.randn(lin.GEMV_MAX_ROWS, k, generator=gen).bfloat16()
+    alone = torch.cat([kernels.gemv_bf16(x[i:i + 1], w) for i in range(len(x))])
+    for m in (2, 3, 7, 8, 9, 12, 16, 17, 31, lin.GEMV_MAX_ROWS):
+        assert torch.equal(kernels.gemv_bf16(x[:m], w), alone[:m]), m
+        assert torch.equal(lin.linear(x[:m], w), alone[:m].bfloat16()), m
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows,n,k", [(11, 300, 515), (1, 64, 32), (3, 40, 1030), (8, 17, 7), (2, 9, 300)])
 def test_gemv_int8_equals_its_twin_and_the_dequantized_matmul(rows, n, k):
     """K across the 32-wide steps and the 256-wide integer blocks; a zero row; the largest int8 values."""
