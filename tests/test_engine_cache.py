@@ -50,7 +50,7 @@ def test_default_budget_is_sane():
 
 class _Seq:
     def __init__(self):
-        self.slot, self.block_table = None, []
+        self.slot, self.block_table, self.draft_slots = None, [], []
 
 
 def test_allocator_shares_regions_between_states_and_blocks():
