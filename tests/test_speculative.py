@@ -287,3 +287,28 @@ def test_decode_snapshots_on_the_grid_inside_verify_runs(model):
         got = on.generate([follow], short, use_tqdm=False)[0]
         assert got.num_cached_tokens == 128 and got.outputs[0].token_ids == want.outputs[0].token_ids
         check_books(on)
+
+
+def test_a_failed_verify_step_gives_its_draft_slots_back(model, reference):
+    prompts, greedy, ref, refs = reference
+    on = oracle(engine_llm(model, kv_cache_memory_bytes=1 << 24, speculative_config=spec(3)), refs, 1.0)
+    eng = on.engine
+    real = eng.runner.execute
+    calls = {"n": 0}
+
+    def fail_on_a_verify_step(step):
+        if step.chains and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("injected failure")
+        return real(step)
+
+    eng.runner.execute = fail_on_a_verify_step
+    rid = eng.add_request(None, {"prompt_token_ids": prompts[3]}, greedy)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        while eng.has_unfinished_requests():
+            eng.step()
+    eng.cache.check()
+    eng.abort_request(rid)
+    eng.step()
+    check_books(on)
+    assert generate(on, prompts[:2], greedy) == ref[:2]  # and it goes on serving

@@ -246,6 +246,9 @@ class LLMEngine:
                 sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
             except BaseException as e:
                 self.cache.drop_snapshots(work.snapshots)  # the slots they took go back
+                for seq in work.seqs:  # and the verify step's draft slots
+                    if seq.draft_slots:
+                        self.cache.settle_draft_slots(seq, 1)
                 if self.workers is not None and not isinstance(e, ValueError | KeyboardInterrupt):
                     self.workers.failed(e)  # raises RankLost: the other ranks may be mid-step
                 raise
@@ -348,6 +351,8 @@ class LLMEngine:
     def _propose(self, work: SchedulerOutput, kept: dict[int, int]) -> None:
         """The MTP layer over every row this step committed, then drafts for the sequences that decode next."""
         step = self.runner.last_step
+        if step is None or not work.seqs:  # nothing ran (an empty step)
+            return
         positions = step.positions if step.positions is not None else \
             text_positions(step.context_lens, step.query_lens, self.runner.device)
         items, row = [], 0
