@@ -32,11 +32,15 @@ from bench.host import cpu_name
 ACCEPTANCES = (0.5, 0.7, 0.8, 0.9)
 
 
-def _oracle(refs: dict, p: float, vocab: int, seed: int):
+def oracle_drafts(refs: dict, p: float, vocab: int, seed: int = 0):
+    """A `LLMEngine.draft_override`: the known continuation of each prompt (`refs`: prompt ids -> output ids), each
+    draft replaced by a wrong token with probability 1 - p; a prompt without one keeps the MTP layer's drafts."""
     rng = random.Random(seed)
 
     def drafts(seq, mtp_drafts):
-        ref = refs[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+        ref = refs.get(tuple(seq.token_ids[:seq.num_prompt_tokens]))
+        if ref is None:
+            return mtp_drafts
         o = seq.num_output_tokens
         out = []
         for j in range(len(mtp_drafts)):
@@ -92,7 +96,7 @@ def _ours(args) -> list[dict]:
             ttft[b].append(first_s)
             off_times[b].append(off_s)
             llm = engines[k]
-            llm.engine.draft_override = None if p == "mtp" else _oracle(refs[b], p, vocab, seed=r)
+            llm.engine.draft_override = None if p == "mtp" else oracle_drafts(refs[b], p, vocab, seed=r)
             before = llm.speculative_stats()
             t, got = timed(llm, prompts[b], full)
             assert got == [refs[b][tuple(q)] for q in prompts[b]], f"output differs from MTP off: {c}"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 from test_engine_support import engine_llm, make_model, random_prompts, write_config
 
 import qwen35
+from bench.speculative import oracle_drafts
 from qwen35 import SamplingParams
 from qwen35.engine.speculative import SpeculativeConfig
 
@@ -36,22 +36,8 @@ def model(tmp_path_factory):
 
 def oracle(llm, refs: dict, acceptance: float, seed: int = 0):
     """Drafts = the known continuation of each prompt (`refs`: prompt ids -> output ids), each one replaced by a
-    wrong token with probability 1 - acceptance."""
-    rng = random.Random(seed)
-    vocab = llm.engine.vocab_size
-
-    def drafts(seq, mtp_drafts):
-        ref = refs.get(tuple(seq.token_ids[:seq.num_prompt_tokens]))
-        if ref is None:  # a prompt without a known continuation: the MTP layer's own drafts
-            return mtp_drafts
-        o = seq.num_output_tokens
-        out = []
-        for j in range(len(mtp_drafts)):
-            right = ref[o + j] if o + j < len(ref) else 0
-            out.append(right if rng.random() < acceptance else (right + 1 + rng.randrange(vocab - 1)) % vocab)
-        return out
-
-    llm.engine.draft_override = drafts
+    wrong token with probability 1 - acceptance (the bench's own oracle)."""
+    llm.engine.draft_override = oracle_drafts(refs, acceptance, llm.engine.vocab_size, seed)
     return llm
 
 

@@ -41,7 +41,14 @@ from qwen35.engine.sampling import RequestOutputKind, SamplingParams
 from qwen35.engine.scheduler import Scheduler, SchedulerOutput
 from qwen35.engine.sequence import Request, SequenceStatus
 from qwen35.engine.sequence import Sequence as Seq
-from qwen35.engine.speculative import DraftWork, MTPDrafter, SpecDecodeStats, SpeculativeConfig, accepted_prefix
+from qwen35.engine.speculative import (
+    DraftWork,
+    MTPDrafter,
+    SpecDecodeStats,
+    SpeculativeConfig,
+    accepted_prefix,
+    require_mtp,
+)
 from qwen35.model.cache import text_positions
 
 log = logging.getLogger("qwen35")
@@ -114,8 +121,8 @@ class LLMEngine:
         if self.spec is not None and workers is not None:
             raise ValueError("speculative_config with tensor_parallel_size > 1 is not supported yet: run MTP "
                              "speculative decoding in one process")
-        if self.spec is not None and getattr(model, "mtp", None) is None:
-            MTPDrafter(model, None, self.spec.num_speculative_tokens)  # raises: the message says why
+        if self.spec is not None:
+            require_mtp(model)  # before the cache is allocated
         # one pool: KV blocks, the running sequences' states and the prefix cache's snapshots (and with MTP its
         # layer's KV, as one more attention layer)
         self.plan: CachePlan = plan_cache(cfg, dtype, kv_cache_memory_bytes, max_num_seqs, max_model_len,
@@ -140,7 +147,7 @@ class LLMEngine:
         # draft_override(seq, drafts) -> the drafts to verify instead (tests and benchmarks: known continuations at
         # a chosen acceptance, with the MTP layer still run, so that its cost stays in the step)
         self.draft_override: Any = None
-        self._deferred: list[tuple[Seq, str, Any]] | None = None  # finishes held back while a step settles
+        self._deferred: list[Seq] | None = None  # finishes held back while a step settles
         self._hit_log_time = time.monotonic()
         self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
         self._mm_processor = None
@@ -315,7 +322,7 @@ class LLMEngine:
                 self.cache.commit_snapshots(work.snapshots)
         finally:
             deferred, self._deferred = self._deferred, None
-            for seq, _, _ in deferred:
+            for seq in deferred:
                 self.scheduler.finish(seq)
         if self.drafter is not None:
             self._propose(work, kept)
@@ -439,7 +446,7 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.text.finish()
         if self._deferred is not None:  # inside a step's bookkeeping: freed once the cache has counted the step
-            self._deferred.append((seq, reason, stop_reason))
+            self._deferred.append(seq)
         else:
             self.scheduler.finish(seq)
 

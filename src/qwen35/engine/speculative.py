@@ -122,13 +122,18 @@ class DraftWork:
     num_drafts: int
 
 
+def require_mtp(model: torch.nn.Module) -> None:
+    """Raise ValueError unless `model` carries the MTP layer the drafter runs."""
+    if getattr(model, "mtp", None) is None:
+        raise ValueError("speculative_config method 'mtp' needs the checkpoint's MTP layer, but this model has "
+                         "no mtp.* weights (a GGUF converted with --no-mtp, or a checkpoint saved without them)")
+
+
 class MTPDrafter:
     """Runs the model's MTP head over a step's committed rows and chains drafts (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, cache, num_speculative_tokens: int):
-        if getattr(model, "mtp", None) is None:
-            raise ValueError("speculative_config method 'mtp' needs the checkpoint's MTP layer, but this model has "
-                             "no mtp.* weights (a GGUF converted with --no-mtp, or a checkpoint saved without them)")
+        require_mtp(model)
         self.model, self.cache, self.k = model, cache, num_speculative_tokens
 
     @torch.inference_mode()
@@ -179,5 +184,6 @@ def accepted_prefix(targets: list[int], drafts: list[int]) -> int:
     return n
 
 
-__all__ = ["SpeculativeConfig", "SpecDecodeStats", "MTPDrafter", "DraftWork", "accepted_prefix", "MTP_METHODS",
+__all__ = ["SpeculativeConfig", "SpecDecodeStats", "MTPDrafter", "DraftWork", "accepted_prefix", "require_mtp",
+           "MTP_METHODS",
            "MAX_SPECULATIVE_TOKENS"]

@@ -63,55 +63,20 @@ inline void rows_bf16_mm(const uint16_t* w, int64_t K, const uint16_t* x, int64_
 }
 #endif
 
-// R consecutive output rows for all M inputs (R independent accumulator chains hide the FMA latency).
-// x is bf16 [M, K] with row stride ldx; out is [R][kMaxM].
-template <int R>
-inline void rows_bf16(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t ldx,
-                      float out[][kMaxM]) {
-  int64_t k = 0;
-#if defined(__AVX512BF16__)
-  __m512 acc[R][kMaxM];
-  for (int r = 0; r < R; ++r)
-    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (; k + 32 <= K; k += 32) {
-    for (int r = 0; r < R; ++r) {
-      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-      for (int64_t m = 0; m < M; ++m)
-        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
-    }
+// One weight row for M inputs, without SIMD (hosts with neither AVX512-BF16 nor AVX-512; those use row_bf16_mm
+// and row_f32x). x is bf16 [M, K] with row stride ldx.
+inline void row_bf16_scalar(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t ldx, float* out) {
+  for (int64_t m = 0; m < M; ++m) out[m] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float wk = bf16_to_float(w[k]);
+    for (int64_t m = 0; m < M; ++m) out[m] += wk * bf16_to_float(x[m * ldx + k]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
-#elif defined(__AVX512F__)
-  __m512 acc[R][kMaxM];
-  for (int r = 0; r < R; ++r)
-    for (int64_t m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
-    for (int r = 0; r < R; ++r) {
-      __m512 wv = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 xv = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k)));
-        acc[r][m] = _mm512_fmadd_ps(wv, xv, acc[r][m]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int64_t m = 0; m < M; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
-#else
-  for (int r = 0; r < R; ++r)
-    for (int64_t m = 0; m < M; ++m) out[r][m] = 0.f;
-#endif
-  for (; k < K; ++k)
-    for (int r = 0; r < R; ++r) {
-      float wk = bf16_to_float(w[r * K + k]);
-      for (int64_t m = 0; m < M; ++m) out[r][m] += wk * bf16_to_float(x[m * ldx + k]);
-    }
 }
 
 #if defined(__AVX512F__) && !defined(__AVX512BF16__)
 // One weight row (bf16, widened here) against MG inputs already widened to fp32 (xf: [MG, K], row stride K): per
-// input one accumulator along k, 16 values at a time, then the 16 lanes added up and the tail; the same sums in the
-// same order as rows_bf16<1> for any MG and any grouping of the rows (a row's result does not depend on the batch).
+// input one accumulator along k, 16 values at a time, then the 16 lanes added up and the tail (dot_bf16's order),
+// for any MG and any grouping of the rows: a row's result does not depend on the batch.
 template <int MG>
 inline void row_f32x(const uint16_t* w, int64_t K, const float* xf, float* out) {
   __m512 acc[MG];
@@ -208,7 +173,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool out_bf16) {
   // One weight row after the other: a single sequential stream, which the hardware prefetcher follows at
   // full speed (interleaving 4 rows measured 2.4x slower: 10 vs 25 GB/s on one core).
 #if defined(__AVX512F__) && !defined(__AVX512BF16__)
-  if (M >= 1) {  // x widened to fp32 once, not again for every weight row (bit-identical: the widening is exact)
+  {  // x widened to fp32 once, not again for every weight row (exact: the same sums as widening on the fly)
     std::vector<float> xf(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_float(xp[m * ldx + k]);
@@ -236,7 +201,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool out_bf16) {
 #if defined(__AVX512BF16__)
         rows_bf16_mm(wp + n * K, K, xp + m0 * ldx, ldx, mg, out[0]);
 #else
-        rows_bf16<1>(wp + n * K, K, xp + m0 * ldx, mg, ldx, out);
+        row_bf16_scalar(wp + n * K, K, xp + m0 * ldx, mg, ldx, out[0]);
 #endif
         for (int64_t m = 0; m < mg; ++m) store((m0 + m) * N + n, out[0][m]);
       }
