@@ -16,9 +16,12 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .template import ChatTemplateError
 
-__all__ = ["render_builtin"]
+class ChatTemplateError(ValueError):
+    """An invalid conversation (the template's ``raise_exception`` message), or a template that fails."""
+
+
+__all__ = ["ChatTemplateError", "render_builtin"]
 
 _UNDEF = object()
 

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tags import CALL_CLOSE, CALL_OPEN, TAGS, THINK_CLOSE, THINK_OPEN
+
 __all__ = [
     "ParsedOutput",
     "StreamParser",
@@ -48,11 +50,6 @@ __all__ = [
     "prompt_opens_thinking",
 ]
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-CALL_OPEN = "<tool_call>"
-CALL_CLOSE = "</tool_call>"
-TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
 _TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
 
 ToolCallId = Callable[[int], str]

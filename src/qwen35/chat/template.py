@@ -27,11 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .builtin import ChatTemplateError, render_builtin
+
 __all__ = ["ChatTemplateError", "load_chat_template", "normalize_messages", "render", "render_jinja"]
-
-
-class ChatTemplateError(ValueError):
-    """An invalid conversation (the template's ``raise_exception`` message), or a template that fails."""
 
 
 _REASONING_ALIASES = ("reasoning_content", "reasoning", "thinking")
@@ -172,8 +170,6 @@ def render(
     msgs = normalize_messages(messages)
     tools_list = list(tools) if tools is not None else None
     if template is None:
-        from .builtin import render_builtin
-
         return render_builtin(
             msgs, tools=tools_list, add_generation_prompt=add_generation_prompt, **template_kwargs
         )

@@ -206,19 +206,23 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
              tools: Sequence[Mapping[str, Any]] | None = None, chat_template: str | None = None,
              chat_template_kwargs: Mapping[str, Any] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tool_choice: str | Mapping[str, Any] | None = None,
+             ) -> list[RequestOutput]:
         """Apply the chat template to one conversation or a list of them and generate. Each completion also
-        carries `reasoning_content`, `content` and `tool_calls` (OpenAI-shaped dicts) from the chat parsers."""
-        from qwen35.chat import parse
+        carries `reasoning_content`, `content` and `tool_calls` (OpenAI-shaped dicts) from the chat parsers.
+        `tool_choice`: "auto" (default with tools), "none", "required" or {"type": "function", "function":
+        {"name": ...}}, as the server's (see `qwen35.chat.frontend`)."""
+        from qwen35.chat.frontend import read_choice
 
         convs = _as_conversation_list(messages)
         params = self._params_list(sampling_params, len(convs))
-        items = [self._chat_item(c, sp, tools, chat_template, chat_template_kwargs, add_generation_prompt)
-                 for c, sp in zip(convs, params, strict=True)]
+        items = [self._chat_item(c, sp, tools, tool_choice, chat_template, chat_template_kwargs,
+                                 add_generation_prompt) for c, sp in zip(convs, params, strict=True)]
         outs = self._run_to_end(items, use_tqdm)
-        for (_, chat_info, _), out in zip(items, outs, strict=True):
+        for (_, plan, sp), out in zip(items, outs, strict=True):
             for c in out.outputs:
-                parsed = parse(c.text, tools=tools, thinking=chat_info["thinking"])
+                parsed, c.finish_reason, c.stop_reason = read_choice(plan, c.text, c.finish_reason, c.stop_reason,
+                                                                     sp.include_stop_str_in_output)
                 c.reasoning_content, c.content, c.tool_calls = (parsed.reasoning_content, parsed.content,
                                                                  parsed.tool_calls)
         return outs
@@ -227,30 +231,40 @@ class LLM:
                     sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                     tools: Sequence[Mapping[str, Any]] | None = None, chat_template: str | None = None,
                     chat_template_kwargs: Mapping[str, Any] | None = None,
-                    add_generation_prompt: bool = True) -> Iterator[RequestOutput]:
+                    add_generation_prompt: bool = True, tool_choice: str | Mapping[str, Any] | None = None,
+                    ) -> Iterator[RequestOutput]:
         """`chat` as an iterator of DELTA outputs: each completion that moved holds its new `text` and the
         new `reasoning_content` / `content` (None when nothing new) and the tool calls completed in this step
         (`tool_calls`: OpenAI stream deltas, each call whole)."""
         convs = _as_conversation_list(messages)
         params = self._params_list(sampling_params, len(convs))
-        items = [self._chat_item(c, sp, tools, chat_template, chat_template_kwargs, add_generation_prompt)
-                 for c, sp in zip(convs, params, strict=True)]
+        items = [self._chat_item(c, sp, tools, tool_choice, chat_template, chat_template_kwargs,
+                                 add_generation_prompt) for c, sp in zip(convs, params, strict=True)]
         return self._stream(items)
 
-    def _chat_item(self, conversation: Conversation, params: SamplingParams, tools, chat_template,
-                   chat_template_kwargs, add_generation_prompt) -> tuple[PromptType, dict, SamplingParams]:
-        from qwen35.chat import prompt_opens_thinking
+    def _chat_item(self, conversation: Conversation, params: SamplingParams, tools, tool_choice, chat_template,
+                   chat_template_kwargs, add_generation_prompt) -> tuple[PromptType, Any, SamplingParams]:
+        """(engine prompt, chat plan, sampling params) of one conversation, planned by the chat front end."""
+        from qwen35.chat.frontend import ChatRequest, plan_chat
 
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (this LLM was made with skip_tokenizer_init=True)")
-        text = self.tokenizer.apply_chat_template(list(conversation), tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  chat_template=chat_template, **dict(chat_template_kwargs or {}))
-        info = {"thinking": prompt_opens_thinking(text), "tools": tools}
-        images, videos = collect_media(conversation)
-        if images or videos:
-            return {"prompt": text, "multi_modal_data": {"image": images, "video": videos}}, info, params
-        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text)}, info, params
+        kwargs = dict(chat_template_kwargs or {})
+        thinking = kwargs.pop("enable_thinking", None)
+        if thinking is not None and not isinstance(thinking, bool):
+            kwargs["enable_thinking"], thinking = thinking, None
+        plan = plan_chat(ChatRequest([dict(m) for m in conversation], tools=list(tools) if tools else None,
+                                     tool_choice=dict(tool_choice) if isinstance(tool_choice, Mapping)
+                                     else tool_choice, enable_thinking=thinking, template_kwargs=kwargs,
+                                     add_generation_prompt=add_generation_prompt),
+                         self.tokenizer, template=chat_template)
+        extra = tuple(i for i in plan.extra_stop_ids if i not in params.stop_token_ids)
+        if extra:
+            params = params.clone(stop_token_ids=[*params.stop_token_ids, *extra])
+        prompt = plan.engine_prompt()
+        if "multi_modal_data" not in prompt:
+            prompt["prompt_token_ids"] = self.tokenizer.encode(plan.prompt)
+        return prompt, plan, params
 
     # ------------------------------------------------------------------------------------------ driving
     def _params_list(self, params, n: int) -> list[SamplingParams]:
@@ -293,11 +307,11 @@ class LLM:
         return [done[i] for i in ids]
 
     def _stream(self, items) -> Iterator[RequestOutput]:
-        from qwen35.chat import StreamParser
+        from qwen35.chat.frontend import ChoiceReader
 
         ids = self._add_all(items, RequestOutputKind.DELTA)
-        chat_info = {rid: info for rid, (_, info, _) in zip(ids, items, strict=True) if info is not None}
-        parsers: dict[tuple[str, int], Any] = {}
+        plans = {rid: (plan, sp) for rid, (_, plan, sp) in zip(ids, items, strict=True) if plan is not None}
+        readers: dict[tuple[str, int], Any] = {}
 
         def generator() -> Iterator[RequestOutput]:
             pending = set(ids)
@@ -306,15 +320,17 @@ class LLM:
                     for out in self.engine.step():
                         if out.request_id not in pending:
                             continue
-                        info = chat_info.get(out.request_id)
-                        if info is not None:
+                        chat = plans.get(out.request_id)
+                        if chat is not None:
                             for c in out.outputs:
                                 key = (out.request_id, c.index)
-                                if key not in parsers:
-                                    parsers[key] = StreamParser(tools=info["tools"], thinking=info["thinking"])
-                                deltas = parsers[key].feed(c.text)
+                                if key not in readers:
+                                    readers[key] = ChoiceReader(chat[0], chat[1].include_stop_str_in_output)
+                                deltas = readers[key].feed(c.text)
                                 if c.finish_reason is not None:
-                                    deltas += parsers[key].finish()
+                                    last, c.finish_reason, c.stop_reason = readers[key].finish(c.finish_reason,
+                                                                                               c.stop_reason)
+                                    deltas += last
                                 _merge_chat_deltas(c, deltas)
                         if out.finished:
                             pending.discard(out.request_id)
@@ -385,33 +401,6 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if not items:
         raise ValueError("no prompts given")
     return items
-
-
-def collect_media(conversation: Conversation) -> tuple[list[Any], list[Any]]:
-    """The images and videos of a conversation, in the order the chat template writes their placeholders.
-    Content items: {"type": "image", "image": PIL / path / URL / bytes}, {"type": "image_url", "image_url":
-    {"url": ...}} (or a plain string), {"type": "video", "video": path / URL / list of frames},
-    {"type": "video_url", "video_url": {"url": ...}}."""
-    images, videos = [], []
-    for message in conversation:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if not isinstance(content, (list, tuple)):
-            continue
-        for item in content:
-            if not isinstance(item, Mapping):
-                continue
-            kind = item.get("type")
-            if kind == "image" or "image" in item:
-                images.append(item.get("image"))
-            elif kind == "image_url" or "image_url" in item:
-                url = item.get("image_url")
-                images.append(url.get("url") if isinstance(url, Mapping) else url)
-            elif kind == "video" or "video" in item:
-                videos.append(item.get("video"))
-            elif kind == "video_url" or "video_url" in item:
-                url = item.get("video_url")
-                videos.append(url.get("url") if isinstance(url, Mapping) else url)
-    return images, videos
 
 
 def _as_conversation_list(messages: Conversation | Sequence[Conversation]) -> list[Conversation]:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from qwen35.chat.tags import THINK_CLOSE, THINK_OPEN
 from qwen35.engine.cache_manager import (
     CacheManager,
     CachePlan,
@@ -56,7 +57,6 @@ log = logging.getLogger("qwen35")
 DEFAULT_EOS_TOKEN_IDS = (248046, 248044)
 MAX_LOGPROBS = 20
 HIT_LOG_SECONDS = 60.0  # how often the prefix cache's hit rate is logged (while requests come)
-THINK_START, THINK_END = "<think>", "</think>"
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
 
@@ -162,7 +162,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._to_report: list[Request] = []  # aborted, or finished when added: they report at the next step
-        self._think_ids = self._token_ids_of(THINK_START), self._token_ids_of(THINK_END)
+        self._think_ids = self._token_ids_of(THINK_OPEN), self._token_ids_of(THINK_CLOSE)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,

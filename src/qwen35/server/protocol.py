@@ -85,6 +85,7 @@ class AssistantMessage(_Model):
     content: str | list[TextPart] | None = None
     reasoning_content: str | None = Field(None, description="earlier reasoning (kept only where the template "
                                                             "keeps it)")
+    reasoning: str | None = Field(None, description="vLLM's name of reasoning_content (either is accepted)")
     tool_calls: list[ToolCall] | None = None
     name: str | None = None
 
@@ -122,6 +123,7 @@ class NamedToolChoice(_Model):
 
 class StreamOptions(_Model):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(False, description="usage in every chunk (vLLM extra)")
 
 
 class ResponseFormat(_Model):
@@ -153,6 +155,9 @@ class _SamplingFields(_Model):
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = None
 
+
+#: the sampling fields every generating route shares (the chat session validates other routes' values with it)
+SamplingFields = _SamplingFields
 
 _CHAT_EXAMPLES = [
     {"model": "qwen35", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
@@ -194,6 +199,8 @@ class ChatCompletionRequest(_SamplingFields):
     thinking_budget: int | None = Field(None, ge=0, description="at most this many reasoning tokens; then "
                                                                 "the server closes the think block itself")
     max_thinking_tokens: int | None = Field(None, ge=0, description="alias of thinking_budget")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="\"none\" turns thinking off; the others keep it on (no budget)")
 
 
 class CompletionRequest(_SamplingFields):
@@ -244,7 +251,8 @@ class ResponseToolCall(_Model):
 class ResponseMessage(_Model):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None
+    reasoning: str | None = Field(None, description="the reasoning (vLLM's name)")
+    reasoning_content: str | None = Field(None, description="the same reasoning (SGLang's and llama.cpp's name)")
     tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
@@ -299,6 +307,7 @@ class DeltaToolCall(_Model):
 class ChatDelta(_Model):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 

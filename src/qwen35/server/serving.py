@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from qwen35.engine.outputs import CompletionOutput, RequestOutput
 from qwen35.engine.sampling import SamplingParams
-from qwen35.server.async_engine import AsyncEngine, EngineError, RequestStream
+from qwen35.server.async_engine import AsyncEngine, EngineError, EngineUnavailable, RequestStream
 from qwen35.server.errors import APIError, error_body
 from qwen35.server.media import MediaPolicy
 from qwen35.server.metrics import ServerMetrics
@@ -219,6 +219,32 @@ class Serving:
     def abort(self, request_ids: list[str]) -> None:
         self.async_engine.abort(request_ids)
 
+    async def final_outputs(self, request_ids: list[str], streams: list[RequestStream], request: Request,
+                            timer: RequestTimer) -> list[RequestOutput]:
+        """The final outputs of submitted requests: every route's one way to wait for them. Whatever goes wrong
+        (the client leaves: ClientGone; an engine error: APIError; cancellation) aborts them all first."""
+        try:
+            return await collect_final(streams, request)
+        except ClientGone:
+            self.abort(request_ids)
+            timer.finish(["abort"])
+            raise
+        except (ValueError, EngineError) as e:
+            self.abort(request_ids)
+            timer.finish(["error"])
+            raise api_error_of(e) from None
+        except BaseException:
+            self.abort(request_ids)
+            raise
+
+    def with_structured(self, params: SamplingParams, structured: Any, param: str = "response_format",
+                        ) -> SamplingParams:
+        """`params` constrained to a structured-output spec; 400 naming `param` when the spec is malformed."""
+        try:
+            return params.clone(structured_outputs=structured)
+        except (ValueError, TypeError) as e:
+            raise APIError(f"invalid {param}: {e}", 400, param=param, code="invalid_value") from None
+
 
 class RequestTimer:
     """Time to first token, inter-token latency and end-to-end latency of one request, into the metrics."""
@@ -327,6 +353,18 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
     finally:
         for t in tasks:
             t.cancel()
+
+
+def api_error_of(e: BaseException) -> APIError:
+    """The HTTP error for a request that failed in the engine: 400 for a ValueError (bad input found late),
+    503 when the engine is gone, else 500."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):
+        return APIError(str(e), 400)
+    if isinstance(e, EngineUnavailable):
+        return APIError(str(e), 503, code="engine_unavailable")
+    return APIError(str(e), 500, code="engine_error")
 
 
 def engine_error_event(e: BaseException) -> str:
