@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT))
 pytest.importorskip("transformers")
 
 from bench import bytes_model, models, report, run, worker  # noqa: E402
+
+#: tests check behaviour, not speed: never wait for a quiet machine or repeat a disturbed measurement
+NO_WAIT = ("--quiet-wait", "0", "--retries", "0")
 from qwen35.config import ModelConfig, find_preset  # noqa: E402
 from qwen35.model_info import model_info  # noqa: E402
 
@@ -108,7 +111,7 @@ def test_plan_and_report(tmp_path, tiny):
 def test_one_measurement_process_end_to_end(tmp_path, cache, tiny):
     out = tmp_path / "b.md"
     rc = run.main(["--models", "tiny", "--engines", "ours", "--sections", "decode", "--contexts", "24", "--steps", "2",
-                   "--rounds", "1", "--threads", "1", "--cache-dir", str(cache), "--out", str(out)])
+                   "--rounds", "1", "--threads", "1", *NO_WAIT, "--cache-dir", str(cache), "--out", str(out)])
     assert rc == 0
     data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
     (res,) = data["results"]
@@ -138,7 +141,7 @@ def test_sweep_section_end_to_end_pairs_rounds(tmp_path, cache, tiny):
     round); the report's ratios pair results of the same inner round."""
     out = tmp_path / "b.md"
     rc = run.main(["--models", "tiny", "--engines", "ours", "--sections", "context", "--sweep", "16,32", "--steps",
-                   "2", "--rounds", "1", "--sweep-rounds", "2", "--threads", "1", "--cache-dir", str(cache),
+                   "2", "--rounds", "1", "--sweep-rounds", "2", "--threads", "1", *NO_WAIT, "--cache-dir", str(cache),
                    "--out", str(out)])
     assert rc == 0
     data = json.loads((tmp_path / "benchmarks" / "results.json").read_text())

@@ -39,19 +39,33 @@ def build() -> ModuleType | None:
     with _lock:
         if not _tried:
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import _get_build_directory, load
 
                 csrc = Path(__file__).parent / "csrc"
                 # one build folder per checkout: with a shared name, two checkouts (a clone under test next to
                 # the working tree) rebuild over each other's build on every switch (~2.5 min on 2 cores)
                 tag = hashlib.sha1(str(csrc.resolve()).encode()).hexdigest()[:8]
-                _module = load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(csrc / s) for s in SOURCES],
+                name = f"qwen35_cpu_kernels_{tag}"
+                if not _is_built(Path(_get_build_directory(name, verbose=False)), name, csrc):
+                    # a newcomer's first run would otherwise sit silent for minutes
+                    log.warning("qwen35: compiling the CPU kernels for this machine (once; about %d minute(s) on %d "
+                                "cores)...", max(1, round(5 / max(1, os.cpu_count() or 1))), os.cpu_count() or 1)
+                _module = load(name=name, sources=[str(csrc / s) for s in SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as e:  # no compiler / ninja: the torch twins still give the same numbers
                 log.warning("qwen35: CPU kernels unavailable, using torch ops (slower): %s", e)
                 _module = None
             _tried = True
     return _module
+
+
+def _is_built(build_dir: Path, name: str, csrc: Path) -> bool:
+    """Whether a build of the current sources exists (torch rebuilds when a source is newer than the library)."""
+    lib = build_dir / f"{name}.so"
+    if not lib.is_file():
+        return False
+    newest = max(p.stat().st_mtime for p in csrc.iterdir() if p.suffix in (".cpp", ".h"))
+    return lib.stat().st_mtime >= newest
 
 
 def kernels() -> ModuleType | None:
