@@ -284,6 +284,35 @@ def test_reasoning_split(server, client):
     assert unlimited.message.reasoning_content.endswith("step29") and unlimited.message.content == "Done."
 
 
+def test_chat_extras(client):
+    """The reasoning under both names (and either accepted in history), reasoning_effort, usage in every chunk,
+    n with tools, system messages mid-conversation folded."""
+    on = chat(client, "Say hello", max_tokens=40).choices[0]
+    assert on.message.reasoning == on.message.reasoning_content == "The user greets me."
+    _, _, _, _, _, _, chunks = stream_chat(client, "Say hello", max_tokens=40)
+    deltas = [c.choices[0].delta for c in chunks if c.choices and getattr(c.choices[0].delta, "reasoning", None)]
+    assert deltas and all(d.reasoning == d.reasoning_content for d in deltas)
+    off = chat(client, "Say hello", max_tokens=40, reasoning_effort="none").choices[0]
+    assert (getattr(off.message, "reasoning_content", None), off.message.content) == (None, "Hello there!")
+    assert chat(client, "Say hello", max_tokens=40, reasoning_effort="high").choices[0].message.reasoning
+    for key in ("reasoning", "reasoning_content"):
+        history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey", key: "greeting"},
+                   {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+        r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=40)
+        assert r.choices[0].message.content == "Hello there!"
+    # continuous usage: every chunk carries the usage so far
+    _, _, _, _, _, _, chunks = stream_chat(client, "Say hello", max_tokens=40,
+                                           stream_options={"include_usage": True},
+                                           extra_body={"stream_options": {"include_usage": True,
+                                                                          "continuous_usage_stats": True}})
+    counts = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert len(counts) >= len(chunks) - 1 and counts == sorted(counts) and counts[-1] > 0
+    # n with tools: every choice parses its own call
+    r = chat(client, "What is the weather in Paris?", tools=[WEATHER_TOOL], max_tokens=80, n=3)
+    assert [c.finish_reason for c in r.choices] == ["tool_calls"] * 3
+    assert all(c.message.tool_calls[0].function.name == "get_weather" for c in r.choices)
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 def test_64_concurrent_streams_equal_alone(server):
     aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -418,7 +447,7 @@ def test_errors(server, tmp_path):
     assert err(400, {"prompt": long_text}, path="/v1/completions")["code"] == "context_length_exceeded"
     assert err(400, {"prompt": [1, 2, 10**7]}, path="/v1/completions")["param"] == "prompt"
     assert err(400, {"prompt": []}, path="/v1/completions")["param"] == "prompt"
-    assert err(400, {"prompt": "x", "echo": True, "logprobs": 1}, path="/v1/completions")["param"] == "echo"
+    assert err(400, {"prompt": "x", "max_tokens": 0}, path="/v1/completions")["param"] == "max_tokens"
     assert err(404, path="/v1/nothing", method="GET")["type"] == "invalid_request_error"
     assert err(405, path="/v1/chat/completions", method="GET")
     # media: http(s) and files refused unless allowed; data: URLs refused while the engine takes no images
