@@ -3,6 +3,7 @@ reading answers back, whole and streamed, the same way."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -59,19 +60,19 @@ def test_fold_system_messages():
 
 def test_tool_choice_plans(tok):
     auto = plan_chat(ChatRequest(USER, tools=TOOLS), tok)
-    assert auto.forced == "" and auto.thinking and not auto.extra_stop_ids
+    assert auto.forced_call is None and auto.thinking and not auto.extra_stop_ids
     assert "get_weather" in auto.prompt and auto.parser_tools[0]["function"]["name"] == "get_weather"
     none = plan_chat(ChatRequest(USER, tools=TOOLS, tool_choice="none"), tok)
     assert "get_weather" not in none.prompt and none.parser_tools is NO_TOOLS
     req = plan_chat(ChatRequest(USER, tools=TOOLS, tool_choice="required"), tok)
-    assert req.prompt.endswith("</think>\n\n<tool_call>\n<function=") and not req.thinking
-    assert not req.extra_stop_ids  # parallel calls allowed
+    assert req.prompt.endswith("</think>\n\n") and not req.thinking  # no reasoning before a forced call
+    assert req.forced_call == {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": True}
+    assert not req.extra_stop_ids  # the grammar ends the answer
     named = plan_chat(ChatRequest(USER, tools=TOOLS, tool_choice={"type": "function",
                                                                    "function": {"name": "get_weather"}}), tok)
-    assert named.prompt.endswith("<function=get_weather>\n")
-    assert named.extra_stop_ids == (tok.token_to_id("</tool_call>"),)
+    assert named.forced_call["tool_choice"] == "get_weather" and not named.forced_call["parallel_tool_calls"]
     single = plan_chat(ChatRequest(USER, tools=TOOLS, parallel_tool_calls=False), tok)
-    assert single.extra_stop_ids == named.extra_stop_ids
+    assert single.extra_stop_ids == (tok.token_to_id("</tool_call>"),) and single.forced_call is None
     off = plan_chat(ChatRequest(USER, enable_thinking=False), tok)
     assert not off.thinking and off.prompt.endswith("<think>\n\n</think>\n\n")
     for bad in ({"type": "function", "function": {"name": "nope"}}, "sometimes"):
@@ -87,15 +88,15 @@ def test_tool_choice_plans(tok):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_whole_and_streamed_reading_agree(tok, seed):
-    """However the text is cut, the streamed reader's deltas add up to the whole reading, with the forced call
-    start put before the text and the `</tool_call>` stop put back."""
+    """However the text is cut, the streamed reader's deltas add up to the whole reading, with the
+    `</tool_call>` stop put back."""
     rng = random.Random(seed)
-    named = plan_chat(ChatRequest(USER, tools=TOOLS, tool_choice={"type": "function",
-                                                                   "function": {"name": "get_weather"}}), tok)
+    single = plan_chat(ChatRequest(USER, tools=TOOLS, parallel_tool_calls=False), tok)
     auto = plan_chat(ChatRequest(USER, tools=TOOLS), tok)
     close = tok.token_to_id("</tool_call>")
     cases = [
-        (named, "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n", close),
+        (single, "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+                 "</parameter>\n</function>\n", close),
         (auto, "Let me look.\n</think>\n\nSure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n"
                "</parameter>\n</function>\n</tool_call>", None),
         (auto, "hmm</think>\n\nIt is sunny.", None),
@@ -118,17 +119,28 @@ def test_whole_and_streamed_reading_agree(tok, seed):
     assert first[0].tool_calls[0]["function"]["arguments"] == '{"city": "Paris", "days": 3}'
     assert read_choice(*cases[2][:2], "stop")[0].reasoning_content == "hmm"
     # cut by max_tokens inside the call: content, not a call
-    cut = read_choice(named, "<parameter=city>\nPar", "length")
+    cut = read_choice(single, "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", "length")
     assert cut[1] == "length" and not cut[0].tool_calls
 
 
 def test_llm_chat_tool_choice(tiny_llm):
-    """LLM.chat plans with the same front end: a named tool choice forces the call start and stops after it."""
+    """LLM.chat plans with the same front end: a forced tool choice constrains even random weights to valid
+    calls of the named (or any) tool."""
+    import jsonschema_rs
+
     from qwen35 import SamplingParams
 
-    outs = tiny_llm.chat(USER, SamplingParams(max_tokens=12, temperature=0), tools=TOOLS,
-                         tool_choice={"type": "function", "function": {"name": "get_weather"}}, use_tqdm=False)
-    c = outs[0].outputs[0]
-    assert outs[0].prompt.endswith("<function=get_weather>\n")
-    assert c.finish_reason in ("length", "stop", "tool_calls")
-    assert (c.finish_reason == "tool_calls") == bool(c.tool_calls)
+    # bounded strings: a random model never ends a free string by itself (a call cut by max_tokens is no call)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
+        "required": ["city"]}}}]
+    validator = jsonschema_rs.validator_for(tools[0]["function"]["parameters"])
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        outs = tiny_llm.chat(USER, SamplingParams(max_tokens=200, temperature=1.0, seed=3), tools=tools,
+                             tool_choice=choice, use_tqdm=False)
+        c = outs[0].outputs[0]
+        assert outs[0].prompt.endswith("</think>\n\n")
+        assert c.finish_reason == "tool_calls", c.text
+        for call in c.tool_calls:
+            assert call["function"]["name"] == "get_weather"
+            validator.validate(json.loads(call["function"]["arguments"]))

@@ -50,10 +50,8 @@ def weather_script(prompt: str) -> str | None:
         return "The tool says sunny.\n</think>\n\nIt is sunny in Paris."
     if "weather" not in user:
         return None
-    if prompt.endswith("<function=get_weather>\n"):  # tool_choice named: the server wrote the call's start
-        return CALL_PARIS[len("<tool_call>\n<function=get_weather>\n"):]
-    if prompt.endswith("<function="):  # tool_choice required
-        return CALL_PARIS[len("<tool_call>\n<function="):]
+    if prompt.endswith("</think>\n\n"):  # tool_choice required / named: the server closed the think block
+        return CALL_PARIS
     calls = CALL_PARIS + "\n" + CALL_ROME if "two cities" in user else CALL_PARIS
     return "I should call the tool.\n</think>\n\n" + calls
 
@@ -439,7 +437,7 @@ def test_errors(server, tmp_path):
     assert err(400, {"messages": [{"role": "wizard", "content": "x"}]})["param"].startswith("messages")
     assert err(400, {"messages": [{"role": "assistant", "content": "only me"}]})["code"] == "invalid_chat"
     assert err(400, {"messages": msgs, "stream_options": {"include_usage": True}})["param"] == "stream_options"
-    assert err(400, {"messages": msgs, "response_format": {"type": "json_object"}})["param"] == "response_format"
+    assert err(400, {"messages": msgs, "response_format": {"type": "xml"}})["param"] == "response_format"
     assert err(404, {"messages": msgs, "model": "gpt-4"})["code"] == "model_not_found"
     long_text = "word " * 1200
     assert err(400, {"messages": [{"role": "user", "content": long_text}]})["code"] == "context_length_exceeded"

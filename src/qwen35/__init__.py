@@ -1,7 +1,7 @@
 """qwen35: an engine for the Qwen3.5 model family.
 
-Public names: `load_model`, `ModelConfig`, `LLM`, `SamplingParams`, `load_tokenizer` (the last three are
-imported on first use, so `import qwen35` stays light).
+Public names: `load_model`, `ModelConfig`, `LLM`, `SamplingParams`, `StructuredOutputsParams`, `load_tokenizer`
+(the last four are imported on first use, so `import qwen35` stays light).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "qwen35.engine.llm",
     "SamplingParams": "qwen35.engine.sampling",
+    "StructuredOutputsParams": "qwen35.engine.sampling",
     "RequestOutput": "qwen35.engine.outputs",
     "CompletionOutput": "qwen35.engine.outputs",
     "load_tokenizer": "qwen35.tokenizer",

@@ -13,12 +13,13 @@ Anthropic Messages, Responses) go through it, so they render, detect thinking an
 Tool choice:
   * "auto" (the default with tools): tools are listed in the prompt; calls the model writes are parsed.
   * "none" (the default without tools): tools are not listed, and `<tool_call>` blocks stay text (content).
-  * "required": the prompt ends with the start of a call, `<tool_call>\\n<function=` (after closing the think
-    block: no reasoning), so the model can only name a function and fill in its arguments.
-  * {"type": "function", "function": {"name": ...}}: the same with `<function=NAME>\\n` written too.
-  What the model writes after that is parsed as usual: a call to an unknown function, malformed, or cut by
-  max_tokens is not a tool call, and comes back as content. A choice with tool calls finishes "tool_calls".
-  With `parallel_tool_calls=False` or a named tool, generation stops after the first call (`extra_stop_ids`).
+  * "required": the think block is closed (no reasoning) and the answer is constrained to tool calls
+    (`ChatPlan.forced_call`: the engine's tool-call grammar, `qwen35.engine.structured.structured_for_plan`),
+    whose arguments match each tool's schema; one call, or several with `parallel_tool_calls`.
+  * {"type": "function", "function": {"name": ...}}: the same, one call of that function.
+  The answer is parsed as usual; a call cut by max_tokens is not a tool call and comes back as content. A
+  choice with tool calls finishes "tool_calls". With "auto" and `parallel_tool_calls=False`, generation stops
+  after the first call (`extra_stop_ids`).
 System messages after the first one are folded into the first (the Qwen3.5 template refuses them anywhere but
 at the start; clients such as Claude Code send them mid-conversation).
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .parser import ParsedOutput, StreamParser, parse, prompt_opens_thinking
-from .tags import CALL_CLOSE, CALL_OPEN, FUNCTION_OPEN, THINK_CLOSE
+from .tags import CALL_CLOSE, THINK_CLOSE
 from .template import render
 
 #: tools for the parser when calls must not be recognised: no function name can match this one
@@ -77,7 +78,8 @@ class ChatPlan:
     prompt: str
     thinking: bool  # the prompt leaves a think block open: the answer starts with reasoning
     parser_tools: list[dict[str, Any]]  # the tools the parser recognises calls of (NO_TOOLS: none)
-    forced: str = ""  # the start of the answer the prompt already holds (tool_choice required / named)
+    # tool_choice required / named: {"tools", "tool_choice", "parallel_tool_calls"} for the tool-call grammar
+    forced_call: dict[str, Any] | None = None
     stop_after_call: bool = False
     call_close_id: int | None = None  # the `</tool_call>` token id, stopped on when stop_after_call
     images: list[Any] = field(default_factory=list)  # sources, in the order of the template's placeholders
@@ -217,12 +219,12 @@ def plan_chat(req: ChatRequest, tokenizer: Any = None, *, template: str | None =
         raise ChatRequestError(f"the chat template failed on this conversation: {type(e).__name__}: {e}",
                                "messages", "invalid_chat") from None
 
-    forced = ""
+    forced_call = None
     if forcing:
         if prompt_opens_thinking(prompt):  # no reasoning before a forced call: close the think block
             prompt += ("\n" if not prompt.endswith("\n") else "") + "\n" + THINK_CLOSE + "\n\n"
-        forced = CALL_OPEN + "\n" + FUNCTION_OPEN + (f"{named}>\n" if named is not None else "")
-        prompt += forced
+        forced_call = {"tools": tools, "tool_choice": "required" if named is None else named,
+                       "parallel_tool_calls": req.parallel_tool_calls and named is None}
     if choice == "none" or not tools:
         parser_tools = NO_TOOLS
     else:
@@ -231,9 +233,9 @@ def plan_chat(req: ChatRequest, tokenizer: Any = None, *, template: str | None =
             "parameters": sanitize_schema((t.get("function") or {}).get("parameters") or {})}} for t in tools]
     images, videos = collect_media(messages)
     call_close_id = tokenizer.token_to_id(CALL_CLOSE) if tokenizer is not None else None
-    return ChatPlan(prompt=prompt, thinking=prompt_opens_thinking(prompt), parser_tools=parser_tools, forced=forced,
-                    stop_after_call=choice != "none" and bool(tools) and (named is not None
-                                                                          or not req.parallel_tool_calls),
+    return ChatPlan(prompt=prompt, thinking=prompt_opens_thinking(prompt), parser_tools=parser_tools,
+                    forced_call=forced_call,
+                    stop_after_call=choice != "none" and bool(tools) and not forcing and not req.parallel_tool_calls,
                     call_close_id=call_close_id, images=images, videos=videos, structured=req.structured)
 
 
@@ -252,7 +254,7 @@ def read_choice(plan: ChatPlan, text: str, finish_reason: str | None, stop_reaso
                 include_stop_str: bool = False) -> tuple[ParsedOutput, str | None, Any]:
     """A whole choice: (parsed output, chat finish reason, stop reason to report)."""
     closed = _closed_call(plan, stop_reason, include_stop_str)
-    parsed = parse(plan.forced + text + (CALL_CLOSE if closed else ""), tools=plan.parser_tools,
+    parsed = parse(text + (CALL_CLOSE if closed else ""), tools=plan.parser_tools,
                    thinking=plan.thinking)
     return parsed, finish_reason_of(finish_reason, bool(parsed.tool_calls)), \
         (None if plan.extra_stop_ids and stop_reason == plan.call_close_id else stop_reason)
@@ -265,8 +267,6 @@ class ChoiceReader:
     def __init__(self, plan: ChatPlan, include_stop_str: bool = False):
         self.plan, self.include_stop_str = plan, include_stop_str
         self._parser = StreamParser(tools=plan.parser_tools, thinking=plan.thinking)
-        if plan.forced:
-            self._parser.feed(plan.forced)  # a call start: nothing to show until the call is whole
 
     @property
     def in_reasoning(self) -> bool:

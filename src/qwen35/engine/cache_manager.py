@@ -126,8 +126,10 @@ class CacheManager:
 
     def lookup(self, seq) -> PrefixHit | None:
         """The longest cached prefix `seq` can start from (a sequence with nothing computed yet; at least its
-        last token is left to compute, for the logits)."""
-        if self.prefix is None or seq.num_computed_tokens or seq.block_table:
+        last token is left to compute, for the logits). None for a request that wants prompt logprobs: cached
+        positions have no logits (as vLLM, it computes its whole prompt; its blocks are still cached for others)."""
+        if self.prefix is None or seq.num_computed_tokens or seq.block_table or \
+                seq.request.params.prompt_logprobs is not None:
             return None
         return self.prefix.longest_hit(self._keys(seq), seq.num_tokens - 1)
 

@@ -261,6 +261,10 @@ class LLM:
         extra = tuple(i for i in plan.extra_stop_ids if i not in params.stop_token_ids)
         if extra:
             params = params.clone(stop_token_ids=[*params.stop_token_ids, *extra])
+        if plan.forced_call:  # the tool-call grammar (qwen35.engine.structured)
+            from qwen35.engine.structured import structured_for_plan
+
+            params = params.clone(structured_outputs=structured_for_plan(plan))
         prompt = plan.engine_prompt()
         if "multi_modal_data" not in prompt:
             prompt["prompt_token_ids"] = self.tokenizer.encode(plan.prompt)

@@ -12,6 +12,10 @@ different threads (one lock); a server runs `step()` in one thread and adds/abor
 What a request reports each step follows its `SamplingParams.output_kind`: everything so far (CUMULATIVE),
 what is new (DELTA, for streaming) or one final output (FINAL_ONLY). An aborted request reports once more,
 with `finish_reason="abort"`.
+
+A request with `SamplingParams.prompt_logprobs` gets `RequestOutput.prompt_logprobs`, computed in its prompt's
+forward (model_runner). It does not start from the prefix cache, as in vLLM: cached positions were never run
+through the head, so it computes its whole prompt (and its blocks are still cached for later requests).
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ class LLMEngine:
         if prompt_text is not None:
             text = prompt_text
         self._check_request(ids, params)
+        grammars = self.compile_grammar(params)  # compiles (or finds cached) before the lock: ValueError if bad
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._request_ids)}"
@@ -187,6 +192,8 @@ class LLMEngine:
             elif request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=list(ids), params=params, mm=mm)
+            if params.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]  # the first prompt token has no prediction
             thinking = self._prompt_opens_thinking(ids)
             for index in range(params.n):
                 seq = Seq(seq_id=next(self._seq_ids), request=req, index=index, token_ids=list(ids),
@@ -194,6 +201,9 @@ class LLMEngine:
                           text=OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
                                           params.include_stop_str_in_output))
                 req.sequences.append(seq)
+                if grammars is not None:  # each completion its own matcher; after </think> when thinking
+                    seq.grammar = grammars.new_state(params.structured_outputs, thinking=thinking,
+                                                     stop_token_ids=params.stop_token_ids)
                 if params.thinking_budget is not None:
                     from qwen35.chat import ThinkingBudget
 
@@ -259,6 +269,7 @@ class LLMEngine:
                 if self.workers is not None and not isinstance(e, ValueError | KeyboardInterrupt):
                     self.workers.failed(e)  # raises RankLost: the other ranks may be mid-step
                 raise
+            self._record_prompt_logprobs()
             return self._postprocess(work, sampled_seqs, sampled)
 
     def _sampler_row(self, seq: Seq, before: Sequence[int] = ()) -> SamplerRow:
@@ -277,9 +288,10 @@ class LLMEngine:
             while len(seq.pending_noise) <= len(before):
                 seq.pending_noise.append(draw_noise(self.runner.vocab_size, seq.generator, self.runner.device))
             noise = seq.pending_noise[len(before)]
+        allowed = seq.grammar.allowed() if seq.grammar is not None else None
         return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
                           output_ids=[*seq.output_token_ids, *before] if penalised else (), generator=seq.generator,
-                          masked_ids=masked, noise=noise)
+                          masked_ids=masked, noise=noise, allowed=allowed)
 
     def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
                      ) -> list[RequestOutput]:
@@ -341,6 +353,29 @@ class LLMEngine:
                 self._requests.pop(req.request_id, None)
         return outputs
 
+    def _record_prompt_logprobs(self) -> None:
+        """The prompt logprobs the step's forward computed, into their requests' lists (positions in order: a
+        request's sequences compute its prompt front to back, and the runner only asks for positions not yet
+        filled)."""
+        spans, rows = self.runner.prompt_spans, self.runner.prompt_result
+        self.runner.prompt_spans, self.runner.prompt_result = [], None
+        for span in spans:
+            entries = span.seq.request.prompt_logprobs
+            if entries is None or len(entries) != span.first:
+                raise RuntimeError(f"prompt logprobs of position {span.first} computed after {len(entries or ())} "
+                                   f"positions (a bug: please report)")
+            for r in range(span.row, span.row + span.count):
+                tok = span.seq.token_ids[span.first + r - span.row]
+                d = {t: Logprob(v, rank) for rank, (t, v) in
+                     enumerate(zip(rows.top_ids[r], rows.top_logprobs[r], strict=True), start=1)}
+                if tok not in d:
+                    d[tok] = Logprob(rows.token_logprobs[r], rows.ranks[r])
+                if self.tokenizer is not None:
+                    for t, lp in d.items():
+                        lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False) \
+                            if t < self.tokenizer.vocab_size else ""
+                entries.append(d)
+
     def _append_sampled(self, seq: Seq, tok: int, logprob: float | None, top: dict[int, Logprob] | None) -> bool:
         """Append a sampled token and what the thinking budget adds after it; True when the sequence finished or
         the budget added tokens (later drafts of a verify step no longer follow)."""
@@ -368,7 +403,8 @@ class LLMEngine:
             if seq.finish_reason is None and seq.status == SequenceStatus.RUNNING:
                 k = kept.get(id(seq), n)
                 nd = 0
-                if seq.num_uncomputed_tokens == 1:
+                # a sequence under a grammar gets no drafts: its mask is known for one position at a time
+                if seq.num_uncomputed_tokens == 1 and seq.grammar is None:
                     # no drafts past max_tokens or max_model_len: a verify step makes at most drafts + 1 tokens
                     k_max = self.spec.num_speculative_tokens
                     p = seq.params
@@ -418,6 +454,8 @@ class LLMEngine:
         """Add one generated token to `seq` and apply every stop rule."""
         p = seq.params
         seq.token_ids.append(tok)
+        if seq.grammar is not None:  # sampled or forced: the grammar follows every committed token
+            seq.grammar.advance(tok)
         if p.logprobs is not None:
             if forced:  # not sampled: the engine put it there (probability 1 under the controller)
                 top, logprob = {tok: Logprob(0.0, None)}, 0.0
@@ -475,9 +513,15 @@ class LLMEngine:
             req.final_reported = True
         if not outs and not finished:
             return None
+        prompt_logprobs = None
+        entries = req.prompt_logprobs
+        if entries is not None and len(entries) == len(req.prompt_token_ids) and \
+                not (kind == RequestOutputKind.DELTA and req.prompt_logprobs_reported):
+            prompt_logprobs = list(entries)
+            req.prompt_logprobs_reported = True
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              outputs=outs, finished=finished, metrics=self._metrics(req),
-                             num_cached_tokens=req.sequences[0].num_cached_tokens)
+                             num_cached_tokens=req.sequences[0].num_cached_tokens, prompt_logprobs=prompt_logprobs)
 
     def _completion(self, seq: Seq, text: str, ids: list[int], lp_from: int) -> CompletionOutput:
         p = seq.params
@@ -564,6 +608,22 @@ class LLMEngine:
             raise ValueError("SamplingParams.thinking_budget needs a tokenizer (to find <think> and </think>)")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise ValueError(f"SamplingParams.logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"SamplingParams.prompt_logprobs must be <= {MAX_LOGPROBS}, got {params.prompt_logprobs}")
+
+    def compile_grammar(self, params: SamplingParams):
+        """The compiler of this engine's tokenizer with `params`' grammar compiled in it (None without one);
+        ValueError naming the field when it does not compile. `add_request` calls it; a server calls it first in
+        a worker thread, so that a bad grammar is a 400 and the engine's thread finds the grammar compiled."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("SamplingParams.structured_outputs needs a tokenizer (the grammar is over its tokens)")
+        from qwen35.engine.structured import GrammarCompiler
+
+        compiler = GrammarCompiler.for_tokenizer(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        compiler.compile(params.structured_outputs)
+        return compiler
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.greedy:

@@ -3,7 +3,10 @@
 The scheduled tokens of every sequence are concatenated into one flat run (varlen); the model writes each
 sequence's KV into its blocks and its GDN state into its slot. Logits are computed only for the sequences
 that sample this step: those whose scheduled chunk reaches the end of their known tokens (a prefill chunk in
-the middle of a prompt samples nothing).
+the middle of a prompt samples nothing), and, for requests that ask for prompt logprobs, over the prompt rows of
+their chunk (each row's logits predict the next prompt token; the last row of a chunk predicts the first token of
+the next chunk, which is already known). Those go through the head in blocks of rows, keeping only what is
+reported, so a long prompt never holds [prompt_len, vocab] logits at once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from qwen35.ops.hugepages import release_free_memory
 # prefill chunk's seconds). glibc keeps a prompt's freed activations as holes in its heap, and the next prompt's
 # peak stacks on top of them: on the 0.8B Q4_K_M, a 1K-token prefill's peak RSS 30 MB lower with it.
 RELEASE_AFTER_TOKENS = 256
+# Prompt logprobs: fp32 logits of at most this many bytes at a time (64 rows of the 248K vocabulary); the
+# log-softmax of a block doubles it for a moment.
+PROMPT_LOGPROB_BLOCK_BYTES = 64 << 20
 
 
 @dataclass
@@ -45,6 +51,57 @@ class StepInput:
     vision_features: torch.Tensor | None = None
     head_rows: list[int] = field(default_factory=list)  # rows whose next token is wanted
     head: str | None = None  # over those rows: "greedy" (the argmax only) or "logits" (fp32, for the sampler)
+    # "greedy" rows under a grammar: bool [V] of the tokens allowed (None: any), one per head row (structured output;
+    # only without tensor parallelism: the masked argmax goes through this process's head screen)
+    head_masks: list | None = None
+    # prompt logprobs: rows whose next token is a known prompt token, that token, and how many of the best to keep
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
+
+
+@dataclass
+class PromptLogprobRows:
+    """What a step found for its prompt rows, row by row: the logprob of the prompt token that follows, its rank
+    (1 = most likely), and the `prompt_top` best tokens with their logprobs (best first)."""
+
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class PromptSpan:
+    """Which prompt positions of which sequence a run of `PromptLogprobRows` covers: rows `[row, row + count)`
+    hold the entries of positions `[first, first + count)`."""
+
+    seq: Sequence
+    first: int
+    count: int
+    row: int
+
+
+@torch.inference_mode()
+def prompt_logprob_rows(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, top: int,
+                        block_rows: int) -> PromptLogprobRows:
+    """Log-softmax of the head over `hidden` [M, H] (fp32 logits, as the sampler's), `block_rows` rows at a time:
+    the logprob and rank of `targets` [M] and the `top` best tokens of each row."""
+    lps, ranks, top_ids, top_lps = [], [], [], []
+    for b in range(0, hidden.shape[0], block_rows):
+        logprobs = torch.log_softmax(model.compute_logits(hidden[b:b + block_rows], torch.float32), dim=-1)
+        own = logprobs.gather(1, targets[b:b + block_rows, None])
+        lps.extend(own[:, 0].tolist())
+        ranks.extend(((logprobs > own).sum(dim=-1) + 1).tolist())
+        if top:
+            vals, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+            top_ids.extend(ids.tolist())
+            top_lps.extend(vals.tolist())
+        else:
+            top_ids.extend([] for _ in range(own.shape[0]))
+            top_lps.extend([] for _ in range(own.shape[0]))
+        del logprobs
+    return PromptLogprobRows(lps, ranks, top_ids, top_lps)
 
 
 class ModelRunner:
@@ -67,6 +124,10 @@ class ModelRunner:
         self.keep_hidden = False
         self.last_hidden: torch.Tensor | None = None
         self.last_step: StepInput | None = None
+        # the latest `run`'s prompt logprobs (the engine takes them after the step): where they go, and the rows
+        self.prompt_spans: list[PromptSpan] = []
+        self.prompt_result: PromptLogprobRows | None = None
+        self.prompt_block_rows = max(1, PROMPT_LOGPROB_BLOCK_BYTES // (4 * self.vocab_size))
 
     def copy_slot(self, src: int, dst: int) -> None:
         """The storage's copy_slot, on every rank."""
@@ -109,12 +170,19 @@ class ModelRunner:
             embeds = self.model.model.embed_tokens(step.token_ids)
             embeds[step.vision_rows] = step.vision_features.to(embeds.dtype)
         hidden = self.model.forward_batch(step.token_ids, batch, inputs_embeds=embeds)
+        if step.prompt_rows:  # on every rank alike: a sharded head gathers the logits
+            rows = torch.as_tensor(step.prompt_rows, device=self.device)
+            targets = torch.as_tensor(step.prompt_targets, dtype=torch.long, device=self.device)
+            self.prompt_result = prompt_logprob_rows(self.model, hidden[rows], targets, step.prompt_top,
+                                                     self.prompt_block_rows)
         if step.token_ids.numel() >= RELEASE_AFTER_TOKENS:
             release_free_memory()
         if step.head is None or not step.head_rows:
             return hidden, batch, None
         last = hidden[torch.as_tensor(step.head_rows, device=self.device)]
         if step.head == "greedy":
+            if step.head_masks is not None:
+                return hidden, batch, self._masked_greedy_tokens(last, step.head_masks)
             return hidden, batch, self.model.greedy_tokens(last)
         return hidden, batch, self.model.compute_logits(last, torch.float32)
 
@@ -138,6 +206,7 @@ class ModelRunner:
         (the sequences that sampled, the sampler's result: one token per row, `rows` per sequence when a step
         verified drafts). The final hidden states stay in `last_hidden` for the drafter."""
         step = self.step_input(work)
+        self._plan_prompt_logprobs(work, step)
         sampling, rows, per_seq, at = [], [], [], 0
         for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
             at += n
@@ -151,6 +220,13 @@ class ModelRunner:
         verified = any(n > 1 for n in per_seq)
         if sampling:  # greedy steps: the argmax without the full logits (exact; ops/head_screen.py, or per rank)
             step.head = "greedy" if self.greedy_shortcut and all(r.argmax_only for r in rows) else "logits"
+            if any(r.allowed is not None for r in rows):
+                # grammar rows: greedy ones through the head screen with their masks (exact: the screen rules out
+                # only rows whose bounds lie below an allowed row's), else the sampler masks the full logits
+                if step.head == "greedy" and self.head_screen and getattr(self.model, "tp", None) is None:
+                    step.head_masks = [r.allowed for r in rows]
+                else:
+                    step.head = "logits"
         hidden, _, out = self._run_step(step)
         if self.keep_hidden:
             self.last_hidden, self.last_step = hidden, step
@@ -164,6 +240,48 @@ class ModelRunner:
         if verified:
             result.rows = per_seq
         return sampling, result
+
+    def _plan_prompt_logprobs(self, work: SchedulerOutput, step: StepInput) -> None:
+        """The prompt rows of this step for the requests that want prompt logprobs, into `step` and
+        `prompt_spans`: in each such chunk, the rows whose next token is a prompt position no sequence of the
+        request has computed yet (its n sequences share one list; a recomputed, preempted one adds nothing)."""
+        self.prompt_spans, self.prompt_result = [], None
+        claimed: dict[int, int] = {}  # id(request) -> positions taken so far (several of its sequences this step)
+        at = 0
+        for seq, n in zip(work.seqs, work.num_tokens, strict=True):
+            req = seq.request
+            if req.prompt_logprobs is not None:
+                start = seq.num_computed_tokens
+                first = max(claimed.get(id(req), 0), len(req.prompt_logprobs))
+                last = min(start + n, seq.num_prompt_tokens - 1)  # the last position a row of this chunk predicts
+                if last >= first:
+                    # rows hold positions start..start+n-1; row j predicts position j+1 (first > start always:
+                    # positions up to this sequence's own context were filled before)
+                    row = at + first - 1 - start
+                    self.prompt_spans.append(PromptSpan(seq, first, last - first + 1, len(step.prompt_rows)))
+                    step.prompt_rows.extend(range(row, row + last - first + 1))
+                    step.prompt_targets.extend(seq.token_ids[first:last + 1])
+                    step.prompt_top = max(step.prompt_top, req.params.prompt_logprobs or 0)
+                    claimed[id(req)] = last + 1
+            at += n
+
+    def _masked_greedy_tokens(self, last: torch.Tensor, masks: list) -> torch.Tensor:
+        """[M] argmax of each row's fp32 logits over its allowed tokens (all tokens where its mask is None)."""
+        tokens = torch.empty(last.shape[0], dtype=torch.long)
+        free = [i for i, m in enumerate(masks) if m is None]
+        held = [i for i, m in enumerate(masks) if m is not None]
+        if free:
+            tokens[free] = self.model.greedy_tokens(last[free]).cpu()
+        if held:
+            screen = self.model._usable_head_screen()
+            x = last[held]
+            allowed = torch.stack([masks[i] for i in held])
+            if screen is not None:
+                tokens[held] = screen.masked_argmax(x, allowed)
+            else:  # the screen went stale (the head was written): the full logits, masked
+                logits = self.model.compute_logits(x, torch.float32)
+                tokens[held] = logits.masked_fill(~allowed[:, :logits.shape[-1]], float("-inf")).argmax(-1).cpu()
+        return tokens
 
     def _multimodal_inputs(self, work: SchedulerOutput, ctx: list[int],
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

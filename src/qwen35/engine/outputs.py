@@ -23,6 +23,9 @@ class Logprob:
 
 #: for each generated position: token id -> Logprob (the top-N and the sampled token)
 SampleLogprobs = list[dict[int, Logprob]]
+#: for each prompt position: None for the first (nothing predicts it), then token id -> Logprob (the top-N and the
+#: prompt's own token, whatever its rank)
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -53,6 +56,10 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     #: prompt tokens served from the prefix cache (None until the request was first scheduled)
     num_cached_tokens: int | None = None
+    #: with SamplingParams.prompt_logprobs: one entry per prompt token (see PromptLogprobs); with DELTA outputs only
+    #: in the first report after the prompt was computed; None otherwise (also for a request aborted before its
+    #: prompt was wholly computed)
+    prompt_logprobs: PromptLogprobs | None = None
 
 
-__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "SampleLogprobs"]
+__all__ = ["CompletionOutput", "Logprob", "PromptLogprobs", "RequestOutput", "SampleLogprobs"]

@@ -8,6 +8,11 @@ Randomness: every sampling (non-greedy) sequence has its own `torch.Generator`, 
 vocabulary entry and the token is argmax(p / E) (an exact sample of p: the "exponential race"). Each step of
 a sequence consumes the same amount of randomness whatever the batch and the filters, so a seeded request
 gives the same tokens alone or batched, chunked or preempted.
+
+Structured output: a row's `allowed` mask (its grammar's tokens, `qwen35.engine.structured`) sets every other
+logit to -inf before anything else, so forbidden tokens get probability 0 in every mode, and logprobs are those
+of the masked distribution (what vLLM reports under a grammar). The noise drawn per step does not depend on the
+mask, so seeded requests with grammars stay reproducible alone or batched.
 """
 
 from __future__ import annotations
@@ -91,6 +96,24 @@ def sample_from_probs(probs: torch.Tensor, generators: Seq[torch.Generator | Non
     return (probs / noise).argmax(dim=-1)
 
 
+def apply_allowed(logits: torch.Tensor, allowed: Seq[torch.Tensor | None]) -> torch.Tensor:
+    """[n, V] logits, one bool [V'] mask or None per row -> a copy with -inf wherever a mask says no (ids past a
+    mask's length, the model's padding rows, are forbidden too)."""
+    V = logits.shape[-1]
+    keep = torch.ones(logits.shape, dtype=torch.bool)
+    for i, mask in enumerate(allowed):
+        if mask is not None:
+            m = mask[:V]
+            keep[i, :m.shape[0]] = m
+            keep[i, m.shape[0]:] = False
+    # one pass that writes the copy (a clone, then a fill, would go over the logits twice)
+    return torch.where(keep.to(logits.device), logits, NEG_INF)
+
+
+def _allowed_among(row: SamplerRow, ids: Seq[int]) -> int:
+    return int(row.allowed[torch.as_tensor(ids)].sum()) if row.allowed is not None else 0
+
+
 # ---------------------------------------------------------------------------------------------- the sampler
 @dataclass
 class SamplerRow:
@@ -103,11 +126,13 @@ class SamplerRow:
     masked_ids: Seq[int] = ()  # token ids that may not be sampled now (EOS/stop ids before min_tokens)
     forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
     noise: torch.Tensor | None = None  # this step's noise row, drawn before (speculative verification)
+    allowed: torch.Tensor | None = None  # bool [V]: the only tokens its grammar allows now (structured output)
 
     @property
     def argmax_only(self) -> bool:
         """True when this row's token is the argmax of the raw logits (or forced) and nothing else of the logits
-        is reported: the model may then find the argmax without computing every logit (an exact shortcut)."""
+        is reported: the model may then find the argmax without computing every logit (an exact shortcut). With
+        `allowed`, the argmax over the allowed tokens (the head screen takes the mask: ops/head_screen.py)."""
         p = self.params
         if self.forced is not None:
             return p.logprobs is None
@@ -128,16 +153,21 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         logits = logits.float()
         n, V = logits.shape
+        masked = any(r.allowed is not None for r in rows)
+        if masked:  # a copy, which the per-row edits below may then change in place
+            logits = apply_allowed(logits, [r.allowed for r in rows])
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
         # Per-row edits (masks, penalties) before the batched part.
-        logits = logits.clone()
+        if not masked:
+            logits = logits.clone()
         for i, r in enumerate(rows):
             p = r.params
             if r.masked_ids:
                 ids = [t for t in r.masked_ids if t < V]
-                if ids:
+                # min_tokens never empties a grammar's row (a complete grammar allows only EOS / stop ids)
+                if ids and (r.allowed is None or bool(torch.isfinite(logits[i]).sum() > _allowed_among(r, ids))):
                     logits[i, ids] = NEG_INF
             if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
                 logits[i] = apply_penalties(logits[i], r.prompt_ids, r.output_ids, p.repetition_penalty,
@@ -180,12 +210,13 @@ class Sampler:
                 if k:
                     vals, ids = torch.topk(row, k)
                     for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), start=1):
-                        d[t] = Logprob(v, rank)
+                        if v != NEG_INF:  # tokens a grammar forbids are no alternatives
+                            d[t] = Logprob(v, rank)
                 if tok not in d:
                     d[tok] = Logprob(lp, int((row > lp).sum()) + 1 if tok < V else None)
                 tops[i] = d
         return SamplerOutput(token_ids, lps, tops)
 
 
-__all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_penalties", "apply_min_p", "apply_top_k",
+__all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_allowed", "apply_penalties", "apply_min_p", "apply_top_k",
            "apply_top_p", "sample_from_probs", "draw_noise", "SAMPLING_EPS"]

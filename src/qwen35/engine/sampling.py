@@ -11,6 +11,12 @@ Processing order of the logits of one step (see `qwen35.engine.sampler`):
 Logprobs (`logprobs=N`) are those of the raw model distribution (log-softmax of the unprocessed logits), as
 vLLM's default `raw_logprobs` mode. Tokens the engine inserts itself (the end of reasoning forced by a spent
 `thinking_budget`) were not sampled: their entry is {token: Logprob(0.0, rank=None)}.
+Prompt logprobs (`prompt_logprobs=N`): for every prompt position after the first, the logprob of the prompt token
+there and the N most likely tokens (raw distribution too), computed in the prompt's own forward; such a request
+does not start from the prefix cache (cached positions have no logits; see `LLMEngine`).
+Structured output (`structured_outputs=StructuredOutputsParams(...)`): before step 1, tokens the grammar forbids
+get probability 0 (on greedy rows too); logprobs are then those of that masked distribution, as vLLM reports
+them. See `qwen35.engine.structured`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,87 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's names and meanings); exactly one is set:
+
+    `json`: a JSON schema (a dict, or its JSON text); `json_object`: True for any JSON object; `regex`: a regular
+    expression the whole output matches (Rust `regex` syntax); `choice`: the output is one of these strings;
+    `grammar`: a Lark grammar as llguidance reads it (rule `start`; GBNF, as llama.cpp writes it, is converted).
+    Shape errors raise ValueError naming the field; a schema / regex / grammar that does not compile raises when
+    the engine receives the request (`LLMEngine.add_request`). With thinking on (the prompt leaves `<think>`
+    open), the reasoning is free and the constraint applies after `</think>`."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("StructuredOutputsParams needs exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        kind = given[0]
+
+        def bad(what: str) -> ValueError:
+            return ValueError(f"structured_outputs.{kind} {what}, got {getattr(self, kind)!r:.200}")
+
+        if kind == "json":
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise bad("must be a JSON schema (an object)")
+        elif kind == "json_object":
+            if self.json_object is not True:
+                raise bad("must be true")
+        elif kind == "choice":
+            if isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise bad("must be a non-empty list of strings")
+            if not all(isinstance(c, str) for c in self.choice):
+                raise bad("must hold strings only")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        elif not isinstance(getattr(self, kind), str) or not getattr(self, kind):
+            raise bad("must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """Which of the five fields is set."""
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A hashable identity of the constraint (the compiled-grammar cache's key). A schema keeps its key order:
+        it is the order the properties are written in."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "json":
+            value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        elif kind == "choice":
+            value = json.dumps(list(value), ensure_ascii=False)
+        return kind, str(value)
+
+    @classmethod
+    def coerce(cls, value: Any, name: str = "structured_outputs") -> StructuredOutputsParams | None:
+        """None, a StructuredOutputsParams, or a dict of its fields (e.g. a request body's)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(STRUCTURED_KINDS)
+            if unknown:
+                raise ValueError(f"{name} has unknown fields {sorted(unknown)}; expected one of "
+                                 f"{', '.join(STRUCTURED_KINDS)}")
+            return cls(**{k: v for k, v in value.items() if v is not None})
+        raise ValueError(f"{name} must be a StructuredOutputsParams or a dict, got {type(value).__name__}")
+
+
 @dataclass
 class SamplingParams:
     """Sampling and stopping for one request. Invalid values raise `ValueError` naming the field.
@@ -46,6 +133,7 @@ class SamplingParams:
     `thinking_budget` (alias `max_thinking_tokens`): at most this many tokens inside `<think>...</think>`;
     when the budget is spent the engine closes the reasoning itself (it forces the end-of-thinking tokens) and
     the answer follows. None: no limit.
+    `structured_outputs`: a `StructuredOutputsParams` (or a dict of its fields): what the output must match.
     """
 
     n: int = 1
@@ -63,11 +151,13 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     thinking_budget: int | None = None
     max_thinking_tokens: int | None = field(default=None, repr=False)  # alias of thinking_budget
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -116,6 +206,8 @@ class SamplingParams:
             need(self.min_tokens <= self.max_tokens, "min_tokens", f"must be <= max_tokens={self.max_tokens}")
         need(self.logprobs is None or (is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
              "must be an integer >= 0 or None")
+        need(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+             "prompt_logprobs", "must be an integer >= 0 (the top-N besides the prompt token) or None")
         need(self.thinking_budget is None or (is_int(self.thinking_budget) and self.thinking_budget >= 0),
              "thinking_budget", "must be an integer >= 0 or None")
         if isinstance(self.output_kind, str):
@@ -124,6 +216,7 @@ class SamplingParams:
             except KeyError:
                 need(False, "output_kind", "must be 'cumulative', 'delta' or 'final_only'")
         need(isinstance(self.output_kind, RequestOutputKind), "output_kind", "must be a RequestOutputKind")
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -186,5 +279,5 @@ def eos_ids_from_generation_config(gen: dict[str, Any]) -> tuple[int, ...] | Non
     return None
 
 
-__all__ = ["SamplingParams", "RequestOutputKind", "SAMPLING_EPS", "load_generation_config",
+__all__ = ["SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "SAMPLING_EPS", "load_generation_config",
            "eos_ids_from_generation_config"]

@@ -57,6 +57,7 @@ class Sequence:
     pending_noise: list = field(default_factory=list)
     # sampling state
     thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
+    grammar: Any = None  # a qwen35.engine.structured.GrammarState under structured output (kept across preemption)
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     # outcome
@@ -109,6 +110,10 @@ class Request:
     # across preemption, shared by the request's n sequences)
     mm: Any = None
     mm_features: torch.Tensor | None = None
+    # SamplingParams.prompt_logprobs: the entries of the prompt positions computed so far ([None] for the first),
+    # filled by whichever of its sequences computes a position first; reported once (DELTA) or every time
+    prompt_logprobs: list | None = None
+    prompt_logprobs_reported: bool = False
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,8 @@ Then the MTP layer runs over the positions committed this step (its input at pos
 final-norm hidden state there and the embedding of token i + 1; it keeps its own KV in the pool, as an extra
 attention layer) and chains k drafts from the last one, each fed its own output hidden state and the draft
 before it; drafts are the MTP head's argmax (through the exact head screen where it is on).
+A sequence under a grammar (structured output) gets no drafts: its mask is only known one position at a time, so
+it decodes one token per step while the others in the batch speculate (`LLMEngine._propose`).
 """
 
 from __future__ import annotations

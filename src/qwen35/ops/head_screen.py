@@ -18,6 +18,12 @@ fp32 logits, ties included (a non-candidate is strictly below the maximum).
 On random 0.8B-shaped weights 8-30 rows stay candidates, so a greedy head costs the int8 read (~8 ms here)
 instead of the bf16 one (~17 ms). Steps that need the logits themselves (sampling, penalties, logprobs, masked
 tokens) read the bf16 head as before. `full_argmax` is the obviously correct twin the tests hold it to.
+
+A grammar's mask (structured output) keeps greedy rows on the screen (`masked_argmax`): a forbidden row gets the
+bounds (-inf, -inf), so L is the largest lower end among allowed rows and only allowed rows can be candidates;
+the same argument gives the argmax of the masked logits. Cheaper first: where the unmasked argmax (the plain
+screen) is allowed it is the masked one; a row allowing few tokens skips the int8 pass (its allowed rows are its
+candidates).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ SCREEN_MAX_ROWS = 8  # rows of one head_screen_candidates call (csrc/gemv.cpp kM
 U32 = 2.0 ** -24  # fp32 unit roundoff
 # More candidates than this (x all zero, a degenerate head): compute the full logits instead.
 MAX_CANDIDATES = 4096
+# A masked row allowing at most this many tokens computes them exactly instead of screening (reading 512 bf16 rows
+# costs less than the int8 pass over the whole head).
+FEW_ALLOWED = 512
 ABS_SLACK = 1e-30
 
 
@@ -152,5 +161,50 @@ class HeadScreen:
         value, at = exact.max(dim=-1)
         return value, rows[at]
 
+    def masked_argmax(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x [M, K], allowed bool [M, V] (each row allows at least one token) -> [M] ids: for each row the argmax
+        of its fp32 logits over its allowed tokens (the first on ties), equal to
+        `full_argmax` over the logits with -inf where `allowed` is False."""
+        M, V = x.shape[0], self.weight.shape[0]
+        allowed = allowed[:, :V].to(torch.bool)
+        if M > SCREEN_MAX_ROWS:
+            return torch.cat([self.masked_argmax(x[i:i + SCREEN_MAX_ROWS], allowed[i:i + SCREEN_MAX_ROWS])
+                              for i in range(0, M, SCREEN_MAX_ROWS)])
+        if not bool(torch.isfinite(x).all()):
+            logits = linear(x, self.weight, out_dtype=torch.float32)
+            return logits.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+        out = torch.empty(M, dtype=torch.long)
+        settled = torch.zeros(M, dtype=torch.bool)
+        cand = allowed.clone()  # a row allowing few tokens: those are its candidates
+        wide = (allowed.sum(dim=-1) > FEW_ALLOWED).nonzero().flatten()
+        if len(wide):
+            # first the plain screen: where the unmasked argmax (the lowest id of the maximum) is allowed, it is
+            # the masked argmax too, at the cost of an unmasked greedy row (inside a JSON string: nearly always)
+            _, top = self.best(x[wide])
+            hit = allowed[wide, top]
+            out[wide[hit]] = top[hit]
+            settled[wide[hit]] = True
+            wide = wide[~hit]
+            if len(wide):  # its argmax is forbidden: screen again with the mask
+                approx, bound = self.bounds(x[wide])
+                ok = allowed[wide]
+                lo_max = (approx - bound).masked_fill(~ok, float("-inf")).amax(dim=-1, keepdim=True)
+                cand[wide] = ok & ((approx + bound) >= lo_max)
+        rest = (~settled).nonzero().flatten()
+        if not len(rest):
+            return out
+        rows = cand[rest].any(dim=0).nonzero().flatten()
+        if len(rows) > MAX_CANDIDATES * len(rest):
+            logits = linear(x[rest], self.weight, out_dtype=torch.float32)
+            out[rest] = logits.masked_fill(~allowed[rest], float("-inf")).argmax(dim=-1)
+            return out
+        self.candidates_last = len(rows)
+        # one GEMV call over these rows' candidates (bit-identical to the full head's logits, as in `best`); each
+        # row then takes the first maximum among its own candidates (rows ascending: the lowest id on ties)
+        exact = linear(x[rest], self.weight.index_select(0, rows), out_dtype=torch.float32)
+        exact.masked_fill_(~cand[rest][:, rows], float("-inf"))
+        out[rest] = rows[exact.argmax(dim=-1)]
+        return out
 
-__all__ = ["HeadScreen", "full_argmax", "head_screen_enabled", "MAX_CANDIDATES"]
+
+__all__ = ["HeadScreen", "full_argmax", "head_screen_enabled", "FEW_ALLOWED", "MAX_CANDIDATES"]

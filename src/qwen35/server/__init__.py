@@ -5,8 +5,9 @@
     serve(LLM("Qwen/Qwen3.5-0.8B"), ServerConfig(served_model_name="qwen3.5"), host="127.0.0.1", port=8000)
 
 Modules: `protocol` (request/response models), `async_engine` (the engine thread), `serving` (shared request
-handling), `chat` and `completions` (the two generation routes), `errors` (OpenAI-shaped errors), `metrics`
-(Prometheus), `media` (which image sources a request may name), `app` (routes and middlewares).
+handling), `chat` and `completions` (the two generation routes), `anthropic` (Anthropic's Messages API, models
+in `anthropic_protocol`), `errors` (OpenAI-shaped errors), `metrics` (Prometheus), `media` (which image sources a
+request may name), `app` (routes and middlewares).
 """
 
 from __future__ import annotations

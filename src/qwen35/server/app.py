@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen35.server import errors
+from qwen35.server.anthropic import anthropic_error_body, anthropic_router, is_anthropic_path
 from qwen35.server.chat import ChatHandler
 from qwen35.server.completions import CompletionHandler
 from qwen35.server.errors import BODY_ERRORS, COMMON_ERRORS, APIError
@@ -33,17 +34,25 @@ from qwen35.server.protocol import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     Health,
     ModelCard,
     ModelList,
     StreamError,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    VersionResponse,
 )
+from qwen35.server.responses import responses_router
 from qwen35.server.serving import ServerConfig, Serving, dumps, json_response
+from qwen35.server.tokenization import TokenizationHandler
 
 
 # ------------------------------------------------------------------------------------------ ASGI middlewares
-async def _send_error(send: Send, err: APIError, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = dumps(err.body()).encode()
+async def _send_error(send: Send, err: APIError, headers: list[tuple[bytes, bytes]] = (), path: str = "") -> None:
+    body = dumps(anthropic_error_body(err) if is_anthropic_path(path) else err.body()).encode()
     await send({"type": "http.response.start", "status": err.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -76,23 +85,28 @@ class HTTPMetrics:
 
 
 class APIKeyCheck:
-    """`Authorization: Bearer KEY` on every route but /health, compared in constant time."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` (what Anthropic's clients send) on every route but /health,
+    compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.expected_key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") != "/health":
-            given = b""
+            bearer = key = b""
             for k, v in scope.get("headers", ()):
-                if k == b"authorization":
-                    given = v
-                    break
-            if not hmac.compare_digest(given, self.expected):
-                msg = "missing API key (send Authorization: Bearer KEY)" if not given else "invalid API key"
+                if k == b"authorization" and not bearer:
+                    bearer = v
+                elif k == b"x-api-key" and not key:
+                    key = v
+            # both compared (`|`, no short cut): the time taken says nothing about which header matched
+            if not (hmac.compare_digest(bearer, self.expected) | hmac.compare_digest(key, self.expected_key)):
+                msg = "missing API key (send Authorization: Bearer KEY or x-api-key: KEY)" if not (bearer or key) \
+                    else "invalid API key"
                 await _send_error(send, APIError(msg, 401, code="invalid_api_key"),
-                                  [(b"www-authenticate", b"Bearer")])
+                                  [(b"www-authenticate", b"Bearer")], scope.get("path", ""))
                 return
         await self.app(scope, receive, send)
 
@@ -117,7 +131,7 @@ class BodyLimit:
                     await _send_error(send, APIError("invalid Content-Length", 400, code="invalid_request"))
                     return
                 if declared > self.max_bytes:
-                    await _send_error(send, too_large)
+                    await _send_error(send, too_large, path=scope.get("path", ""))
                     return
         body = bytearray()
         more = True
@@ -128,7 +142,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await _send_error(send, too_large)
+                await _send_error(send, too_large, path=scope.get("path", ""))
                 return
         replayed = False
 
@@ -150,6 +164,7 @@ def build_app(llm: Any, config: ServerConfig | None = None) -> ASGIApp:
     serving = Serving(llm, config)
     chat = ChatHandler(serving)
     completions = CompletionHandler(serving)
+    tokenization = TokenizationHandler(serving)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,6 +210,9 @@ def build_app(llm: Any, config: ServerConfig | None = None) -> ASGIApp:
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await completions.create(body, request)
 
+    app.include_router(anthropic_router(serving))  # /v1/messages, /v1/messages/count_tokens
+    app.include_router(responses_router(serving))  # /v1/responses (+ GET / DELETE of stored ones)
+
     @app.get("/v1/models", response_model=ModelList, responses={**COMMON_ERRORS}, summary="List the models",
              tags=["OpenAI"])
     async def list_models() -> Response:
@@ -206,6 +224,26 @@ def build_app(llm: Any, config: ServerConfig | None = None) -> ASGIApp:
         if model_id not in serving.model_names:
             serving.check_model(model_id)
         return json_response(serving.model_card())
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=BODY_ERRORS, tags=["Tokenizer"],
+              summary="Tokenize a prompt or a conversation (vLLM's shape)")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return json_response(await tokenization.tokenize(body))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=BODY_ERRORS, tags=["Tokenizer"],
+              summary="Token ids back to text (vLLM's shape)")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return json_response(tokenization.detokenize(body))
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses={**COMMON_ERRORS}, tags=["Tokenizer"],
+             summary="The tokenizer's special tokens and chat template (vLLM's shape)")
+    async def tokenizer_info() -> Response:
+        return json_response(tokenization.tokenizer_info())
+
+    @app.get("/version", response_model=VersionResponse, responses={**COMMON_ERRORS}, tags=["Server"],
+             summary="The server's version")
+    async def server_version() -> Response:
+        return json_response({"version": str(version)})
 
     @app.get("/health", response_model=Health, summary="Liveness (no API key needed)", tags=["Server"],
              responses={503: {"model": errors.ErrorResponse, "description": "The engine is not running"}})

@@ -5,7 +5,9 @@ This module only translates: OpenAI messages -> template messages, request field
 `ChoiceResult`s / `ChoiceEvent`s -> the response or its chunks. The reasoning comes back as both `reasoning`
 (vLLM's current name) and `reasoning_content` (SGLang's and llama.cpp's); history may carry either.
 Thinking: `chat_template_kwargs.enable_thinking`, `reasoning_effort` ("none": off), `thinking_budget`.
-Structured output: `response_format` json_object / json_schema (the grammar starts after the reasoning).
+Structured output: `response_format` json_object / json_schema, or vLLM's `structured_outputs` (json, regex,
+choice, grammar): the grammar starts after the reasoning; tool_choice "required" / named constrain the answer
+to tool calls matching the tools' schemas.
 Images: `image_url` parts (data: URLs; http(s) and file URLs only where the server allows them, see
 `qwen35.server.media`); a model without a vision encoder answers 400 (`images_not_supported`).
 """
@@ -20,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from qwen35.chat.frontend import ChatRequest
+from qwen35.engine.structured import structured_from_request
 from qwen35.server.chat_session import ChatSession, start_chat
 from qwen35.server.errors import APIError
 from qwen35.server.protocol import (
@@ -103,18 +106,11 @@ def chat_request(serving: Serving, req: ChatCompletionRequest) -> ChatRequest:
         thinking = False
     elif req.reasoning_effort is not None and thinking is None:
         thinking = True
-    structured = None
-    if req.response_format is not None and req.response_format.type != "text":
-        try:
-            from qwen35.engine.structured import structured_from_response_format
-        except ImportError:  # structured output not built in this tree
-            raise APIError(f"response_format {req.response_format.type!r} is not supported; only 'text'", 400,
-                           param="response_format", code="unsupported_parameter") from None
-        try:
-            structured = structured_from_response_format(req.response_format.model_dump(exclude_none=True))
-        except (ValueError, TypeError) as e:
-            raise APIError(f"invalid response_format: {e}", 400, param="response_format",
-                           code="invalid_value") from None
+    try:
+        structured = structured_from_request(req.structured_outputs, req.response_format)
+    except (ValueError, TypeError) as e:
+        param = "structured_outputs" if req.structured_outputs is not None else "response_format"
+        raise APIError(f"invalid {param}: {e}", 400, param=param, code="invalid_value") from None
     return ChatRequest(convert_messages(req.messages), tools=tools, tool_choice=choice,
                        parallel_tool_calls=req.parallel_tool_calls,
                        enable_thinking=thinking, template_kwargs=kwargs,
@@ -131,7 +127,7 @@ def _sampling(req: ChatCompletionRequest) -> dict[str, Any]:
 
 _SAMPLING_KEYS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
-                  "skip_special_tokens", "include_stop_str_in_output", "logit_bias", "structured_outputs"}
+                  "skip_special_tokens", "include_stop_str_in_output", "logit_bias"}
 
 
 # ------------------------------------------------------------------------------------------ the route
@@ -153,7 +149,9 @@ class ChatHandler:
                            param="thinking_budget", code="invalid_value")
         session = await start_chat(s, chat_request(s, req), _sampling(req), stream=req.stream, endpoint="chat",
                                    max_tokens_param="max_completion_tokens" if req.max_completion_tokens
-                                   is not None else "messages")
+                                   is not None else "messages",
+                                   structured_param="structured_outputs" if req.structured_outputs is not None
+                                   else "response_format")
         if req.stream:
             return StreamingResponse(self._stream(req, model, session), media_type="text/event-stream",
                                      headers=SSE_HEADERS, background=BackgroundTask(session.close))

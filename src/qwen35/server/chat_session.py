@@ -31,6 +31,7 @@ from qwen35.chat.frontend import (
     plan_chat,
     read_choice,
 )
+from qwen35.engine.structured import structured_for_plan
 from qwen35.server.async_engine import EngineError
 from qwen35.server.errors import APIError
 from qwen35.server.protocol import SamplingFields
@@ -130,15 +131,22 @@ def sampling_fields(sampling: Mapping[str, Any]) -> SamplingFields:
 
 
 async def start_chat(serving: Serving, chat: ChatRequest, sampling: Mapping[str, Any], *, stream: bool,
-                     endpoint: str, max_tokens_param: str = "max_tokens") -> ChatSession:
+                     endpoint: str, max_tokens_param: str = "max_tokens", clamp_max_tokens: bool = False,
+                     structured_param: str = "response_format") -> ChatSession:
     """Plan and submit a chat request. `sampling`: overrides of the checkpoint's defaults by SamplingParams name
     (max_tokens None: what the context leaves; `logprobs`: top-N per token, None for none; `thinking_budget`).
-    Raises APIError for bad input (400), an unknown model is the route's check."""
+    `clamp_max_tokens`: a max_tokens beyond what the context leaves is cut to it instead of refused (Anthropic
+    clients send 32000 whatever the model). `structured_param`: the field named when `chat.structured` does not
+    compile. Raises APIError for bad input (400), an unknown model is the route's check."""
     arrival = time.monotonic()
     ready = await asyncio.to_thread(prepare_chat, serving, chat)
     plan = ready.plan
     fields = sampling_fields(sampling)
-    max_tokens = serving.output_budget(len(ready.prompt_ids), sampling.get("max_tokens"), max_tokens_param)
+    want = sampling.get("max_tokens")
+    clamped = clamp_max_tokens and want is not None and len(ready.prompt_ids) + want > serving.max_model_len
+    if clamped:
+        want = None  # what the context leaves (a prompt that does not fit at all is still refused)
+    max_tokens = serving.output_budget(len(ready.prompt_ids), want, max_tokens_param)
     top_n = sampling.get("logprobs")
     budget = sampling.get("thinking_budget")
     params = serving.sampling_params(fields, max_tokens=max_tokens, logprobs=top_n,
@@ -146,14 +154,22 @@ async def start_chat(serving: Serving, chat: ChatRequest, sampling: Mapping[str,
                                      extra_stop_ids=tuple(i for i in plan.extra_stop_ids
                                                           if i not in (fields.stop_token_ids or [])),
                                      thinking_budget=budget if plan.thinking else None)
-    if plan.structured is not None:
-        params = serving.with_structured(params, plan.structured)
+    structured = structured_for_plan(plan)
+    if structured is not None:
+        param = "tool_choice" if plan.forced_call else structured_param
+        params = serving.with_structured(params, structured, param)
+        try:  # compiled here, in a worker thread: a bad schema is a 400 naming the field, before anything queues
+            await asyncio.to_thread(serving.engine.compile_grammar, params)
+        except ValueError as e:
+            raise APIError(f"invalid {param}: {e}", 400, param=param, code="invalid_value") from None
     rid = new_id("chatcmpl")
     serving.metrics.prompt_tokens.inc(len(ready.prompt_ids))
     engine_stream = serving.submit(rid, ready.engine_prompt, params)
-    return ChatSession(serving, plan, rid, engine_stream, RequestTimer(serving.metrics, endpoint, arrival),
-                       prompt_tokens=len(ready.prompt_ids), n=params.n, top_n=top_n,
-                       include_stop_str=fields.include_stop_str_in_output)
+    session = ChatSession(serving, plan, rid, engine_stream, RequestTimer(serving.metrics, endpoint, arrival),
+                          prompt_tokens=len(ready.prompt_ids), n=params.n, top_n=top_n,
+                          include_stop_str=fields.include_stop_str_in_output)
+    session.max_tokens_clamped = clamped
+    return session
 
 
 class ChatSession:
@@ -167,6 +183,7 @@ class ChatSession:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.n, self.top_n, self.include_stop_str = n, top_n, include_stop_str
+        self.max_tokens_clamped = False  # start_chat(clamp_max_tokens=True) cut max_tokens to the context
         self._stream = stream
         self._closed = False
 

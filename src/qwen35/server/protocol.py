@@ -4,15 +4,16 @@ Requests follow OpenAI's Chat Completions and Completions APIs plus vLLM's extra
 `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, `skip_special_tokens`,
 `include_stop_str_in_output`, `chat_template_kwargs`) and a thinking budget (`thinking_budget`, alias
 `max_thinking_tokens`). Fields that OpenAI defines but this server does not implement are either accepted
-when they ask for nothing (`logit_bias` empty, `response_format` text) or refused with a 400 saying so;
-unknown fields are ignored, as vLLM does.
+when they ask for nothing (`logit_bias` empty) or refused with a 400 saying so; unknown fields are ignored,
+as vLLM does. `response_format` (json_object, json_schema) and vLLM's `structured_outputs` constrain the output
+(qwen35.engine.structured).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -126,8 +127,30 @@ class StreamOptions(_Model):
     continuous_usage_stats: bool | None = Field(False, description="usage in every chunk (vLLM extra)")
 
 
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
 class ResponseFormat(_Model):
-    type: str
+    type: str = Field(description="\"text\", \"json_object\" or \"json_schema\"")
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs`: exactly one of the constraints (qwen35.StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect) or GBNF")
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -153,6 +176,8 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extra: a grammar the output "
+                                                                           "follows (json, regex, choice, grammar)")
     user: str | None = None
 
 
@@ -193,7 +218,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = Field(None, description="only {\"type\": \"text\"} is supported")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="variables for the chat template, e.g. {\"enable_thinking\": false}")
     thinking_budget: int | None = Field(None, ge=0, description="at most this many reasoning tokens; then "
@@ -210,10 +235,15 @@ class CompletionRequest(_SamplingFields):
              | Annotated[list[NonNegInt], NonEmpty]
              | Annotated[list[Annotated[list[NonNegInt], NonEmpty]], NonEmpty]) = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most (default: what the context "
+                                                             "leaves); 0 only with echo: the prompt alone (with "
+                                                             "logprobs, its tokens' logprobs)")
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the top-N logprobs of each token (with "
+                                                                          "echo also of the prompt's tokens)")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (as vLLM)")
 
 
 # ------------------------------------------------------------------------------------------ responses
@@ -368,11 +398,81 @@ class Health(_Model):
     status: Literal["ok"] = "ok"
 
 
+# ------------------------------------------------------------------------------------------ tokenizer (vLLM's)
+class TokenizeCompletionRequest(_Model):
+    """`POST /tokenize` with a text prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(True, description="accepted for vLLM compatibility: Qwen3.5's tokenizer adds "
+                                                       "no special tokens either way")
+    return_token_strs: bool = Field(False, description="also return each token's vocabulary string "
+                                                       "(byte-level, as vLLM)")
+
+
+class TokenizeChatRequest(_Model):
+    """`POST /tokenize` with a conversation, rendered by the chat template as the chat route renders it."""
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(False, description="not supported: must be false")
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = Field(False, description="accepted for vLLM compatibility (no effect)")
+    return_token_strs: bool = False
+
+
+def _tokenize_kind(body: Any) -> str:
+    """Which /tokenize body this is: a conversation when it has `messages`, else a text prompt (whose missing
+    `prompt` is then the error). The tags hold a '-' so that error locations name the field alone."""
+    has = "messages" in body if isinstance(body, dict) else getattr(body, "messages", None) is not None
+    return "chat-messages" if has else "text-prompt"
+
+
+TokenizeRequest = Annotated[Annotated[TokenizeCompletionRequest, Tag("text-prompt")]
+                            | Annotated[TokenizeChatRequest, Tag("chat-messages")], Discriminator(_tokenize_kind)]
+
+
+class TokenizeResponse(_Model):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[NonNegInt]
+
+
+class DetokenizeResponse(_Model):
+    prompt: str
+
+
+class VersionResponse(_Model):
+    version: str
+
+
+class TokenizerInfo(_Model):
+    """`GET /tokenizer_info` (vLLM's): what a client needs to tokenize as the server does (lm-evaluation-harness
+    looks for it and then tokenizes through /tokenize and /detokenize)."""
+
+    tokenizer_class: str
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+
+
 SSE_DESCRIPTION = ("With `stream: true`: server-sent events, one `data: {chunk}` per event (chat.completion.chunk "
                    "or text_completion objects), ended by `data: [DONE]`.")
 
 __all__ = [
     "AssistantMessage", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest",
-    "CompletionResponse", "Health", "ImagePart", "ModelCard", "ModelList", "SystemMessage", "TextPart", "Tool",
-    "ToolMessage", "UserMessage", "Usage", "VideoPart",
+    "CompletionResponse", "DetokenizeRequest", "DetokenizeResponse", "Health", "ImagePart", "ModelCard",
+    "ModelList", "SystemMessage", "TextPart", "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeRequest",
+    "TokenizeResponse", "TokenizerInfo", "Tool", "ToolMessage", "UserMessage", "Usage", "VersionResponse",
+    "VideoPart",
 ]
