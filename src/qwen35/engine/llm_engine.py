@@ -41,7 +41,7 @@ from qwen35.engine.detokenize import OutputText
 from qwen35.engine.model_runner import ModelRunner
 from qwen35.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen35.engine.prefix_cache import SNAPSHOT_GRID
-from qwen35.engine.sampler import SamplerOutput, SamplerRow, draw_noise
+from qwen35.engine.sampler import SamplerOutput, SamplerRow, draw_noise, keyed_noise
 from qwen35.engine.sampling import RequestOutputKind, SamplingParams
 from qwen35.engine.scheduler import Scheduler, SchedulerOutput
 from qwen35.engine.sequence import Request, SequenceStatus
@@ -196,8 +196,11 @@ class LLMEngine:
                 req.prompt_logprobs = [None]  # the first prompt token has no prediction
             thinking = self._prompt_opens_thinking(ids)
             for index in range(params.n):
+                seed = self._noise_seed(params, index)
                 seq = Seq(seq_id=next(self._seq_ids), request=req, index=index, token_ids=list(ids),
-                          num_prompt_tokens=len(ids), generator=self._generator(params, index),
+                          num_prompt_tokens=len(ids), noise_seed=seed,
+                          generator=None if seed is None or keyed_noise(params) else
+                          torch.Generator(device=self.runner.device).manual_seed(seed),
                           text=OutputText(self.tokenizer, params.stop, params.skip_special_tokens,
                                           params.include_stop_str_in_output))
                 req.sequences.append(seq)
@@ -284,14 +287,15 @@ class LLMEngine:
         # Token lists are copied only for the penalties that read them (long contexts make copies costly).
         penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
         noise = None
-        if not p.greedy and (seq.pending_noise or seq.draft_slots):
+        if not p.greedy and seq.generator is not None and (seq.pending_noise or seq.draft_slots):
             while len(seq.pending_noise) <= len(before):
                 seq.pending_noise.append(draw_noise(self.runner.vocab_size, seq.generator, self.runner.device))
             noise = seq.pending_noise[len(before)]
         allowed = seq.grammar.allowed() if seq.grammar is not None else None
         return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
                           output_ids=[*seq.output_token_ids, *before] if penalised else (), generator=seq.generator,
-                          masked_ids=masked, noise=noise, allowed=allowed)
+                          masked_ids=masked, noise=noise, allowed=allowed,
+                          noise_key=(seq.noise_seed, n_out) if seq.generator is None and not p.greedy else None)
 
     def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
                      ) -> list[RequestOutput]:
@@ -625,11 +629,11 @@ class LLMEngine:
         compiler.compile(params.structured_outputs)
         return compiler
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+    def _noise_seed(self, params: SamplingParams, index: int) -> int | None:
+        """The seed of a sampling sequence's randomness (None for greedy ones: they draw none)."""
         if params.greedy:
             return None
-        seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-        return torch.Generator(device=self.runner.device).manual_seed(seed)
+        return params.seed + index if params.seed is not None else self._rng.getrandbits(63)
 
     def _token_ids_of(self, text: str) -> int | None:
         if self.tokenizer is None:

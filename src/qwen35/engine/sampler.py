@@ -3,11 +3,15 @@
 The steps and their order are those documented in `qwen35.engine.sampling`. Each function below is one
 definition, usable alone (the tests hold them to plain reference implementations).
 
-Randomness: every sampling (non-greedy) sequence has its own `torch.Generator`, seeded from
-`SamplingParams.seed` or, without one, from the engine's seed. A draw is one exponential variate per
-vocabulary entry and the token is argmax(p / E) (an exact sample of p: the "exponential race"). Each step of
-a sequence consumes the same amount of randomness whatever the batch and the filters, so a seeded request
-gives the same tokens alone or batched, chunked or preempted.
+Randomness: the token is argmax(p / E) over exponential variates E (an exact sample of p: the "exponential
+race"), the seed from `SamplingParams.seed` or, without one, from the engine's seed.
+  * With top_k (1..KEYED_MAX_K), only the k best logits can win: the sampler takes them (torch.topk, ties at the
+    k-th kept), applies min_p / top_p / the softmax to those alone, and draws their E as the pure function
+    E(seed, step, token) of `engine/noise.py`: no work per vocabulary entry beyond the top-k itself.
+    `sample_keyed_reference` is the same definition over the whole vocabulary (the twin tests hold it to).
+  * Without top_k, a sequence has its own `torch.Generator` and draws one E per vocabulary entry each step.
+Either way a step of a sequence uses the same randomness whatever the batch and the filters, so a seeded
+request gives the same tokens alone or batched, chunked, preempted or verified by speculative decoding.
 
 Structured output: a row's `allowed` mask (its grammar's tokens, `qwen35.engine.structured`) sets every other
 logit to -inf before anything else, so forbidden tokens get probability 0 in every mode, and logprobs are those
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen35.engine.noise import exponential_keyed, exponential_row
 from qwen35.engine.outputs import Logprob
 from qwen35.engine.sampling import SAMPLING_EPS, SamplingParams
 
@@ -96,6 +101,64 @@ def sample_from_probs(probs: torch.Tensor, generators: Seq[torch.Generator | Non
     return (probs / noise).argmax(dim=-1)
 
 
+KEYED_MAX_K = 1024  # top_k up to this takes the keyed top-k path (beyond, the full-vocabulary one)
+
+
+def keyed_noise(params: SamplingParams) -> bool:
+    """Whether a sequence samples through the top-k path with keyed noise (no generator)."""
+    return not params.greedy and 0 < params.top_k <= KEYED_MAX_K
+
+
+def _filter_sorted(z: torch.Tensor, min_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[m, C] scaled logits sorted descending per row (-inf past each row's kept ones): min_p, then top_p."""
+    if bool((min_p > 0).any()):
+        z = apply_min_p(z, min_p)
+    if bool((top_p < 1.0).any()):
+        probs = torch.softmax(z, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False
+        z = z.masked_fill(drop, NEG_INF)
+    return z
+
+
+def sample_keyed(logits: torch.Tensor, params: Seq[SamplingParams], keys: Seq[tuple[int, int]]) -> list[int]:
+    """[m, V] logits (masks and penalties applied), each row with top_k in 1..KEYED_MAX_K and its noise key
+    (seed, step) -> the sampled token ids: temperature, min_p, top_k, top_p over the k best, then the race with
+    keyed noise. Equal to `sample_keyed_reference` (the same over every vocabulary entry)."""
+    m, V = logits.shape
+    k = torch.tensor([min(p.top_k, V) for p in params], device=logits.device)
+    vals, ids = torch.topk(logits, int(k.max()), dim=-1)  # sorted descending
+    kth = vals.gather(-1, (k - 1)[:, None])
+    # every finite logit >= the k-th is kept (ties at the boundary, as apply_top_k keeps them)
+    count = ((logits >= kth) & torch.isfinite(logits)).sum(dim=-1)
+    width = int(count.max()) if m else 0
+    if width > vals.shape[-1]:
+        vals, ids = torch.topk(logits, width, dim=-1)
+    vals, ids = vals[:, :max(width, 1)], ids[:, :max(width, 1)]
+    keep = torch.arange(vals.shape[-1], device=logits.device)[None, :] < count[:, None]
+    temp = torch.tensor([p.temperature for p in params], device=logits.device)
+    z = (vals / temp[:, None]).masked_fill(~keep, NEG_INF)
+    z = _filter_sorted(z, torch.tensor([p.min_p for p in params], device=logits.device),
+                       torch.tensor([p.top_p for p in params], device=logits.device))
+    probs = torch.softmax(z, dim=-1)
+    noise = torch.stack([exponential_keyed(seed, step, ids[i]) for i, (seed, step) in enumerate(keys)])
+    return ids.gather(-1, (probs / noise.to(probs.device)).argmax(dim=-1, keepdim=True)).flatten().tolist()
+
+
+def sample_keyed_reference(logits: torch.Tensor, p: SamplingParams, key: tuple[int, int]) -> int:
+    """The definition, one row [V]: the filters of the full-vocabulary path, the softmax over every entry, and the
+    race with the keyed noise of every entry."""
+    z = logits[None].float() / p.temperature
+    if p.min_p > 0:
+        z = apply_min_p(z, torch.tensor([p.min_p]))
+    z = apply_top_k(z, torch.tensor([p.top_k]))
+    if p.top_p < 1.0:
+        z = apply_top_p(z, torch.tensor([p.top_p]))
+    probs = torch.softmax(z, dim=-1)[0]
+    return int((probs / exponential_row(key[0], key[1], logits.shape[-1])).argmax())
+
+
 def apply_allowed(logits: torch.Tensor, allowed: Seq[torch.Tensor | None]) -> torch.Tensor:
     """[n, V] logits, one bool [V'] mask or None per row -> a copy with -inf wherever a mask says no (ids past a
     mask's length, the model's padding rows, are forbidden too)."""
@@ -127,6 +190,7 @@ class SamplerRow:
     forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
     noise: torch.Tensor | None = None  # this step's noise row, drawn before (speculative verification)
     allowed: torch.Tensor | None = None  # bool [V]: the only tokens its grammar allows now (structured output)
+    noise_key: tuple[int, int] | None = None  # (seed, step) of keyed noise (top_k rows: engine/noise.py)
 
     @property
     def argmax_only(self) -> bool:
@@ -174,7 +238,14 @@ class Sampler:
                                             p.frequency_penalty, p.presence_penalty)
 
         chosen = logits.argmax(dim=-1)  # greedy rows keep this
-        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy and r.forced is None]
+        keyed_rows = [i for i, r in enumerate(rows) if r.noise_key is not None and r.forced is None]
+        if keyed_rows:
+            idx = torch.as_tensor(keyed_rows, device=logits.device)
+            picked = sample_keyed(logits[idx], [rows[i].params for i in keyed_rows],
+                                  [rows[i].noise_key for i in keyed_rows])
+            chosen[idx] = torch.as_tensor(picked, device=logits.device)
+        random_rows = [i for i, r in enumerate(rows)
+                       if not r.params.greedy and r.forced is None and r.noise_key is None]
         if random_rows:
             idx = torch.as_tensor(random_rows, device=logits.device)
             sub = logits[idx]
@@ -219,4 +290,5 @@ class Sampler:
 
 
 __all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_allowed", "apply_penalties", "apply_min_p", "apply_top_k",
-           "apply_top_p", "sample_from_probs", "draw_noise", "SAMPLING_EPS"]
+           "apply_top_p", "sample_from_probs", "draw_noise", "SAMPLING_EPS", "KEYED_MAX_K", "keyed_noise",
+           "sample_keyed", "sample_keyed_reference"]

@@ -36,7 +36,7 @@ class Sequence:
     index: int  # which of the request's n completions
     token_ids: list[int]  # prompt followed by generated tokens
     num_prompt_tokens: int
-    generator: torch.Generator | None  # None for greedy sequences: they draw no random numbers
+    generator: torch.Generator | None  # None for greedy sequences and keyed noise (top_k: engine/noise.py)
     text: OutputText
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
@@ -56,6 +56,7 @@ class Sequence:
     grid_state: Any = None  # (grid point, region): a verify step's state on the snapshot grid, for cache_computed
     pending_noise: list = field(default_factory=list)
     # sampling state
+    noise_seed: int | None = None  # the seed of its randomness (None: greedy)
     thinking_budget: Any = None  # a qwen35.chat.ThinkingBudget when the request caps its reasoning
     grammar: Any = None  # a qwen35.engine.structured.GrammarState under structured output (kept across preemption)
     cumulative_logprob: float = 0.0

@@ -28,7 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from qwen35.engine.outputs import PromptLogprobs
 from qwen35.engine.sampling import SamplingParams, StructuredOutputsParams
 from qwen35.engine.structured import structured_from_request
-from qwen35.server.async_engine import EngineError, EngineUnavailable
+from qwen35.server.async_engine import EngineError
 from qwen35.server.errors import APIError
 from qwen35.server.protocol import MAX_PROMPTS, CompletionRequest
 from qwen35.server.serving import (
@@ -38,7 +38,6 @@ from qwen35.server.serving import (
     RequestTimer,
     Serving,
     clean_float,
-    collect_final,
     engine_error_event,
     json_response,
     merge_streams,
@@ -177,23 +176,9 @@ class CompletionHandler:
                                      media_type="text/event-stream", headers=SSE_HEADERS,
                                      background=BackgroundTask(cleanup))
         try:
-            outs = await collect_final(streams, request)
+            outs = await s.final_outputs(ids, streams, request, timer)  # aborts them all on any failure
         except ClientGone:
-            s.abort(ids)
-            timer.finish(["abort"])
             return Response(status_code=499)
-        except ValueError as e:
-            s.abort(ids)
-            timer.finish(["error"])
-            raise APIError(str(e), 400) from None
-        except EngineError as e:
-            s.abort(ids)
-            timer.finish(["error"])
-            status = 503 if isinstance(e, EngineUnavailable) else 500
-            raise APIError(str(e), status, code="engine_unavailable" if status == 503 else "engine_error") from None
-        except asyncio.CancelledError:
-            s.abort(ids)
-            raise
         result = []
         completion_tokens = 0
         for i, out in enumerate(outs):
