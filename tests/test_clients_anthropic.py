@@ -77,11 +77,11 @@ def server(tmp_path_factory):
     runner, tok = llm.engine.runner, llm.tokenizer
     scripted_run = runner.run
 
-    def run(work, sampler_row):  # a prompt saying BOOM makes the engine step fail
+    def run(work, plan):  # a prompt saying BOOM makes the engine step fail
         for seq in work.seqs:
             if "BOOM" in tok.decode(seq.token_ids[:seq.num_prompt_tokens]):
                 raise RuntimeError("injected failure")
-        return scripted_run(work, sampler_row)
+        return scripted_run(work, plan)
 
     runner.run = run
     config = ServerConfig(served_model_name=MODEL, api_key=KEY, max_body_bytes=1 << 20)

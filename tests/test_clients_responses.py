@@ -75,12 +75,12 @@ def fail_mid_stream(llm) -> None:
     """A step that raises once a "BOOM" prompt has 3 output tokens: an engine failure mid-stream."""
     scripted_run, tok = llm.engine.runner.run, llm.tokenizer
 
-    def run(work, sampler_row):
+    def run(work, plan):
         for seq in work.seqs:
             if len(seq.token_ids) - seq.num_prompt_tokens >= 3 and "BOOM" in tok.decode(
                     seq.token_ids[:seq.num_prompt_tokens]):
                 raise RuntimeError("injected failure")
-        return scripted_run(work, sampler_row)
+        return scripted_run(work, plan)
 
     llm.engine.runner.run = run
 

@@ -60,7 +60,7 @@ def test_chat_with_image_equals_transformers_generate(tiny_vl):
     out = llm.chat(messages, params, use_tqdm=False)[0]
     ids = out.prompt_token_ids
     assert ids.count(REAL_IDS["image_token_id"]) > 1  # placeholder expanded to the image's tokens
-    proc = llm.engine._mm_processor.images([img])
+    proc = llm.engine.prompts.mm_processor.images([img])
     expected = hf_greedy(ref, ids, 6, pixel_values=proc["pixel_values"], image_grid_thw=proc["image_grid_thw"])
     assert list(out.outputs[0].token_ids) == expected
 
@@ -76,7 +76,7 @@ def test_two_images_image_url_and_chunked_prefill(tiny_vl, tmp_path):
         {"type": "image_url", "image_url": {"url": str(tmp_path / "b.png")}}, {"type": "text", "text": "compare"}]}]
     params = qwen35.SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     out = llm.chat(messages, params, use_tqdm=False)[0]
-    proc = llm.engine._mm_processor.images([a, Image.open(tmp_path / "b.png")])
+    proc = llm.engine.prompts.mm_processor.images([a, Image.open(tmp_path / "b.png")])
     expected = hf_greedy(ref, out.prompt_token_ids, 5, pixel_values=proc["pixel_values"],
                          image_grid_thw=proc["image_grid_thw"])
     assert list(out.outputs[0].token_ids) == expected
@@ -95,7 +95,7 @@ def test_video_frames_and_batch_with_shared_image(tiny_vl):
     assert llm.engine.runner.vision_cache.hits >= hits_before + 1  # the repeated image was encoded once
     assert outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
     # the video request alone, against transformers (frames given with the processor's default 2 fps)
-    mm = llm.engine._mm_processor
+    mm = llm.engine.prompts.mm_processor
     vid = mm.videos([frames], frames_fps=2.0)
     expected = hf_greedy(ref, outs[0].prompt_token_ids, 4, pixel_values_videos=vid["pixel_values_videos"],
                          video_grid_thw=vid["video_grid_thw"])
@@ -135,7 +135,7 @@ def test_prefix_cache_keys_images_by_content(tiny_vl):
     assert first.num_cached_tokens == 0 and same.num_cached_tokens > start
     assert other.num_cached_tokens <= start and other.prompt_token_ids == first.prompt_token_ids
     for out, img in ((same, a), (other, b)):
-        proc = llm.engine._mm_processor.images([img])
+        proc = llm.engine.prompts.mm_processor.images([img])
         expected = hf_greedy(ref, out.prompt_token_ids, 4, pixel_values=proc["pixel_values"],
                              image_grid_thw=proc["image_grid_thw"])
         assert list(out.outputs[0].token_ids) == expected

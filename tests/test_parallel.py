@@ -336,7 +336,10 @@ def test_int8_and_bf16_shares_stay_close_to_one_process(checkpoint, load, tmp_pa
 
         assert sharded["screen"] == (cpu_kernels.kernels() is not None)
         assert sharded["tokens"] == sharded["argmax"]
-    if load.get("dtype") == "bfloat16":  # rounded once: much nearer to the one-process bf16 run than to fp32
+    if load.get("dtype") == "bfloat16" and kind == "dense":
+        # rounded once: much nearer to the one-process bf16 run than to fp32. (Not MoE: each rank's routed + shared
+        # sum is rounded to bf16 before the fp32 all-reduce, and random routers amplify that last bit: on an AMD
+        # EPYC with AVX512-BF16 the runs part at a near-tie within three steps.)
         assert float((sharded["logprobs"].float() - alone["logprobs"].float()).abs().max()) <= 0.5 * own
         pairs = [(a, b) for s, t in zip(sharded["tokens"], alone["tokens"], strict=True)
                  for a, b in zip(s, t, strict=True)]

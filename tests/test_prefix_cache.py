@@ -169,7 +169,7 @@ def test_a_failed_step_gives_its_snapshot_slots_back(model, monkeypatch):
     eng = llm.engine
     real = eng.runner.run
 
-    def boom(work, sampler_row):
+    def boom(work, plan):
         assert work.snapshots  # a 300-token prompt plans snapshots at 64 ... 256
         raise RuntimeError("injected")
 

@@ -79,3 +79,87 @@ def test_top_k_sampling_follows_the_distribution(llm):
     assert counts.sum() == n
     chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
     assert chi2 < 13.8  # 2 degrees of freedom, 0.1% level
+
+
+# ------------------------------------------------------------------------------------------ through the head screen
+def _screen_rows(V: int, seed: int):
+    """Rows of every kind the top-k head takes: keyed with penalties, greedy, greedy with a penalty, a grammar
+    row, min_tokens masking EOS-like ids."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.rand(V, generator=g) < 0.3
+    hist = torch.randint(0, V, (40,), generator=g).tolist()
+    card = SamplingParams(**CARD)
+    pen = SamplingParams(**CARD, presence_penalty=1.5, repetition_penalty=1.3, frequency_penalty=-0.5)
+    return [SamplerRow(card, (), (), None, noise_key=(seed, 3)),
+            SamplerRow(pen, hist[:20], hist[20:], None, noise_key=(seed, 7)),
+            SamplerRow(SamplingParams(temperature=0), (), (), None),
+            SamplerRow(SamplingParams(temperature=0, presence_penalty=-2.0), (), hist, None),
+            SamplerRow(card, (), (), None, noise_key=(seed, 1), allowed=allowed),
+            SamplerRow(SamplingParams(**CARD, min_tokens=5), (), (), None, noise_key=(seed, 2),
+                       masked_ids=tuple(range(0, V, 11)))]
+
+
+@pytest.mark.skipif(__import__("qwen35.ops.cpu_kernels", fromlist=["kernels"]).kernels() is None,
+                    reason="the CPU kernels could not be built")
+@pytest.mark.parametrize("V,K", [(5003, 200), (3000, 77)])
+def test_screened_top_k_logits_sample_as_the_full_logits(V, K):
+    """The sampler makes the same tokens of the screen's top-k logits (exact at the candidates, -inf elsewhere)
+    as of the full fp32 logits, for every kind of row, batched beyond one screen call (8 rows)."""
+    from qwen35.engine.sampler import adjust_bounds, screen_k
+    from qwen35.ops.head_screen import HeadScreen
+    from qwen35.ops.linear import linear
+
+    g = torch.Generator().manual_seed(V)
+    w = (torch.randn(V, K, generator=g) * 0.02).to(torch.bfloat16)
+    screen = HeadScreen(w)
+    sampler = Sampler()
+    for seed in range(6):
+        rows = _screen_rows(V, seed) * 2  # 12 rows
+        x = (torch.randn(len(rows), K, generator=g) * (1 + seed)).to(torch.bfloat16)
+        ks = [screen_k(r) for r in rows]
+        assert all(k is not None for k in ks)
+        cand = screen.top_k_logits(x, ks, lambda i, lo, hi, rows=rows: adjust_bounds(rows[i], lo, hi))
+        full = linear(x, w, out_dtype=torch.float32)
+        assert cand is not None and screen.candidates_last == len(cand.token_ids) < V // 4
+        assert torch.equal(cand.token_ids, cand.token_ids.sort().values)
+        screened = cand.dense(V)
+        kept = torch.isfinite(screened)
+        assert torch.equal(screened[kept], full[kept])  # bit-identical where kept
+        want = sampler(full, rows).token_ids
+        assert sampler(cand, rows).token_ids == want  # the compact path
+        assert sampler(screened, rows).token_ids == want  # and its dense form through the full-logit path
+    # rows the screen cannot serve: logprobs, and a grammar row with min_tokens masking
+    assert screen_k(SamplerRow(SamplingParams(**CARD, logprobs=2), (), (), None, noise_key=(0, 0))) is None
+    assert screen_k(SamplerRow(SamplingParams(temperature=0.6, top_p=0.9), (), (), torch.Generator())) is None
+
+
+def test_engine_sampled_tokens_are_the_same_with_and_without_the_screen(tmp_path, monkeypatch):
+    """End to end in bf16: seeded requests at the model card's settings (with and without penalties, with greedy
+    and logprob rows beside them) give the same tokens with the top-k screen as with the full logits."""
+    from qwen35.ops import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the CPU kernels could not be built")
+    model = make_model(write_config(tmp_path / "m", vocab_size=6000, tie_word_embeddings=True)).to(torch.bfloat16)
+    prompts = random_prompts([3, 40, 17, 64, 9], vocab=6000)
+    params = [SamplingParams(**CARD, seed=1, max_tokens=10, ignore_eos=True),
+              SamplingParams(**CARD, seed=2, max_tokens=10, ignore_eos=True, presence_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(**CARD, seed=4, max_tokens=10, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(**CARD, seed=5, max_tokens=10, ignore_eos=True, logprobs=1)]
+
+    def run(screen: bool):
+        monkeypatch.setenv("QWEN35_HEAD_SCREEN", "1" if screen else "0")
+        llm = engine_llm(model, kv_cache_memory_bytes=1 << 24)
+        calls = []
+        if screen:
+            real = model._head_screen.top_k_logits
+            monkeypatch.setattr(model._head_screen, "top_k_logits", lambda *a: calls.append(1) or real(*a))
+        batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        four = [o.outputs[0].token_ids for o in llm.generate(prompts[:4], params[:4], use_tqdm=False)]
+        return batched, four, calls
+
+    on, on_four, calls = run(True)
+    off, off_four, _ = run(False)
+    assert on == off and on_four == off_four and on_four == on[:4]
+    assert calls  # the four-row steps (no logprob row) went through the screen

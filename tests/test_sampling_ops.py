@@ -142,14 +142,14 @@ def test_temperature_sampling_follows_the_softmax(temperature):
     assert chi2 < 30, (chi2, counts, expected)
 
 
-def test_masked_ids_and_forced_tokens():
+def test_masked_ids():
     x = _logits(n=2, V=30)
     best = x.argmax(-1).tolist()
     rows = [SamplerRow(params=SamplingParams(temperature=0), prompt_ids=[], output_ids=[], generator=None,
                        masked_ids=[best[0], 1000]),
-            SamplerRow(params=SamplingParams(temperature=0), prompt_ids=[], output_ids=[], generator=None, forced=3)]
+            SamplerRow(params=SamplingParams(temperature=0), prompt_ids=[], output_ids=[], generator=None)]
     out = Sampler()(x, rows)
-    assert out.token_ids[0] != best[0] and out.token_ids[1] == 3
+    assert out.token_ids[0] != best[0] and out.token_ids[1] == best[1]
 
 
 def test_logprobs_are_raw_log_softmax_with_ranks():

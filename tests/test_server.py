@@ -534,11 +534,11 @@ def test_engine_failure_is_contained(model):
     llm = make_llm(model, max_model_len=256)
     real_run, tok = llm.engine.runner.run, llm.tokenizer
 
-    def run(work, sampler_row):
+    def run(work, plan):
         for seq in work.seqs:
             if "BOOM" in tok.decode(seq.token_ids[:seq.num_prompt_tokens]):
                 raise RuntimeError("injected failure")
-        return real_run(work, sampler_row)
+        return real_run(work, plan)
 
     llm.engine.runner.run = run
     with ServerThread(llm, ServerConfig(served_model_name=MODEL)) as srv:

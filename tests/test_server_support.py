@@ -65,14 +65,14 @@ class ScriptedOutput:
                 self._cache[key] = None if out is None else self.tok.encode(out) + [EOS]
             return self._cache[key]
 
-    def run(self, work: Any, sampler_row: Any) -> Any:
-        seqs, sampled = self.real_run(work, sampler_row)
-        for i, seq in enumerate(seqs):
+    def run(self, work: Any, plan: Any) -> Any:
+        sampled = self.real_run(work, plan)
+        for i, seq in enumerate(plan.seqs):
             script = self.script_for(seq.token_ids[:seq.num_prompt_tokens])
             if script is not None:
                 pos = len(seq.token_ids) - seq.num_prompt_tokens
                 sampled.token_ids[i] = script[pos] if pos < len(script) else EOS
-        return seqs, sampled
+        return sampled
 
 
 def install_scripts(llm: qwen35.LLM, scripts: list[Script]) -> ScriptedOutput:

@@ -152,7 +152,7 @@ class LLM:
                                 eos_token_ids=eos, default_sampling_params=self.default_sampling_params,
                                 enable_prefix_caching=enable_prefix_caching, workers=self.workers,
                                 speculative_config=spec)
-        self.engine.model_folder = folder
+        self.engine.prompts.model_folder = folder
 
     def speculative_stats(self) -> dict | None:
         """MTP speculative decoding so far: drafts, drafted and accepted tokens, acceptance (overall and by draft
@@ -280,7 +280,7 @@ class LLM:
         ready = []
         for prompt, _, sp in items:
             prepared = self.engine.prepare_prompt(prompt)
-            self.engine._check_request(prepared.ids, sp)
+            self.engine.check_request(prepared.ids, sp)
             ready.append((prepared, sp.clone(output_kind=kind)))
         ids: list[str] = []
         try:

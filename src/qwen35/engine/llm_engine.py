@@ -7,7 +7,10 @@
             print(out.outputs[0].text, end="")
     engine.abort_request(rid)               # frees its slot and blocks at once
 
-`step()` is schedule -> run -> postprocess. `add_request`, `abort_request` and `step` may be called from
+`step()` is schedule -> plan (which rows sample, how: engine/sampling_plan.py) -> run (forward + sample:
+engine/model_runner.py) -> postprocess (tokens in, stop rules: engine/stops.py; the cache's bookkeeping; outputs:
+engine/reporting.py). Prompts are tokenised and checked in engine/prompts.py before they are queued.
+`add_request`, `abort_request` and `step` may be called from
 different threads (one lock); a server runs `step()` in one thread and adds/aborts from others.
 What a request reports each step follows its `SamplingParams.output_kind`: everything so far (CUMULATIVE),
 what is new (DELTA, for streaming) or one final output (FINAL_ONLY). An aborted request reports once more,
@@ -25,12 +28,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from qwen35.chat.tags import THINK_CLOSE, THINK_OPEN
 from qwen35.engine.cache_manager import (
     CacheManager,
     CachePlan,
@@ -39,10 +41,13 @@ from qwen35.engine.cache_manager import (
 )
 from qwen35.engine.detokenize import OutputText
 from qwen35.engine.model_runner import ModelRunner
-from qwen35.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen35.engine.outputs import Logprob, RequestOutput
 from qwen35.engine.prefix_cache import SNAPSHOT_GRID
-from qwen35.engine.sampler import SamplerOutput, SamplerRow, draw_noise, keyed_noise
-from qwen35.engine.sampling import RequestOutputKind, SamplingParams
+from qwen35.engine.prompts import MAX_LOGPROBS, PreparedPrompt, PromptPreparer, PromptType
+from qwen35.engine.reporting import request_output
+from qwen35.engine.sampler import SamplerOutput, keyed_noise
+from qwen35.engine.sampling import SamplingParams
+from qwen35.engine.sampling_plan import plan_sampling
 from qwen35.engine.scheduler import Scheduler, SchedulerOutput
 from qwen35.engine.sequence import Request, SequenceStatus
 from qwen35.engine.sequence import Sequence as Seq
@@ -54,23 +59,13 @@ from qwen35.engine.speculative import (
     accepted_prefix,
     require_mtp,
 )
+from qwen35.engine.stops import append_token
 from qwen35.model.cache import text_positions
+from qwen35.tokenizer import DEFAULT_EOS_TOKEN_IDS
 
 log = logging.getLogger("qwen35")
 
-DEFAULT_EOS_TOKEN_IDS = (248046, 248044)
-MAX_LOGPROBS = 20
 HIT_LOG_SECONDS = 60.0  # how often the prefix cache's hit rate is logged (while requests come)
-
-PromptType = str | Sequence[int] | Mapping[str, Any]
-
-
-class PreparedPrompt(NamedTuple):
-    """A tokenised prompt, with its images / videos processed (`mm`, or None for text)."""
-
-    text: str | None
-    ids: list[int]
-    mm: Any
 
 
 class LLMEngine:
@@ -153,8 +148,7 @@ class LLMEngine:
         self.draft_override: Any = None
         self._deferred: list[Seq] | None = None  # finishes held back while a step settles
         self._hit_log_time = time.monotonic()
-        self.model_folder = None  # the checkpoint folder (processor configs), set by LLM when known
-        self._mm_processor = None
+        self.prompts = PromptPreparer(tokenizer, self.vocab_size, model)
         log.info("cache: %d regions of %.2f MiB (%.1f MiB), each a GDN state or %d KV blocks of %d tokens; "
                  "max_model_len %d; prefix caching %s", self.plan.num_regions, self.plan.region_bytes / 2**20,
                  self.plan.total_bytes / 2**20, self.plan.blocks_per_region, block_size, max_model_len,
@@ -166,7 +160,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._to_report: list[Request] = []  # aborted, or finished when added: they report at the next step
-        self._think_ids = self._token_ids_of(THINK_OPEN), self._token_ids_of(THINK_CLOSE)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
@@ -176,13 +169,10 @@ class LLMEngine:
         params = self.default_sampling_params if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, PreparedPrompt):
-            text, ids, mm = prompt.text, prompt.ids, prompt.mm
-        else:
-            text, ids, mm = self.prepare_prompt(prompt)
+        text, ids, mm = self.prompts.prepare(prompt)
         if prompt_text is not None:
             text = prompt_text
-        self._check_request(ids, params)
+        self.check_request(ids, params)
         grammars = self.compile_grammar(params)  # compiles (or finds cached) before the lock: ValueError if bad
         with self._lock:
             if request_id is None:
@@ -194,7 +184,7 @@ class LLMEngine:
             req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=list(ids), params=params, mm=mm)
             if params.prompt_logprobs is not None:
                 req.prompt_logprobs = [None]  # the first prompt token has no prediction
-            thinking = self._prompt_opens_thinking(ids)
+            thinking = self.prompts.opens_thinking(ids)
             for index in range(params.n):
                 seed = self._noise_seed(params, index)
                 seq = Seq(seq_id=next(self._seq_ids), request=req, index=index, token_ids=list(ids),
@@ -239,13 +229,9 @@ class LLMEngine:
                         self._finish(seq, "abort")
                 self._to_report.append(req)
 
-    abort = abort_request
-
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self._requests) or bool(self._to_report)
-
-    has_unfinished = has_unfinished_requests
 
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
@@ -263,7 +249,8 @@ class LLMEngine:
                 return self._postprocess(work, [], None)
             work.snapshots = self.cache.plan_snapshots(work.seqs, work.num_tokens)
             try:
-                sampled_seqs, sampled = self.runner.run(work, self._sampler_row)
+                plan = plan_sampling(work, self.eos_token_ids, self.runner.vocab_size, self.runner.device)
+                sampled = self.runner.run(work, plan)
             except BaseException as e:
                 self.cache.drop_snapshots(work.snapshots)  # the slots they took go back
                 for seq in work.seqs:  # and the verify step's draft slots
@@ -273,29 +260,7 @@ class LLMEngine:
                     self.workers.failed(e)  # raises RankLost: the other ranks may be mid-step
                 raise
             self._record_prompt_logprobs()
-            return self._postprocess(work, sampled_seqs, sampled)
-
-    def _sampler_row(self, seq: Seq, before: Sequence[int] = ()) -> SamplerRow:
-        """How to sample `seq`'s next token; `before`: drafts a verify step puts ahead of this position (they
-        count as its history: penalties, min_tokens). A sampling row takes the sequence's next noise row:
-        one a verify step left (`pending_noise`), or drawn now for a verify step's rows."""
-        p = seq.params
-        n_out = seq.num_output_tokens + len(before)
-        masked: tuple[int, ...] = ()
-        if n_out < p.min_tokens:
-            masked = (*(() if p.ignore_eos else self.eos_token_ids), *p.stop_token_ids)
-        # Token lists are copied only for the penalties that read them (long contexts make copies costly).
-        penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        noise = None
-        if not p.greedy and seq.generator is not None and (seq.pending_noise or seq.draft_slots):
-            while len(seq.pending_noise) <= len(before):
-                seq.pending_noise.append(draw_noise(self.runner.vocab_size, seq.generator, self.runner.device))
-            noise = seq.pending_noise[len(before)]
-        allowed = seq.grammar.allowed() if seq.grammar is not None else None
-        return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
-                          output_ids=[*seq.output_token_ids, *before] if penalised else (), generator=seq.generator,
-                          masked_ids=masked, noise=noise, allowed=allowed,
-                          noise_key=(seq.noise_seed, n_out) if seq.generator is None and not p.greedy else None)
+            return self._postprocess(work, plan.seqs, sampled)
 
     def _postprocess(self, work: SchedulerOutput, seqs: list[Seq], sampled: SamplerOutput | None,
                      ) -> list[RequestOutput]:
@@ -349,7 +314,7 @@ class LLMEngine:
 
         outputs = []
         for req in moved.values():
-            out = self._report(req)
+            out = request_output(req)
             if out is not None:
                 outputs.append(out)
             if req.finished:
@@ -455,34 +420,11 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------ tokens
     def _append_token(self, seq: Seq, tok: int, logprob: float | None, top: dict[int, Logprob] | None,
                       forced: bool = False) -> None:
-        """Add one generated token to `seq` and apply every stop rule."""
-        p = seq.params
-        seq.token_ids.append(tok)
-        if seq.grammar is not None:  # sampled or forced: the grammar follows every committed token
-            seq.grammar.advance(tok)
-        if p.logprobs is not None:
-            if forced:  # not sampled: the engine put it there (probability 1 under the controller)
-                top, logprob = {tok: Logprob(0.0, None)}, 0.0
-            if self.tokenizer is not None and top:
-                for t, lp in top.items():
-                    lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False) \
-                        if t < self.tokenizer.vocab_size else ""
-            seq.logprobs.append(top or {})
-            seq.cumulative_logprob += logprob if logprob is not None else 0.0
-        n_out = seq.num_output_tokens
-        can_stop = n_out > p.min_tokens  # min_tokens tokens come before any EOS / stop token
-        if tok in self.eos_token_ids and not p.ignore_eos and can_stop:
-            self._finish(seq, "stop", None)
-        elif tok in p.stop_token_ids and can_stop:
-            if p.include_stop_str_in_output:
-                seq.text.append(tok, check_stop=False)
-            self._finish(seq, "stop", tok)
-        else:
-            matched = seq.text.append(tok, check_stop=n_out >= p.min_tokens)
-            if matched is not None:
-                self._finish(seq, "stop", matched)
-            elif (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
-                self._finish(seq, "length")
+        """Add one generated token to `seq`, and finish it where a stop rule says so (engine/stops.py)."""
+        finish = append_token(seq, tok, logprob, top, eos_token_ids=self.eos_token_ids,
+                              max_model_len=self.max_model_len, tokenizer=self.tokenizer, forced=forced)
+        if finish is not None:
+            self._finish(seq, finish.reason, finish.stop_reason)
 
     def _finish(self, seq: Seq, reason: str, stop_reason: int | str | None = None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -492,161 +434,26 @@ class LLMEngine:
         else:
             self.scheduler.finish(seq)
 
-    # ------------------------------------------------------------------------------------------ outputs
-    def _report(self, req: Request) -> RequestOutput | None:
-        kind = req.params.output_kind
-        finished = req.finished
-        if req.final_reported or (kind == RequestOutputKind.FINAL_ONLY and not finished):
-            return None
-        outs = []
-        for seq in req.sequences:
-            visible = seq.text.visible
-            out_ids = seq.output_token_ids
-            if kind == RequestOutputKind.DELTA:
-                new_ids = out_ids[seq.reported_tokens:]
-                new_text = visible[seq.reported_chars:]
-                just_finished = seq.is_finished and not seq.final_reported
-                if not new_ids and not new_text and not just_finished:
-                    continue
-                outs.append(self._completion(seq, new_text, new_ids, seq.reported_tokens))
-            else:
-                outs.append(self._completion(seq, visible, list(out_ids), 0))
-            seq.reported_tokens, seq.reported_chars = len(out_ids), len(visible)
-            seq.final_reported = seq.is_finished
-        if finished:
-            req.final_reported = True
-        if not outs and not finished:
-            return None
-        prompt_logprobs = None
-        entries = req.prompt_logprobs
-        if entries is not None and len(entries) == len(req.prompt_token_ids) and \
-                not (kind == RequestOutputKind.DELTA and req.prompt_logprobs_reported):
-            prompt_logprobs = list(entries)
-            req.prompt_logprobs_reported = True
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=outs, finished=finished, metrics=self._metrics(req),
-                             num_cached_tokens=req.sequences[0].num_cached_tokens, prompt_logprobs=prompt_logprobs)
-
-    def _completion(self, seq: Seq, text: str, ids: list[int], lp_from: int) -> CompletionOutput:
-        p = seq.params
-        return CompletionOutput(
-            index=seq.index, text=text, token_ids=list(ids),
-            cumulative_logprob=seq.cumulative_logprob if p.logprobs is not None else None,
-            logprobs=seq.logprobs[lp_from:] if p.logprobs is not None else None,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
-
-    @staticmethod
-    def _metrics(req: Request) -> dict[str, float]:
-        m = {"arrival_time": req.arrival_time}
-        if req.first_token_time is not None:
-            m["time_to_first_token"] = req.first_token_time - req.arrival_time
-        return m
-
     # ------------------------------------------------------------------------------------------ checks
     def prepare_prompt(self, prompt: PromptType) -> PreparedPrompt:
-        """Tokenise a prompt; a dict with `multi_modal_data` ({"image": [...], "video": [...]}, vLLM's name)
-        and a text `prompt` holding one placeholder per item also runs the image / video processors."""
-        if isinstance(prompt, Mapping) and prompt.get("multi_modal_data"):
-            data = prompt["multi_modal_data"]
-            text = prompt.get("prompt")
-            if not isinstance(text, str):
-                raise ValueError("a prompt with multi_modal_data needs its text in 'prompt' (with one "
-                                 "<|vision_start|><|image_pad|><|vision_end|> or ..<|video_pad|>.. per item)")
-            if self.tokenizer is None:
-                raise ValueError("a prompt with images or videos needs a tokenizer")
-            unknown = set(data) - {"image", "video"}
-            if unknown:
-                raise ValueError(f"multi_modal_data keys must be 'image' and/or 'video', got {sorted(unknown)}")
+        """Tokenise a prompt (engine/prompts.py): text, token ids, or a dict, also with `multi_modal_data`."""
+        return self.prompts.prepare(prompt)
 
-            def as_list(x):
-                return list(x) if isinstance(x, (list, tuple)) else [x]
-
-            if self._mm_processor is None:
-                from qwen35.multimodal.inputs import MultimodalProcessor
-
-                if self.runner.model.config.vision is None:
-                    raise ValueError(self.runner.model.no_vision_message)
-                self._mm_processor = MultimodalProcessor(self.runner.model.config, self.model_folder)
-            text, ids, mm = self._mm_processor.prepare(
-                text, self.tokenizer, as_list(data.get("image", [])), as_list(data.get("video", [])),
-                allow_remote=bool(prompt.get("allow_remote_media", False)))
-            return PreparedPrompt(text, ids, mm)
-        text, ids = self._prompt_ids(prompt)
-        return PreparedPrompt(text, ids, None)
-
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        text: str | None = None
-        if isinstance(prompt, Mapping):
-            if prompt.get("prompt_token_ids") is not None:
-                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
-            elif isinstance(prompt.get("prompt"), str):
-                text = prompt["prompt"]
-                ids = None
-            else:
-                raise ValueError("a prompt dict needs 'prompt_token_ids' (a list of ints) or 'prompt' (a string)")
-        elif isinstance(prompt, str):
-            text, ids = prompt, None
-        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt
-        else:
-            raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
-        if ids is None:
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; this engine has none (give prompt_token_ids)")
-            ids = self.tokenizer.encode(text)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt_token_ids must be a list of ints")
-        return text, list(ids)
-
-    def _check_request(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        bad = [t for t in ids if t < 0 or t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the model's vocabulary); "
-                             f"got {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                             f"prompt + output must fit, so at most {self.max_model_len - 1} prompt tokens")
-        if params.thinking_budget is not None and self.tokenizer is None:
-            raise ValueError("SamplingParams.thinking_budget needs a tokenizer (to find <think> and </think>)")
-        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise ValueError(f"SamplingParams.logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
-            raise ValueError(f"SamplingParams.prompt_logprobs must be <= {MAX_LOGPROBS}, got {params.prompt_logprobs}")
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """ValueError for a prompt or parameters this engine cannot run (engine/prompts.py)."""
+        self.prompts.check(ids, params, self.max_model_len)
 
     def compile_grammar(self, params: SamplingParams):
         """The compiler of this engine's tokenizer with `params`' grammar compiled in it (None without one);
         ValueError naming the field when it does not compile. `add_request` calls it; a server calls it first in
         a worker thread, so that a bad grammar is a 400 and the engine's thread finds the grammar compiled."""
-        if params.structured_outputs is None:
-            return None
-        if self.tokenizer is None:
-            raise ValueError("SamplingParams.structured_outputs needs a tokenizer (the grammar is over its tokens)")
-        from qwen35.engine.structured import GrammarCompiler
-
-        compiler = GrammarCompiler.for_tokenizer(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        compiler.compile(params.structured_outputs)
-        return compiler
+        return self.prompts.compile_grammar(params, self.eos_token_ids)
 
     def _noise_seed(self, params: SamplingParams, index: int) -> int | None:
         """The seed of a sampling sequence's randomness (None for greedy ones: they draw none)."""
         if params.greedy:
             return None
         return params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-
-    def _token_ids_of(self, text: str) -> int | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.token_to_id(text)
-
-    def _prompt_opens_thinking(self, ids: list[int]) -> bool:
-        start, end = self._think_ids
-        if start is None:
-            return False
-        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
-        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
-        return last_start > last_end
 
     # ------------------------------------------------------------------------------------------ state
     def get_default_sampling_params(self) -> SamplingParams:
@@ -662,4 +469,4 @@ class LLMEngine:
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
 
 
-__all__ = ["LLMEngine", "PromptType", "DEFAULT_EOS_TOKEN_IDS"]
+__all__ = ["DEFAULT_EOS_TOKEN_IDS", "MAX_LOGPROBS", "LLMEngine", "PreparedPrompt", "PromptType"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen35.engine.cache_manager import CachePlan
-from qwen35.engine.sampler import Sampler, SamplerOutput, SamplerRow
+from qwen35.engine.sampler import Sampler, SamplerOutput, SamplerRow, adjust_bounds, screen_k
+from qwen35.engine.sampling_plan import SamplingPlan
 from qwen35.engine.scheduler import SchedulerOutput
 from qwen35.engine.sequence import Sequence
 from qwen35.model.cache import ForwardBatch, HybridCache, text_positions
@@ -50,7 +51,9 @@ class StepInput:
     vision_rows: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
     head_rows: list[int] = field(default_factory=list)  # rows whose next token is wanted
-    head: str | None = None  # over those rows: "greedy" (the argmax only) or "logits" (fp32, for the sampler)
+    # over those rows: "greedy" (the argmax only), "logits" (fp32, for the sampler) or "top_k" (fp32 logits exact
+    # at the tokens that may be among each row's k best, -inf elsewhere: ops/head_screen.py; one process only)
+    head: str | None = None
     # "greedy" rows under a grammar: bool [V] of the tokens allowed (None: any), one per head row (structured output;
     # only without tensor parallelism: the masked argmax goes through this process's head screen)
     head_masks: list | None = None
@@ -122,6 +125,7 @@ class ModelRunner:
         self.broadcast = broadcast
         # the latest step's final hidden states and input, kept for the drafter (speculative decoding) only
         self.keep_hidden = False
+        self._top_k: tuple[list[int], list[SamplerRow]] = ([], [])  # this step's k and rows, for a "top_k" head
         self.last_hidden: torch.Tensor | None = None
         self.last_step: StepInput | None = None
         # the latest `run`'s prompt logprobs (the engine takes them after the step): where they go, and the rows
@@ -184,6 +188,13 @@ class ModelRunner:
             if step.head_masks is not None:
                 return hidden, batch, self._masked_greedy_tokens(last, step.head_masks)
             return hidden, batch, self.model.greedy_tokens(last)
+        if step.head == "top_k":  # one process only (set by `run`): the sampler's rows are at hand
+            ks, rows = self._top_k
+            screen = self.model._usable_head_screen()
+            logits = None if screen is None else \
+                screen.top_k_logits(last, ks, lambda i, lo, hi: adjust_bounds(rows[i], lo, hi))
+            if logits is not None:
+                return hidden, batch, logits
         return hidden, batch, self.model.compute_logits(last, torch.float32)
 
     def _run_step(self, step: StepInput):
@@ -199,47 +210,42 @@ class ModelRunner:
         return hidden, batch
 
     @torch.inference_mode()
-    def run(self, work: SchedulerOutput, sampler_row: Callable[..., SamplerRow],
-            ) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Forward, then sample for the sequences whose chunk ends their known tokens (`sampler_row(seq)` says
-        how; for a verify step's sequence, one row per position: `sampler_row(seq, drafts before it)`). Returns
-        (the sequences that sampled, the sampler's result: one token per row, `rows` per sequence when a step
-        verified drafts). The final hidden states stay in `last_hidden` for the drafter."""
+    def run(self, work: SchedulerOutput, plan: SamplingPlan) -> SamplerOutput | None:
+        """Forward, then sample the rows of `plan` (engine/sampling_plan.py). Returns the sampler's result: one
+        token per row, `rows` per sequence when a step verified drafts; None when nothing samples. The final
+        hidden states stay in `last_hidden` for the drafter."""
         step = self.step_input(work)
         self._plan_prompt_logprobs(work, step)
-        sampling, rows, per_seq, at = [], [], [], 0
-        for i, (seq, n) in enumerate(zip(work.seqs, work.num_tokens, strict=True)):
-            at += n
-            drafts = work.drafts.get(i, ())
-            if seq.num_computed_tokens + n - len(drafts) == seq.num_tokens:
-                sampling.append(seq)
-                step.head_rows.extend(range(at - 1 - len(drafts), at))
-                rows.extend(sampler_row(seq, drafts[:j]) if drafts else sampler_row(seq)
-                            for j in range(len(drafts) + 1))
-                per_seq.append(len(drafts) + 1)
-        verified = any(n > 1 for n in per_seq)
-        if sampling:  # greedy steps: the argmax without the full logits (exact; ops/head_screen.py, or per rank)
+        rows = plan.rows
+        if rows:  # greedy steps: the argmax without the full logits (exact; ops/head_screen.py, or per rank)
+            step.head_rows = list(plan.head_rows)
             step.head = "greedy" if self.greedy_shortcut and all(r.argmax_only for r in rows) else "logits"
+            one_process = self.head_screen and getattr(self.model, "tp", None) is None
             if any(r.allowed is not None for r in rows):
                 # grammar rows: greedy ones through the head screen with their masks (exact: the screen rules out
                 # only rows whose bounds lie below an allowed row's), else the sampler masks the full logits
-                if step.head == "greedy" and self.head_screen and getattr(self.model, "tp", None) is None:
+                if step.head == "greedy" and one_process:
                     step.head_masks = [r.allowed for r in rows]
                 else:
                     step.head = "logits"
+            if step.head == "logits" and one_process:
+                # sampled rows that need only their k best logits (top_k, no logprobs): through the screen too
+                ks = [screen_k(r) for r in rows]
+                if all(k is not None for k in ks):
+                    step.head, self._top_k = "top_k", (ks, rows)
         hidden, _, out = self._run_step(step)
+        self._top_k = ([], [])
         if self.keep_hidden:
             self.last_hidden, self.last_step = hidden, step
-        if not sampling:
-            return [], None
+        if not rows:
+            return None
         if step.head == "greedy":
-            tokens = [t if r.forced is None else r.forced for t, r in zip(out.tolist(), rows, strict=True)]
-            result = SamplerOutput(tokens, [None] * len(rows), [None] * len(rows))
+            result = SamplerOutput(out.tolist(), [None] * len(rows), [None] * len(rows))
         else:
             result = self.sampler(out, rows)
-        if verified:
-            result.rows = per_seq
-        return sampling, result
+        if plan.verified:
+            result.rows = list(plan.per_seq)
+        return result
 
     def _plan_prompt_logprobs(self, work: SchedulerOutput, step: StepInput) -> None:
         """The prompt rows of this step for the requests that want prompt logprobs, into `step` and

@@ -9,6 +9,9 @@ race"), the seed from `SamplingParams.seed` or, without one, from the engine's s
     k-th kept), applies min_p / top_p / the softmax to those alone, and draws their E as the pure function
     E(seed, step, token) of `engine/noise.py`: no work per vocabulary entry beyond the top-k itself.
     `sample_keyed_reference` is the same definition over the whole vocabulary (the twin tests hold it to).
+    Such rows (and greedy ones) need no full logits at all: the model runner asks the head screen for the few
+    tokens that can be among each row's k best (`ops/head_screen.CandidateLogits`, exact there), and the sampler
+    applies the same masks, penalties and picks at those columns (`screen_k` says which rows can go that way).
   * Without top_k, a sequence has its own `torch.Generator` and draws one E per vocabulary entry each step.
 Either way a step of a sequence uses the same randomness whatever the batch and the filters, so a seeded
 request gives the same tokens alone or batched, chunked, preempted or verified by speculative decoding.
@@ -29,6 +32,7 @@ import torch
 from qwen35.engine.noise import exponential_keyed, exponential_row
 from qwen35.engine.outputs import Logprob
 from qwen35.engine.sampling import SAMPLING_EPS, SamplingParams
+from qwen35.ops.head_screen import CandidateLogits
 
 NEG_INF = float("-inf")
 
@@ -122,16 +126,22 @@ def _filter_sorted(z: torch.Tensor, min_p: torch.Tensor, top_p: torch.Tensor) ->
     return z
 
 
-def sample_keyed(logits: torch.Tensor, params: Seq[SamplingParams], keys: Seq[tuple[int, int]]) -> list[int]:
+def sample_keyed(logits: torch.Tensor, params: Seq[SamplingParams], keys: Seq[tuple[int, int]],
+                 token_ids: torch.Tensor | None = None) -> list[int]:
     """[m, V] logits (masks and penalties applied), each row with top_k in 1..KEYED_MAX_K and its noise key
     (seed, step) -> the sampled token ids: temperature, min_p, top_k, top_p over the k best, then the race with
-    keyed noise. Equal to `sample_keyed_reference` (the same over every vocabulary entry)."""
+    keyed noise. Equal to `sample_keyed_reference` (the same over every vocabulary entry). `token_ids` [V]: the
+    token of each column (ascending), when the columns are a few candidates (ops/head_screen.CandidateLogits)."""
     m, V = logits.shape
     k = torch.tensor([min(p.top_k, V) for p in params], device=logits.device)
     vals, ids = torch.topk(logits, int(k.max()), dim=-1)  # sorted descending
     kth = vals.gather(-1, (k - 1)[:, None])
-    # every finite logit >= the k-th is kept (ties at the boundary, as apply_top_k keeps them)
-    count = ((logits >= kth) & torch.isfinite(logits)).sum(dim=-1)
+    # every finite logit >= the k-th is kept (ties at the boundary, as apply_top_k keeps them); a row whose k-th
+    # is -inf (fewer than k allowed tokens) keeps its finite ones (logits are never +inf or NaN past the model)
+    count = (logits >= kth).sum(dim=-1)
+    few = (kth[:, 0] == NEG_INF).nonzero().flatten().tolist()
+    for i in few:
+        count[i] = int(torch.isfinite(logits[i]).sum())
     width = int(count.max()) if m else 0
     if width > vals.shape[-1]:
         vals, ids = torch.topk(logits, width, dim=-1)
@@ -142,6 +152,8 @@ def sample_keyed(logits: torch.Tensor, params: Seq[SamplingParams], keys: Seq[tu
     z = _filter_sorted(z, torch.tensor([p.min_p for p in params], device=logits.device),
                        torch.tensor([p.top_p for p in params], device=logits.device))
     probs = torch.softmax(z, dim=-1)
+    if token_ids is not None:
+        ids = token_ids[ids]
     noise = torch.stack([exponential_keyed(seed, step, ids[i]) for i, (seed, step) in enumerate(keys)])
     return ids.gather(-1, (probs / noise.to(probs.device)).argmax(dim=-1, keepdim=True)).flatten().tolist()
 
@@ -157,6 +169,38 @@ def sample_keyed_reference(logits: torch.Tensor, p: SamplingParams, key: tuple[i
         z = apply_top_p(z, torch.tensor([p.top_p]))
     probs = torch.softmax(z, dim=-1)[0]
     return int((probs / exponential_row(key[0], key[1], logits.shape[-1])).argmax())
+
+
+def screen_k(row: SamplerRow) -> int | None:
+    """How many best logits this row's sampling needs (1 for greedy, top_k for keyed rows), when that is all it
+    needs: no logprobs reported (they need the whole softmax). None otherwise: it needs the full logits."""
+    p = row.params
+    if p.logprobs is not None or (row.allowed is not None and row.masked_ids):
+        return None  # (min_tokens may decline to mask a grammar row: not a fixed set to rule out up front)
+    if p.greedy:
+        return 1
+    return p.top_k if row.noise_key is not None else None
+
+
+def adjust_bounds(row: SamplerRow, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Row bounds [V] on its logits, moved in place as the sampler will move the logits: -inf where it masks
+    (grammar, min_tokens), and the penalties (monotone in each logit) applied to both ends."""
+    V = lo.shape[-1]
+    if row.allowed is not None:
+        banned = ~row.allowed[:V]
+        lo[:banned.shape[0]].masked_fill_(banned, NEG_INF)
+        hi[:banned.shape[0]].masked_fill_(banned, NEG_INF)
+        lo[banned.shape[0]:] = NEG_INF
+        hi[banned.shape[0]:] = NEG_INF
+    if row.masked_ids:
+        ids = [t for t in row.masked_ids if t < V]
+        lo[ids] = NEG_INF
+        hi[ids] = NEG_INF
+    p = row.params
+    if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+        for b in (lo, hi):
+            b.copy_(apply_penalties(b, row.prompt_ids, row.output_ids, p.repetition_penalty, p.frequency_penalty,
+                                    p.presence_penalty))
 
 
 def apply_allowed(logits: torch.Tensor, allowed: Seq[torch.Tensor | None]) -> torch.Tensor:
@@ -187,19 +231,16 @@ class SamplerRow:
     output_ids: Seq[int]
     generator: torch.Generator | None
     masked_ids: Seq[int] = ()  # token ids that may not be sampled now (EOS/stop ids before min_tokens)
-    forced: int | None = None  # the engine decides this token (e.g. closing a spent thinking budget)
     noise: torch.Tensor | None = None  # this step's noise row, drawn before (speculative verification)
     allowed: torch.Tensor | None = None  # bool [V]: the only tokens its grammar allows now (structured output)
     noise_key: tuple[int, int] | None = None  # (seed, step) of keyed noise (top_k rows: engine/noise.py)
 
     @property
     def argmax_only(self) -> bool:
-        """True when this row's token is the argmax of the raw logits (or forced) and nothing else of the logits
-        is reported: the model may then find the argmax without computing every logit (an exact shortcut). With
-        `allowed`, the argmax over the allowed tokens (the head screen takes the mask: ops/head_screen.py)."""
+        """True when this row's token is the argmax of the raw logits and nothing else of the logits is reported:
+        the model may then find the argmax without computing every logit (an exact shortcut). With `allowed`, the
+        argmax over the allowed tokens (the head screen takes the mask: ops/head_screen.py)."""
         p = self.params
-        if self.forced is not None:
-            return p.logprobs is None
         return (p.greedy and p.logprobs is None and not self.masked_ids and p.repetition_penalty == 1.0
                 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
 
@@ -213,8 +254,19 @@ class SamplerOutput:
     rows: list[int] | None = None
 
 
+def _columns(token_ids: torch.Tensor, ids: Seq[int]) -> list[int]:
+    """The columns of `ids` among ascending `token_ids` (repeats kept; ids that are no column dropped)."""
+    if not ids:
+        return []
+    t = torch.as_tensor(list(ids), dtype=torch.long)
+    at = torch.searchsorted(token_ids, t).clamp_(max=len(token_ids) - 1)
+    return at[token_ids[at] == t].tolist()
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor | CandidateLogits, rows: list[SamplerRow]) -> SamplerOutput:
+        if isinstance(logits, CandidateLogits):
+            return self._sample_candidates(logits, rows)
         logits = logits.float()
         n, V = logits.shape
         masked = any(r.allowed is not None for r in rows)
@@ -223,8 +275,9 @@ class Sampler:
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
-        # Per-row edits (masks, penalties) before the batched part.
-        if not masked:
+        # Per-row edits (masks, penalties) before the batched part, on a copy (made once, when one is needed).
+        if not masked and any(r.masked_ids or r.params.repetition_penalty != 1.0 or r.params.frequency_penalty != 0.0
+                              or r.params.presence_penalty != 0.0 for r in rows):
             logits = logits.clone()
         for i, r in enumerate(rows):
             p = r.params
@@ -237,15 +290,19 @@ class Sampler:
                 logits[i] = apply_penalties(logits[i], r.prompt_ids, r.output_ids, p.repetition_penalty,
                                             p.frequency_penalty, p.presence_penalty)
 
-        chosen = logits.argmax(dim=-1)  # greedy rows keep this
-        keyed_rows = [i for i, r in enumerate(rows) if r.noise_key is not None and r.forced is None]
+        chosen = torch.zeros(n, dtype=torch.long, device=logits.device)
+        greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy_rows:
+            idx = torch.as_tensor(greedy_rows, device=logits.device)
+            chosen[idx] = logits[idx].argmax(dim=-1)
+        keyed_rows = [i for i, r in enumerate(rows) if r.noise_key is not None]
         if keyed_rows:
             idx = torch.as_tensor(keyed_rows, device=logits.device)
             picked = sample_keyed(logits[idx], [rows[i].params for i in keyed_rows],
                                   [rows[i].noise_key for i in keyed_rows])
             chosen[idx] = torch.as_tensor(picked, device=logits.device)
         random_rows = [i for i, r in enumerate(rows)
-                       if not r.params.greedy and r.forced is None and r.noise_key is None]
+                       if not r.params.greedy and r.noise_key is None]
         if random_rows:
             idx = torch.as_tensor(random_rows, device=logits.device)
             sub = logits[idx]
@@ -262,9 +319,6 @@ class Sampler:
             chosen[idx] = sample_from_probs(probs, [rows[i].generator for i in random_rows],
                                             [rows[i].noise for i in random_rows])
         token_ids = chosen.tolist()
-        for i, r in enumerate(rows):
-            if r.forced is not None:
-                token_ids[i] = r.forced
 
         lps: list[float | None] = [None] * n
         tops: list[dict[int, Logprob] | None] = [None] * n
@@ -287,6 +341,36 @@ class Sampler:
                     d[tok] = Logprob(lp, int((row > lp).sum()) + 1 if tok < V else None)
                 tops[i] = d
         return SamplerOutput(token_ids, lps, tops)
+
+    def _sample_candidates(self, cand: CandidateLogits, rows: list[SamplerRow]) -> SamplerOutput:
+        """The rows `screen_k` admits (greedy or keyed top-k, no logprobs) from the head screen's candidate
+        logits: the same edits as on the full logits, at the candidates' columns, and the same picks (the first
+        maximum of a row is its lowest token id, as the columns ascend)."""
+        vals, tids = cand.values, cand.token_ids
+        if any(r.allowed is not None or r.masked_ids or r.params.repetition_penalty != 1.0
+               or r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows):
+            vals = vals.clone()
+        for i, r in enumerate(rows):
+            p = r.params
+            if r.allowed is not None:
+                mask = r.allowed[tids.clamp(max=len(r.allowed) - 1)] & (tids < len(r.allowed))
+                vals[i].masked_fill_(~mask, NEG_INF)
+            if r.masked_ids:  # (screen_k leaves grammar rows with masked ids to the full logits)
+                vals[i, _columns(tids, r.masked_ids)] = NEG_INF
+            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+                # the penalty of a column is that of its token: the history's ids become columns (others can
+                # not reach this row's top k, penalised or not: the screen's bounds moved with the penalties)
+                vals[i] = apply_penalties(vals[i], _columns(tids, r.prompt_ids), _columns(tids, r.output_ids),
+                                          p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        chosen = tids[vals.argmax(dim=-1)].tolist()
+        keyed = [i for i, r in enumerate(rows) if r.noise_key is not None]
+        if keyed:
+            picked = sample_keyed(vals[keyed], [rows[i].params for i in keyed], [rows[i].noise_key for i in keyed],
+                                  token_ids=tids)
+            for i, t in zip(keyed, picked, strict=True):
+                chosen[i] = t
+        n = len(rows)
+        return SamplerOutput(chosen, [None] * n, [None] * n)
 
 
 __all__ = ["Sampler", "SamplerRow", "SamplerOutput", "apply_allowed", "apply_penalties", "apply_min_p", "apply_top_k",

@@ -55,10 +55,6 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.seqs
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
 
 class Scheduler:
     def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):

@@ -105,8 +105,6 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     final_reported: bool = False
-    # free-form data a front end keeps with the request (e.g. the chat stream parser)
-    extra: dict = field(default_factory=dict)
     # images / videos: a qwen35.multimodal.MultimodalPrompt, and its vision features once encoded (kept
     # across preemption, shared by the request's n sequences)
     mm: Any = None

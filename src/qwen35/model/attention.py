@@ -17,6 +17,7 @@ from qwen35.parallel import TensorParallel
 # Chunks of at least this many queries use the compiled flash-attention kernel on CPU (bf16 dot products: ~2x
 # torch's SDPA at 4K tokens on the 0.8B shape); fewer go to SDPA.
 PREFILL_KERNEL_MIN_QUERIES = 16
+SDPA_QUERY_BLOCK = 64  # queries per SDPA call beyond our prefill kernel (see attend)
 
 
 def paged_indices(block_table: list[int], start: int, end: int, block_size: int,
@@ -39,6 +40,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, 
         ops = cpu_kernels.kernels()
         if ops is not None and ops.prefill_attention_supported():  # csrc/attention_prefill.cpp; SDPA is its twin
             return ops.prefill_attention(q, k, v, scale)
+    if n > SDPA_QUERY_BLOCK:
+        # in blocks of queries on the absolute-position grid: SDPA's CPU kernel splits the queries by a size that
+        # depends on their count, and a row's sums with it, so a prompt's rows would differ (in the last bits)
+        # from the same rows of a longer prompt, and a prefix-cache snapshot from the uncached state
+        cuts = [0, *range(SDPA_QUERY_BLOCK - context_len % SDPA_QUERY_BLOCK, n, SDPA_QUERY_BLOCK), n]
+        cuts = sorted(set(cuts))
+        return torch.cat([_sdpa(q[a:b], k[:context_len + b], v[:context_len + b], context_len + a, scale)
+                          for a, b in zip(cuts, cuts[1:], strict=False)])
+    return _sdpa(q, k, v, context_len, scale)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    n, L = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[1]
     if context_len == 0 and n == L:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +39,7 @@ from qwen35.ops import cpu_kernels as _ck
 from qwen35.ops.linear import GEMV_MAX_ROWS, linear
 from qwen35.ops.quant.int8 import INT8_GEMV_MAX_ROWS, quantize_rows
 
-SCREEN_MAX_ROWS = 8  # rows of one head_screen_candidates call (csrc/gemv.cpp kMaxM)
+SCREEN_MAX_ROWS = 32  # rows of one head_screen_candidates call (csrc/gemv.cpp kMaxScreen)
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
 # More candidates than this (x all zero, a degenerate head): compute the full logits instead.
@@ -46,6 +48,23 @@ MAX_CANDIDATES = 4096
 # costs less than the int8 pass over the whole head).
 FEW_ALLOWED = 512
 ABS_SLACK = 1e-30
+
+
+@dataclass
+class CandidateLogits:
+    """Logits of a few candidate tokens per row, for samplers that need only each row's k best: `values` [M, C]
+    fp32, exact where a token is a candidate of that row and -inf at the batch's other candidates; `token_ids`
+    [C] int64, ascending (so the first maximum of a row is its lowest token id, as over the full logits).
+    Tokens outside `token_ids` lie strictly below the row's k-th best logit."""
+
+    values: torch.Tensor
+    token_ids: torch.Tensor
+
+    def dense(self, vocab_size: int) -> torch.Tensor:
+        """[M, V] logits, -inf outside the candidates (the form the full-logit sampler takes)."""
+        out = torch.full((self.values.shape[0], vocab_size), float("-inf"))
+        out[:, self.token_ids] = self.values
+        return out
 
 
 def head_screen_enabled() -> bool:
@@ -160,6 +179,39 @@ class HeadScreen:
         exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
         value, at = exact.max(dim=-1)
         return value, rows[at]
+
+    def top_k_logits(self, x: torch.Tensor, ks: list[int],
+                     adjust: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                     ) -> CandidateLogits | None:
+        """x [M, K], k per row -> the fp32 logits of the tokens that may be among each row's k best, exact
+        (bit-identical to the full head's), -inf at the other candidates of the batch: a token is kept for a row
+        when its upper bound reaches the row's k-th largest lower bound, so every other one lies strictly below the
+        row's k-th largest exact logit, and the row's top k (ties included), and all a sampler computes from it,
+        equal those of the full logits. `adjust(i, lo, hi)` moves row i's bounds [V] in place as the caller will
+        move its logits: monotonically (penalties), or to -inf (tokens it will mask). None where the bounds cannot
+        narrow the rows down (non-finite x, too many candidates, more than GEMV_MAX_ROWS rows): then compute the
+        full logits (the twin: tests hold the sampler's tokens from both together)."""
+        M, V = x.shape[0], self.weight.shape[0]
+        # (past GEMV_MAX_ROWS the full head is another GEMM, whose logits the candidates' GEMV would not match)
+        if not 0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS) or not bool(torch.isfinite(x).all()):
+            return None
+        approx, bound = self.bounds(x)  # one pass over the int8 head
+        lo = approx - bound
+        hi = approx.add_(bound)
+        if adjust is not None:
+            for i in range(M):
+                adjust(i, lo[i], hi[i])
+        k = torch.tensor([min(max(1, kk), V) for kk in ks])
+        kth = torch.topk(lo, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+        # (a row with fewer than k finite lower bounds keeps every token with a finite upper bound)
+        cand = (hi >= kth) & (hi > float("-inf"))
+        rows = cand.any(dim=0).nonzero().flatten()
+        if len(rows) > MAX_CANDIDATES:
+            return None
+        self.candidates_last = len(rows)
+        # the same GEMV call over the candidates as in `best` (bit-identical logits); each row keeps its own
+        exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
+        return CandidateLogits(exact.masked_fill_(~cand[:, rows], float("-inf")), rows)
 
     def masked_argmax(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x [M, K], allowed bool [M, V] (each row allows at least one token) -> [M] ids: for each row the argmax

@@ -52,8 +52,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
             want = out_dtype or x.dtype
             y = k.gemv_bf16(x2, weight, want == torch.bfloat16)
             return (y if y.dtype == want else y.to(want)).reshape(*x.shape[:-1], weight.shape[0])
+    # fp32 asked of bf16 operands: torch's CPU GEMM would round to bf16 first (no fp32 output for bf16 on CPU),
+    # so row-parallel partial sums (tensor parallelism) and fp32 logits of many rows take the fp32 tiles too
     if (rows > GEMV_MAX_ROWS and x.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and x.dtype == torch.bfloat16 and _bf16_gemm_is_slow()):
+            and x.dtype == torch.bfloat16 and (out_dtype == torch.float32 or _bf16_gemm_is_slow())):
         y = linear_fp32_tiles(x.reshape(rows, x.shape[-1]), weight, out_dtype or x.dtype)
         return y.reshape(*x.shape[:-1], weight.shape[0])
     y = F.linear(x, weight)

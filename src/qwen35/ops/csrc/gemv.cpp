@@ -19,6 +19,7 @@ namespace {
 using namespace qwen35_bf16;
 
 constexpr int kMaxM = 8;     // rows computed together in registers
+constexpr int kMaxScreen = 32;  // batch rows of one head_screen_candidates pass (qwen35/ops/head_screen.py)
 constexpr int kMaxRows = 32;  // rows per call: larger groups re-read each weight row from L1
 
 #if defined(__AVX512BF16__)
@@ -337,7 +338,8 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 // The head screen's pass (qwen35/ops/head_screen.py): the int8 logits approx[m, n] as gemv_int8 computes
 // them, an interval approx +- bound with bound = coef_r[n] * x_norm[m] + coef_x[n] * e_x[m] + slack, and the rows n
 // whose upper end reaches the largest lower end of some batch row m: every row that can hold that row's
-// maximum. Returns them sorted (int64). One pass over the int8 head: each thread keeps the rows that reach
+// maximum. Returns them sorted (int64). One pass over the int8 head for up to kMaxScreen batch rows (in
+// register groups of kMaxM, the weight row staying in L1 across them): each thread keeps the rows that reach
 // its own running maximum (a superset, as that maximum only grows), filtered by the global one at the end.
 torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor coef_r,
                                      torch::Tensor coef_x, torch::Tensor x_norm, torch::Tensor e_x, double slack) {
@@ -345,7 +347,7 @@ torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Te
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
               "head_screen_candidates: x fp32, w int8, scale fp32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
-  TORCH_CHECK(M <= kMaxM, "head_screen_candidates: at most ", kMaxM, " rows");
+  TORCH_CHECK(M <= kMaxScreen, "head_screen_candidates: at most ", kMaxScreen, " rows");
   for (const auto* t : {&scale, &coef_r, &coef_x})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
                 "head_screen_candidates: per-row fp32 vectors of ", N);
@@ -359,19 +361,20 @@ torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Te
   const float abs_slack = static_cast<float>(slack);
   struct Hit {
     int64_t n;
-    float hi[kMaxM];
+    float hi[kMaxScreen];
   };
   const int nt = at::get_num_threads();
   std::vector<std::vector<Hit>> hits(nt);
-  std::vector<float> lo_max(static_cast<size_t>(nt) * kMaxM, -INFINITY);
+  std::vector<float> lo_max(static_cast<size_t>(nt) * kMaxScreen, -INFINITY);
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     const int tid = at::get_thread_num();
-    float best[kMaxM];  // local: the threads' slots of lo_max share a cache line
-    for (int64_t m = 0; m < M; ++m) best[m] = lo_max[tid * kMaxM + m];
+    float best[kMaxScreen];  // local: the threads' slots of lo_max share a cache line
+    for (int64_t m = 0; m < M; ++m) best[m] = lo_max[tid * kMaxScreen + m];
     auto& mine = hits[tid];
-    float out[kMaxM];
+    float out[kMaxScreen];
     for (int64_t n = n0; n < n1; ++n) {
-      rows.dot(wp + n * K, sp[n], 0, M, out);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) rows.dot(wp + n * K, sp[n], m0, std::min<int64_t>(kMaxM, M - m0),
+                                                          out + m0);
       Hit h;
       bool keep = false;
       for (int64_t m = 0; m < M; ++m) {
@@ -385,12 +388,12 @@ torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Te
         mine.push_back(h);
       }
     }
-    for (int64_t m = 0; m < M; ++m) lo_max[tid * kMaxM + m] = best[m];
+    for (int64_t m = 0; m < M; ++m) lo_max[tid * kMaxScreen + m] = best[m];
   });
-  float L[kMaxM];
+  float L[kMaxScreen];
   for (int64_t m = 0; m < M; ++m) {
     L[m] = -INFINITY;
-    for (int t = 0; t < nt; ++t) L[m] = std::max(L[m], lo_max[t * kMaxM + m]);
+    for (int t = 0; t < nt; ++t) L[m] = std::max(L[m], lo_max[t * kMaxScreen + m]);
   }
   std::vector<int64_t> found;
   for (const auto& mine : hits)
