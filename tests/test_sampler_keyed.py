@@ -105,7 +105,7 @@ def _screen_rows(V: int, seed: int):
 def test_screened_top_k_logits_sample_as_the_full_logits(V, K):
     """The sampler makes the same tokens of the screen's top-k logits (exact at the candidates, -inf elsewhere)
     as of the full fp32 logits, for every kind of row, batched beyond one screen call (8 rows)."""
-    from qwen35.engine.sampler import adjust_bounds, screen_k
+    from qwen35.engine.sampler import adjust_bounds, screen_edits, screen_k
     from qwen35.ops.head_screen import HeadScreen
     from qwen35.ops.linear import linear
 
@@ -128,6 +128,14 @@ def test_screened_top_k_logits_sample_as_the_full_logits(V, K):
         want = sampler(full, rows).token_ids
         assert sampler(cand, rows).token_ids == want  # the compact path
         assert sampler(screened, rows).token_ids == want  # and its dense form through the full-logit path
+        # the fused kernel (one pass, edited tokens excluded from the bounds and computed exactly)
+        edits = [screen_edits(r, V) for r in rows]
+        fused = screen.top_k_fused(x, ks, [e for e, _ in edits], [i for _, i in edits])
+        assert fused is not None and len(fused.token_ids) < V // 4
+        dense = fused.dense(V)
+        kept = torch.isfinite(dense)
+        assert torch.equal(dense[kept], full[kept])
+        assert sampler(fused, rows).token_ids == want
     # rows the screen cannot serve: logprobs, and a grammar row with min_tokens masking
     assert screen_k(SamplerRow(SamplingParams(**CARD, logprobs=2), (), (), None, noise_key=(0, 0))) is None
     assert screen_k(SamplerRow(SamplingParams(temperature=0.6, top_p=0.9), (), (), torch.Generator())) is None
@@ -153,8 +161,8 @@ def test_engine_sampled_tokens_are_the_same_with_and_without_the_screen(tmp_path
         llm = engine_llm(model, kv_cache_memory_bytes=1 << 24)
         calls = []
         if screen:
-            real = model._head_screen.top_k_logits
-            monkeypatch.setattr(model._head_screen, "top_k_logits", lambda *a: calls.append(1) or real(*a))
+            real = model._head_screen.top_k_fused
+            monkeypatch.setattr(model._head_screen, "top_k_fused", lambda *a: calls.append(1) or real(*a))
         batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         four = [o.outputs[0].token_ids for o in llm.generate(prompts[:4], params[:4], use_tqdm=False)]
         return batched, four, calls

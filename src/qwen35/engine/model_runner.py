@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen35.engine.cache_manager import CachePlan
-from qwen35.engine.sampler import Sampler, SamplerOutput, SamplerRow, adjust_bounds, screen_k
+from qwen35.engine.sampler import Sampler, SamplerOutput, SamplerRow, screen_edits, screen_k
 from qwen35.engine.sampling_plan import SamplingPlan
 from qwen35.engine.scheduler import SchedulerOutput
 from qwen35.engine.sequence import Sequence
@@ -191,8 +191,11 @@ class ModelRunner:
         if step.head == "top_k":  # one process only (set by `run`): the sampler's rows are at hand
             ks, rows = self._top_k
             screen = self.model._usable_head_screen()
-            logits = None if screen is None else \
-                screen.top_k_logits(last, ks, lambda i, lo, hi: adjust_bounds(rows[i], lo, hi))
+            logits = None
+            if screen is not None:
+                V = screen.weight.shape[0]
+                edits = [screen_edits(r, V) for r in rows]
+                logits = screen.top_k_fused(last, ks, [e for e, _ in edits], [i for _, i in edits])
             if logits is not None:
                 return hidden, batch, logits
         return hidden, batch, self.model.compute_logits(last, torch.float32)

@@ -203,6 +203,30 @@ def adjust_bounds(row: SamplerRow, lo: torch.Tensor, hi: torch.Tensor) -> None:
                                     p.presence_penalty))
 
 
+def screen_edits(row: SamplerRow, V: int) -> tuple[torch.Tensor | None, list[int]]:
+    """For `HeadScreen.top_k_fused`: (bool [V] of the tokens whose logits this row's edits move or mask, or None;
+    the moved ones it may still pick, whose exact logits it needs)."""
+    p = row.params
+    penalised = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    if row.allowed is None and not row.masked_ids and not penalised:
+        return None, []
+    ex = torch.zeros(V, dtype=torch.bool)
+    if row.allowed is not None:
+        n = min(V, row.allowed.shape[0])
+        ex[:n] = ~row.allowed[:n]
+        ex[n:] = True
+    ids = [t for t in row.masked_ids if 0 <= t < V]
+    if ids:
+        ex[ids] = True
+    include: list[int] = []
+    if penalised:
+        touched = set(row.output_ids) if p.repetition_penalty == 1.0 else {*row.prompt_ids, *row.output_ids}
+        include = [t for t in touched if 0 <= t < V and not ex[t]]
+        if include:
+            ex[include] = True
+    return ex, include
+
+
 def apply_allowed(logits: torch.Tensor, allowed: Seq[torch.Tensor | None]) -> torch.Tensor:
     """[n, V] logits, one bool [V'] mask or None per row -> a copy with -inf wherever a mask says no (ids past a
     mask's length, the model's padding rows, are forbidden too)."""

@@ -213,6 +213,45 @@ class HeadScreen:
         exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
         return CandidateLogits(exact.masked_fill_(~cand[:, rows], float("-inf")), rows)
 
+    def top_k_fused(self, x: torch.Tensor, ks: list[int], excluded: list[torch.Tensor | None] | None = None,
+                    include: list[list[int]] | None = None) -> CandidateLogits | None:
+        """`top_k_logits` in one pass over the int8 head (csrc/gemv.cpp, head_screen_topk), for rows whose caller
+        moves only a few logits: `excluded[i]` (bool [V] or None) the tokens row i will mask or move (penalties),
+        which neither set its k-th lower bound nor become candidates through the screen, and `include[i]` the ones
+        among them it may still pick (the penalised ones): computed exactly for row i whatever their bounds. Every
+        other token keeps its raw logit, so the k-th largest lower bound over them lies at or below the row's k-th
+        largest logit after the edits, and a token left out lies strictly below it. None where `top_k_logits`
+        would give None."""
+        M, V = x.shape[0], self.weight.shape[0]
+        if not 0 < M <= min(GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS, SCREEN_MAX_ROWS) or not bool(torch.isfinite(x).all()):
+            return None
+        ex = None
+        if excluded is not None and any(e is not None for e in excluded):
+            ex = torch.zeros(M, V, dtype=torch.bool)
+            for i, e in enumerate(excluded):
+                if e is not None:
+                    ex[i, :min(V, e.shape[0])] = e[:V]
+        xf, x_norm, e_x = self._x_terms(x)
+        k = torch.tensor([min(max(1, kk), V) for kk in ks], dtype=torch.long)
+        rows, hi, lo_k = _ck.kernels().head_screen_topk(xf, self.qweight, self.scale, self.coef_r, self.coef_x,
+                                                        x_norm, e_x, ABS_SLACK, k, ex)
+        member = (hi.t() >= lo_k[:, None]) & (hi.t() > float("-inf"))  # [M, C] (hi is -inf where excluded)
+        extra = sorted({t for ids in (include or ()) for t in ids if 0 <= t < V} - set(rows.tolist()))
+        if extra:
+            rows = torch.cat([rows, torch.as_tensor(extra, dtype=torch.long)])
+            member = torch.cat([member, torch.zeros(M, len(extra), dtype=torch.bool)], dim=1)
+            rows, order = rows.sort()
+            member = member[:, order]
+        if include is not None:
+            for i, ids in enumerate(include):
+                if ids:
+                    member[i, torch.searchsorted(rows, torch.as_tensor([t for t in ids if 0 <= t < V]))] = True
+        if len(rows) > MAX_CANDIDATES:
+            return None
+        self.candidates_last = len(rows)
+        exact = linear(x, self.weight.index_select(0, rows), out_dtype=torch.float32)
+        return CandidateLogits(exact.masked_fill_(~member, float("-inf")), rows)
+
     def masked_argmax(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x [M, K], allowed bool [M, V] (each row allows at least one token) -> [M] ids: for each row the argmax
         of its fp32 logits over its allowed tokens (the first on ties), equal to

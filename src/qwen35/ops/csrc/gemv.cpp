@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 #include "bf16_dot.h"
 
@@ -502,6 +503,123 @@ torch::Tensor head_screen_candidates(torch::Tensor x, torch::Tensor w, torch::Te
   return res;
 }
 
+// The head screen for samplers that need each batch row's k best logits (top_k): with lo = approx - bound and
+// hi = approx + bound as in head_screen_candidates, L[m] = the k[m]-th largest lo of row m over the tokens it does not
+// exclude, and the rows n whose hi reaches L[m] for some m (excluded tokens neither set L nor count: the caller
+// computes them itself where it needs them). One pass over the int8 head: each thread keeps the k[m] largest lo it
+// has seen (a min-heap per row) and the rows whose hi reaches its own running k-th (a superset, as it only grows);
+// at the end the threads' heaps give L and the kept rows are filtered by it. Returns (rows int64 [C] ascending,
+// their hi fp32 [C, M] (-inf where excluded), L fp32 [M]; -inf where a row has fewer than k tokens).
+std::vector<torch::Tensor> head_screen_topk(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
+                                            torch::Tensor coef_r, torch::Tensor coef_x, torch::Tensor x_norm,
+                                            torch::Tensor e_x, double slack, torch::Tensor ks,
+                                            c10::optional<torch::Tensor> excluded) {
+  check(x, w);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "head_screen_topk: x fp32, w int8, scale fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldx = x.stride(0);
+  TORCH_CHECK(M <= kMaxScreen, "head_screen_topk: at most ", kMaxScreen, " rows");
+  for (const auto* t : {&scale, &coef_r, &coef_x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
+                "head_screen_topk: per-row fp32 vectors of ", N);
+  for (const auto* t : {&x_norm, &e_x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == M,
+                "head_screen_topk: per-input fp32 vectors of ", M);
+  TORCH_CHECK(ks.scalar_type() == at::kLong && ks.is_contiguous() && ks.numel() == M, "head_screen_topk: ks int64 [M]");
+  const uint8_t* ex = nullptr;
+  if (excluded.has_value()) {
+    TORCH_CHECK(excluded->scalar_type() == at::kBool && excluded->is_contiguous() && excluded->dim() == 2 &&
+                    excluded->size(0) == M && excluded->size(1) == N,
+                "head_screen_topk: excluded must be a contiguous bool [M, N]");
+    ex = reinterpret_cast<const uint8_t*>(excluded->data_ptr<bool>());
+  }
+  const int64_t* kp = ks.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(kp[m] >= 1, "head_screen_topk: k must be >= 1");
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float *sp = scale.data_ptr<float>(), *cr = coef_r.data_ptr<float>(), *cx = coef_x.data_ptr<float>();
+  const float *xn = x_norm.data_ptr<float>(), *exn = e_x.data_ptr<float>();
+  const Int8Rows rows(x.data_ptr<float>(), M, K, ldx);
+  const float abs_slack = static_cast<float>(slack);
+  struct Hit {
+    int64_t n;
+    float hi[kMaxScreen];
+  };
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<Hit>> hits(nt);
+  std::vector<std::vector<std::vector<float>>> heaps(nt, std::vector<std::vector<float>>(M));
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    const int tid = at::get_thread_num();
+    auto& heap = heaps[tid];
+    float kth[kMaxScreen];  // this thread's running k-th largest lo per row (-inf until it has k)
+    for (int64_t m = 0; m < M; ++m)
+      kth[m] = static_cast<int64_t>(heap[m].size()) < kp[m] ? -INFINITY : heap[m].front();
+    auto& mine = hits[tid];
+    float out[kMaxScreen];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) rows.dot(wp + n * K, sp[n], m0, std::min<int64_t>(kMaxM, M - m0),
+                                                          out + m0);
+      Hit h;
+      bool keep = false;
+      for (int64_t m = 0; m < M; ++m) {
+        if (ex != nullptr && ex[m * N + n]) {
+          h.hi[m] = -INFINITY;
+          continue;
+        }
+        const float bound = cr[n] * xn[m] + cx[n] * exn[m] + abs_slack;
+        const float lo = out[m] - bound;
+        if (lo > kth[m] || static_cast<int64_t>(heap[m].size()) < kp[m]) {
+          auto& hp = heap[m];
+          if (static_cast<int64_t>(hp.size()) == kp[m]) {
+            std::pop_heap(hp.begin(), hp.end(), std::greater<float>());
+            hp.back() = lo;
+          } else {
+            hp.push_back(lo);
+          }
+          std::push_heap(hp.begin(), hp.end(), std::greater<float>());
+          kth[m] = static_cast<int64_t>(hp.size()) < kp[m] ? -INFINITY : hp.front();
+        }
+        h.hi[m] = out[m] + bound;
+        keep |= h.hi[m] >= kth[m];
+      }
+      if (keep) {
+        h.n = n;
+        mine.push_back(h);
+      }
+    }
+  });
+  auto L = torch::empty({M}, x.options());
+  float* Lp = L.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<float> all;
+    for (int t = 0; t < nt; ++t) all.insert(all.end(), heaps[t][m].begin(), heaps[t][m].end());
+    if (static_cast<int64_t>(all.size()) < kp[m]) {
+      Lp[m] = -INFINITY;
+      continue;
+    }
+    std::nth_element(all.begin(), all.begin() + (kp[m] - 1), all.end(), std::greater<float>());
+    Lp[m] = all[kp[m] - 1];
+  }
+  std::vector<const Hit*> found;
+  for (const auto& mine : hits)
+    for (const Hit& h : mine)
+      for (int64_t m = 0; m < M; ++m)
+        if (h.hi[m] >= Lp[m] && h.hi[m] > -INFINITY) {
+          found.push_back(&h);
+          break;
+        }
+  std::sort(found.begin(), found.end(), [](const Hit* a, const Hit* b) { return a->n < b->n; });
+  const int64_t C = static_cast<int64_t>(found.size());
+  auto ids = torch::empty({C}, x.options().dtype(at::kLong));
+  auto his = torch::empty({C, M}, x.options());
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* hp = his.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    ip[c] = found[c]->n;
+    for (int64_t m = 0; m < M; ++m) hp[c * M + m] = found[c]->hi[m];
+  }
+  return {ids, his, L};
+}
+
 bool int8_uses_int16_activations() {
 #if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && !defined(__AVX512F__))
   return true;
@@ -578,6 +696,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_bf16") = false);
   m.def("gemv_int8", &gemv_int8, "int8 (per-row scale) matrix-vector product for a few rows");
   m.def("head_screen_candidates", &head_screen_candidates, "rows of an int8 head whose bounds reach the maximum");
+  m.def("head_screen_topk", &head_screen_topk, "rows of an int8 head whose bounds reach each row's k-th largest",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("coef_r"), py::arg("coef_x"), py::arg("x_norm"),
+        py::arg("e_x"), py::arg("slack"), py::arg("ks"), py::arg("excluded") = py::none());
   m.def("int8_uses_int16_activations", &int8_uses_int16_activations, "gemv_int8 rounds x to int16 per row");
   m.def("paged_attention_decode", &paged_attention_decode, "one-query attention over a paged KV pool");
   m.def("flush_denormals_all_threads", &flush_denormals_all_threads, "FTZ+DAZ on every OpenMP thread");
