@@ -77,6 +77,14 @@ void scores_f32(const float* q, const KV* pool, const KV* vpool, const int64_t* 
       for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d0), kv, acc[g]);
     }
     for (int g = 0; g < G; ++g) r[g] = _mm512_reduce_add_ps(acc[g]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (; d0 + 8 <= D; d0 += 8) {
+      const __m256 kv = load8(k + d0);
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d0), kv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) r[g] = hsum8(acc[g]);
 #else
     for (int g = 0; g < G; ++g) r[g] = 0.f;
 #endif
@@ -197,6 +205,34 @@ void values_acc(const float* p, int64_t P, const KV* pool, const int64_t* off, i
     }
     for (int g = 0; g < G; ++g) _mm512_storeu_ps(o + g * D + d0, acc[g]);
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // the same with 8 lanes: G * NV accumulators + NV value vectors + a broadcast within 16 registers
+  constexpr int NV = G <= 2 ? 4 : (G <= 4 ? 2 : 1);
+  for (; d0 + 8 * NV <= D; d0 += 8 * NV) {
+    __m256 acc[G][NV];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_loadu_ps(o + g * D + d0 + 8 * j);
+    for (int64_t i = 0; i < n; ++i) {
+      const KV* v = pool + off[i] + d0;
+      __m256 vv[NV];
+      for (int j = 0; j < NV; ++j) vv[j] = load8(v + 8 * j);
+      for (int g = 0; g < G; ++g) {
+        const __m256 pg = _mm256_set1_ps(p[g * P + i]);
+        for (int j = 0; j < NV; ++j) acc[g][j] = _mm256_fmadd_ps(pg, vv[j], acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + g * D + d0 + 8 * j, acc[g][j]);
+  }
+  for (; d0 + 8 <= D; d0 += 8) {
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_loadu_ps(o + g * D + d0);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256 vv = load8(pool + off[i] + d0);
+      for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * P + i]), vv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(o + g * D + d0, acc[g]);
+  }
 #endif
   for (int64_t d = d0; d < D; ++d)
     for (int g = 0; g < G; ++g) {
@@ -310,6 +346,15 @@ inline void online_exp(float* s, int64_t P, int64_t n, int64_t G, int64_t D, flo
       sv = _mm512_add_ps(sv, e);
     }
     acc = _mm512_reduce_add_ps(sv);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 mv = _mm256_set1_ps(m[g]);
+    __m256 sv = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(r + i), mv));
+      _mm256_storeu_ps(r + i, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    acc = hsum8(sv);
 #endif
     for (; i < n; ++i) {
       r[i] = std::exp(r[i] - m[g]);

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include "simd.h"
 
 #ifndef QWEN35_PF
 #define QWEN35_PF 2048
@@ -31,13 +32,7 @@ inline __m256 widen8_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-// the 8 lanes added: (0+4, 1+5, 2+6, 3+7), then pairs, then the two halves
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using qwen35_simd::hsum8;
 #endif
 
 // Software prefetch into L2 this far ahead of the weight stream: a bare 2-thread streaming read measured 5-8%

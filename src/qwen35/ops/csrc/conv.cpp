@@ -31,6 +31,21 @@ inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16* p, __m512 v) {  // v already rounded: truncation is exact
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// the same with 8 lanes
+inline __m256 round_to(__m256 v, const float*) { return v; }
+inline __m256 round_to(__m256 v, const at::BFloat16*) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {  // v already rounded: the upper halves, packed
+  const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
 #endif
 
 template <typename T>
@@ -55,8 +70,24 @@ void run(const T* x, int64_t ldx, const float* wt, const float* pre, int64_t T_,
         }
       }
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (K <= 8) {
+      for (; c0 + 8 <= C; c0 += 8) {
+        __m256 w[8];
+        for (int64_t j = 0; j < K; ++j) w[j] = _mm256_loadu_ps(wt + j * C + c0);
+        for (int64_t t = t0; t < t1; ++t) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t s = t - W + j;
+            const __m256 in = s < 0 ? _mm256_loadu_ps(pre + (W + s) * C + c0) : load8(x + s * ldx + c0);
+            acc = _mm256_fmadd_ps(w[j], in, acc);
+          }
+          store8(y + t * C + c0, round_to(silu8(round_to(acc, y)), y));
+        }
+      }
+    }
 #endif
-    for (int64_t t = t0; t < t1; ++t) {  // channels left over (all of them without AVX-512)
+    for (int64_t t = t0; t < t1; ++t) {  // channels left over (all of them without AVX-512 or AVX2)
       for (int64_t c = c0; c < C; ++c) {
         float acc = 0.f;
         for (int64_t j = 0; j < K; ++j) {

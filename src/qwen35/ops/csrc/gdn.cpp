@@ -35,6 +35,8 @@ void conv_silu(const T* x, const T* win, bool fresh, const T* conv_w, int64_t K,
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, silu(_mm512_loadu_ps(y + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, silu8(_mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] = y[i] / (1.f + std::exp(-y[i]));
   for (i = 0; i < n; ++i) y[i] = f32(static_cast<T>(y[i]));
@@ -76,6 +78,42 @@ void delta_step(float* S, const float* q, const float* k, const float* v, float 
       }
     }
     for (int j = 0; j < 8; ++j) _mm512_storeu_ps(o + 16 * j, acc[j]);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (dv % 32 == 0) {
+    // A strip of 32 columns at a time (4 registers of pred / u / o): the strip's part of S (16 KB at dk = 128) stays
+    // in L1 between the two passes. Per column the operations of the AVX-512 path, in the same order.
+    if (fresh) std::fill(S, S + dk * dv, 0.f);
+    const __m256 dec = _mm256_set1_ps(decay), bv = _mm256_set1_ps(beta);
+    for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+      __m256 acc[4], u[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+      if (!fresh)
+        for (int64_t r = 0; r < dk; ++r) {
+          float* row = S + r * dv + c0;
+          const __m256 kr = _mm256_set1_ps(k[r]);
+          for (int j = 0; j < 4; ++j) {
+            const __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(row + 8 * j), dec);
+            _mm256_storeu_ps(row + 8 * j, sv);
+            acc[j] = _mm256_fmadd_ps(kr, sv, acc[j]);
+          }
+        }
+      for (int j = 0; j < 4; ++j) {
+        u[j] = _mm256_mul_ps(bv, _mm256_sub_ps(_mm256_loadu_ps(v + c0 + 8 * j), acc[j]));
+        acc[j] = _mm256_setzero_ps();
+      }
+      for (int64_t r = 0; r < dk; ++r) {
+        float* row = S + r * dv + c0;
+        const __m256 kr = _mm256_set1_ps(k[r]), qr = _mm256_set1_ps(q[r]);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 sv = _mm256_fmadd_ps(kr, u[j], _mm256_loadu_ps(row + 8 * j));
+          _mm256_storeu_ps(row + 8 * j, sv);
+          acc[j] = _mm256_fmadd_ps(qr, sv, acc[j]);
+        }
+      }
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + c0 + 8 * j, acc[j]);
+    }
     return;
   }
 #endif

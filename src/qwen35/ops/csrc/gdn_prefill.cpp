@@ -8,7 +8,7 @@
 //     S = e^{gamma_C} S + (k e^{gamma_C - gamma})^T u
 // The twin runs these as batched torch ops over every chunk and head (many passes over tens of MB at 4K tokens,
 // plus a Python loop over chunks); here one head's whole sequence runs in one task whose working set (~250 KB,
-// the state included) stays in L2, with the products on an AVX-512 register-blocked kernel. A final partial
+// the state included) stays in L2, with the products on a register-blocked kernel (AVX-512, or AVX2 + FMA). A final partial
 // chunk is padded with zero rows (g = 0: no decay, beta = 0: no write), as in the twin.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -53,6 +53,38 @@ inline void rows(int mr, int64_t K, const float* a, int64_t ars, int64_t acs, co
     default: micro<1, NV>(K, a, ars, acs, b, ldb, c, ldc, accumulate); break;
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same with 8 lanes (AVX2 + FMA, no AVX-512): c[MR x 8*NV], MR * NV accumulators + NV b vectors + a broadcast
+// within the 16 ymm registers.
+template <int MR, int NV>
+inline void micro8(int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, bool accumulate) {
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = accumulate ? _mm256_loadu_ps(c + r * ldc + 8 * j) : _mm256_setzero_ps();
+  for (int64_t p = 0; p < K; ++p) {
+    __m256 bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = _mm256_loadu_ps(b + p * ldb + 8 * j);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_set1_ps(a[r * ars + p * acs]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(c + r * ldc + 8 * j, acc[r][j]);
+}
+
+template <int NV>
+inline void rows8(int mr, int64_t K, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+                  int64_t ldc, bool accumulate) {
+  switch (mr) {
+    case 4: micro8<4, NV>(K, a, ars, acs, b, ldb, c, ldc, accumulate); break;
+    case 3: micro8<3, NV>(K, a, ars, acs, b, ldb, c, ldc, accumulate); break;
+    case 2: micro8<2, NV>(K, a, ars, acs, b, ldb, c, ldc, accumulate); break;
+    default: micro8<1, NV>(K, a, ars, acs, b, ldb, c, ldc, accumulate); break;
+  }
+}
 #endif
 
 // c[M x N] (+)= a[M x K] @ b[K x N], N a multiple of 16 (checked by the caller).
@@ -70,6 +102,20 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t 
         case 3: rows<3>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
         case 2: rows<2>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
         default: rows<1>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
+      }
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (int64_t j0 = 0; j0 < N; j0 += 24) {
+    const int64_t nv = std::min<int64_t>(3, (N - j0) / 8);
+    for (int64_t i0 = 0; i0 < M; i0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - i0));
+      const float* ai = a + i0 * ars;
+      float* ci = c + i0 * ldc + j0;
+      switch (nv) {
+        case 3: rows8<3>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
+        case 2: rows8<2>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
+        default: rows8<1>(mr, K, ai, ars, acs, b + j0, ldb, ci, ldc, accumulate); break;
       }
     }
   }

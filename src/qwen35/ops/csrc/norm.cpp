@@ -53,6 +53,8 @@ void gated_rows(const float* x, const T* gate, const W* w, T* y, int64_t rows, i
       int64_t d = 0;
 #if defined(__AVX512F__)
       for (; d + 16 <= D; d += 16) _mm512_storeu_ps(g.data() + d, qwen35_simd::silu(_mm512_loadu_ps(g.data() + d)));
+#elif defined(__AVX2__) && defined(__FMA__)
+      for (; d + 8 <= D; d += 8) _mm256_storeu_ps(g.data() + d, qwen35_simd::silu8(_mm256_loadu_ps(g.data() + d)));
 #endif
       for (; d < D; ++d) g[d] = g[d] / (1.f + std::exp(-g[d]));
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
