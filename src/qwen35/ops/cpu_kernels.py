@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -46,10 +47,12 @@ def build() -> ModuleType | None:
                 # the working tree) rebuild over each other's build on every switch (~2.5 min on 2 cores)
                 tag = hashlib.sha1(str(csrc.resolve()).encode()).hexdigest()[:8]
                 name = f"qwen35_cpu_kernels_{tag}"
-                if not _is_built(Path(_get_build_directory(name, verbose=False)), name, csrc):
-                    # a newcomer's first run would otherwise sit silent for minutes
+                build_dir = Path(_get_build_directory(name, verbose=False))
+                _clear_stale_lock(build_dir)
+                if not _is_built(build_dir, name, csrc):
+                    # a newcomer's first run would otherwise sit silent for minutes (measured: 5-6 min on 2 cores)
                     log.warning("qwen35: compiling the CPU kernels for this machine (once; about %d minute(s) on %d "
-                                "cores)...", max(1, round(5 / max(1, os.cpu_count() or 1))), os.cpu_count() or 1)
+                                "cores)...", max(1, round(11 / max(1, os.cpu_count() or 1))), os.cpu_count() or 1)
                 _module = load(name=name, sources=[str(csrc / s) for s in SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as e:  # no compiler / ninja: the torch twins still give the same numbers
@@ -57,6 +60,31 @@ def build() -> ModuleType | None:
                 _module = None
             _tried = True
     return _module
+
+
+# A build holds `lock` in its folder while it compiles (torch's FileBaton) and removes it at the end; a build that
+# was killed leaves it behind, and every later build then waits for it forever. A real build takes 5-6 minutes
+# on 2 cores, so a lock this much older is taken as left behind.
+STALE_LOCK_S = 15 * 60
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Wait while another process builds (its lock is fresh); remove a lock older than STALE_LOCK_S."""
+    lock = build_dir / "lock"
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            log.warning("qwen35: removing %s, left %d minutes ago by a build that did not finish", lock, age // 60)
+            lock.unlink(missing_ok=True)
+            return
+        if not told:
+            log.warning("qwen35: another process is compiling the CPU kernels (%s); waiting for it", lock)
+            told = True
+        time.sleep(1.0)
 
 
 def _is_built(build_dir: Path, name: str, csrc: Path) -> bool:
