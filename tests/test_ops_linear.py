@@ -41,6 +41,25 @@ def test_gemv_bf16_rows_do_not_depend_on_the_batch(k):
         assert torch.equal(lin.linear(x[:m], w), alone[:m].bfloat16()), m
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@needs_kernels
+def test_gemv_bf16_runs_on_amx_where_the_cpu_has_it():
+    """On a CPU with AMX-BF16 the GEMV takes the tile kernel (csrc/gemv_amx.cpp) for every row count, so the tests
+    above hold that kernel to the fp64 product and to batch invariance there."""
+    flags = _cpu_flags()
+    if {"amx_bf16", "amx_tile"} <= flags and kernels.isa() == "avx512_bf16":
+        assert kernels.gemv_bf16_kernel() == "amx"
+    else:
+        assert kernels.gemv_bf16_kernel() == kernels.isa()
+
+
 @needs_kernels
 @pytest.mark.parametrize("rows,n,k", [(11, 300, 515), (1, 64, 32), (3, 40, 1030), (8, 17, 7), (2, 9, 300)])
 def test_gemv_int8_equals_its_twin_and_the_dequantized_matmul(rows, n, k):

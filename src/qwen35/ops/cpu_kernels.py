@@ -21,8 +21,8 @@ _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
 _enabled = os.environ.get("QWEN35_CPU_KERNELS", "1") != "0"
-SOURCES = ("gemv.cpp", "attention.cpp", "gdn.cpp", "norm.cpp", "conv.cpp", "gdn_prefill.cpp", "moe.cpp",
-           "attention_prefill.cpp", "fp8.cpp", "gguf.cpp")
+SOURCES = ("gemv.cpp", "gemv_amx.cpp", "attention.cpp", "gdn.cpp", "norm.cpp", "conv.cpp", "gdn_prefill.cpp",
+           "moe.cpp", "attention_prefill.cpp", "fp8.cpp", "gguf.cpp")
 
 
 def set_enabled(enabled: bool) -> bool:

@@ -14,6 +14,7 @@
 #include <functional>
 #include <vector>
 #include "bf16_dot.h"
+#include "gemv_amx.h"
 
 namespace {
 
@@ -253,6 +254,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool out_bf16) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   float* yf = out_bf16 ? nullptr : y.data_ptr<float>();
   at::BFloat16* yb = out_bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  // AMX where the CPU and the OS allow it, for every row count alike (the rows' sums then never depend on the batch)
+  if (qwen35_amx::gemv_bf16(xp, ldx, M, K, wp, N, yf, yb)) return y;
   auto store = [&](int64_t i, float v) {
     if (yb != nullptr) yb[i] = static_cast<at::BFloat16>(v);
     else yf[i] = v;
@@ -698,6 +701,9 @@ std::string isa() {
 #endif
 }
 
+// The kernel gemv_bf16 runs here: "amx" or the instruction set of its vector kernels (isa()).
+std::string gemv_bf16_kernel() { return qwen35_amx::available() ? "amx" : isa(); }
+
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale);
 
@@ -756,6 +762,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal GQA attention of a prompt chunk, bf16 (flash style)");
   m.def("prefill_attention_supported", &prefill_attention_supported, "prefill_attention was built (AVX512-BF16)");
   m.def("isa", &isa, "instruction set the kernels were compiled for");
+  m.def("gemv_bf16_kernel", &gemv_bf16_kernel, "the kernel gemv_bf16 runs on this host: amx or isa()");
   m.def("gemv_fp8", &gemv_fp8, "block-FP8 (e4m3, 128x128 scales) matrix-vector product for a few rows",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("srow"), py::arg("out_bf16") = false);
   m.def("fp8_dequant_bf16", &fp8_dequant_bf16, "rows [r0, r1) of a block-FP8 weight widened to bf16",
