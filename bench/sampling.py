@@ -95,6 +95,8 @@ class LLMRun:
         b = len(prompts)
         # steps that decode every sequence (one token each), timed to the start of the next step
         steps = [t1 - t0 for (t0, n), (t1, _) in zip(self.marks, self.marks[1:], strict=False) if n == b]
+        if not steps:  # a short run (the warm-up) whose decode steps all came with prompt chunks
+            return float("nan")
         return b / statistics.median(steps[1:] or steps)
 
 

@@ -221,9 +221,11 @@ def screen_edits(row: SamplerRow, V: int) -> tuple[torch.Tensor | None, list[int
     include: list[int] = []
     if penalised:
         touched = set(row.output_ids) if p.repetition_penalty == 1.0 else {*row.prompt_ids, *row.output_ids}
-        include = [t for t in touched if 0 <= t < V and not ex[t]]
-        if include:
-            ex[include] = True
+        include = sorted(t for t in touched if 0 <= t < V)
+        if include:  # those the mask already excludes stay out (one gather, not a tensor access per token)
+            at = torch.as_tensor(include, dtype=torch.long)
+            include = at[~ex[at]].tolist()
+            ex[at] = True
     return ex, include
 
 

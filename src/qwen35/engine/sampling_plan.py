@@ -49,7 +49,8 @@ def sampler_row(seq: Sequence, before: Seq[int], eos_token_ids: Seq[int], vocab_
         while len(seq.pending_noise) <= len(before):
             seq.pending_noise.append(draw_noise(vocab_size, seq.generator, device))
         noise = seq.pending_noise[len(before)]
-    return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if penalised else (),
+    # only the repetition penalty reads the prompt (frequency and presence count output tokens)
+    return SamplerRow(params=p, prompt_ids=seq.token_ids[:seq.num_prompt_tokens] if p.repetition_penalty != 1.0 else (),
                       output_ids=[*seq.output_token_ids, *before] if penalised else (), generator=seq.generator,
                       masked_ids=masked, noise=noise,
                       allowed=seq.grammar.allowed() if seq.grammar is not None else None,
