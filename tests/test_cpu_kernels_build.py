@@ -32,3 +32,24 @@ def test_no_lock_returns_at_once(tmp_path):
     t0 = time.monotonic()
     cpu_kernels._clear_stale_lock(tmp_path)
     assert time.monotonic() - t0 < 0.5
+
+
+def test_denormals_are_flushed_in_every_calling_threads_pool(monkeypatch):
+    """OpenMP gives each thread that opens parallel regions its own workers (the server's engine thread is not the
+    thread that loaded the model), so flush_denormals flushes once per calling thread, not once per process."""
+    calls: list[int] = []
+
+    class Fake:
+        def flush_denormals_all_threads(self):
+            calls.append(threading.get_ident())
+            return 2
+
+    monkeypatch.setattr(cpu_kernels, "build", lambda: Fake())
+    monkeypatch.setattr(cpu_kernels, "_flushed_threads", {})
+    cpu_kernels.flush_denormals()
+    cpu_kernels.flush_denormals()  # the same thread again: nothing to do
+    assert calls == [threading.get_ident()]
+    t = threading.Thread(target=cpu_kernels.flush_denormals)
+    t.start()
+    t.join()
+    assert len(calls) == 2 and calls[1] != calls[0]

@@ -100,19 +100,22 @@ def kernels() -> ModuleType | None:
     return build() if _enabled else None
 
 
-_flushed_threads = 0
+# Intra-op thread count flushed, per calling thread: OpenMP (libgomp) gives each thread that opens parallel regions
+# a worker pool of its own, so the server's engine thread has other workers than the main thread that loaded the
+# model (with one count for the process, those workers kept subnormals: the server ran ~20% behind LLM).
+_flushed_threads: dict[int, int] = {}
 
 
 def flush_denormals() -> None:
-    """Flush subnormal floats to zero on every intra-op thread (see csrc/gemv.cpp). Cheap after the first
-    call: redone only when the thread count changed."""
-    global _flushed_threads
+    """Flush subnormal floats to zero on every intra-op thread of the calling thread's pool (see csrc/gemv.cpp).
+    Cheap after the first call: redone only for a new calling thread or a changed thread count."""
     import torch
 
     torch.set_flush_denormal(True)
     n = torch.get_num_threads()
-    if n != _flushed_threads:
+    me = threading.get_ident()
+    if _flushed_threads.get(me) != n:
         module = build()
         if module is not None:
             module.flush_denormals_all_threads()
-        _flushed_threads = n
+        _flushed_threads[me] = n
