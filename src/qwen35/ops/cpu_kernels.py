@@ -102,7 +102,7 @@ def kernels() -> ModuleType | None:
 
 # Intra-op thread count flushed, per calling thread: OpenMP (libgomp) gives each thread that opens parallel regions
 # a worker pool of its own, so the server's engine thread has other workers than the main thread that loaded the
-# model (with one count for the process, those workers kept subnormals: the server ran ~20% behind LLM).
+# model (with one count for the process, those workers were never flushed).
 _flushed_threads: dict[int, int] = {}
 
 

@@ -65,11 +65,6 @@ class RequestStream:
             yield await self.get()
 
 
-def _deliver(batch: list[tuple[RequestStream, RequestOutput]]) -> None:  # on the event loop
-    for stream, out in batch:
-        stream._queue.put_nowait(out)
-
-
 class AsyncEngine:
     def __init__(self, engine: Any, *, idle_poll_s: float = 1.0):
         self.engine = engine
@@ -224,22 +219,14 @@ class AsyncEngine:
                     self.num_active = len(self._streams)
 
     def _dispatch(self, outs: list[RequestOutput]) -> None:
-        batch: list[tuple[RequestStream, RequestOutput]] = []
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted by its client: nobody listens
                 continue
-            batch.append((stream, out))
+            stream._put(out)
             if out.finished:
                 del self._streams[out.request_id]
         self.num_active = len(self._streams)
-        # one hand-over per step for all its streams: each call_soon_threadsafe wakes the event loop (a write to
-        # its self-pipe), and with 16 streams those wake-ups competed with the engine for the 2 cores
-        if batch and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the loop is closed: nobody listens any more
-                pass
 
     def _fail_all(self, e: Exception) -> None:
         log.exception("engine step failed; failing the %d request(s) in flight", len(self._streams))
